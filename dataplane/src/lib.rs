@@ -1,0 +1,6 @@
+//! rzab-dataplane: the busy-polling data plane of an rzab node.
+//!
+//! Today it holds the transport layer ([`transport`]): a trait that mirrors RDMA UD verbs and
+//! its backends (shared-memory fabric, kernel UDP, verbs) plus a fault-injecting wrapper.
+
+pub mod transport;

@@ -1,0 +1,195 @@
+//! Per-worker counters and log2 latency histograms that live in the control block.
+//!
+//! Each counter has exactly one writer (its worker), which updates it with a relaxed load and
+//! store rather than a read-modify-write; readers (the control plane's exporter, stats lines)
+//! load it relaxed and sum over workers. One definition per counter carries its Prometheus
+//! family, labels and help text, so the exporter needs no second list.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::limits::{HISTOGRAM_BUCKETS, MAX_COUNTERS};
+
+/// The definition of one counter: the Prometheus family it belongs to and its label values.
+#[derive(Clone, Copy, Debug)]
+pub struct CounterSpec {
+    pub counter: Counter,
+    /// Metric family without the `rzab_` prefix.
+    pub family: &'static str,
+    pub labels: &'static [(&'static str, &'static str)],
+    pub help: &'static str,
+}
+
+macro_rules! counters {
+    ($( $variant:ident { $family:literal, [$( $key:literal = $value:literal ),*], $help:literal } )*) => {
+        /// Every per-worker counter; the discriminant is its slot in the worker's block.
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+        #[repr(u8)]
+        pub enum Counter { $( #[doc = $help] $variant, )* }
+
+        /// All counter definitions, in slot order.
+        pub const COUNTERS: &[CounterSpec] = &[
+            $( CounterSpec { counter: Counter::$variant, family: $family, labels: &[$(($key, $value)),*], help: $help }, )*
+        ];
+    };
+}
+
+counters! {
+    TransportDatagramsSent { "transport_datagrams_sent_total", [], "Datagrams the transport accepted for sending." }
+    TransportDatagramsReceived { "transport_datagrams_received_total", [], "Datagrams the transport delivered into posted receives." }
+    TransportDropsNoReceive { "transport_drops_total", ["reason" = "no_posted_receive"], "Datagrams dropped because the receiver had no posted receive." }
+    TransportDropsMalformed { "transport_drops_total", ["reason" = "malformed"], "Datagrams dropped because they could not be decoded." }
+    TransportSendsRefused { "transport_sends_refused_total", [], "Send requests refused by the transport (oversize, unknown destination)." }
+}
+
+const _: () = assert!(COUNTERS.len() <= MAX_COUNTERS);
+
+impl Counter {
+    /// The counter's definition.
+    pub fn spec(self) -> &'static CounterSpec {
+        &COUNTERS[self as usize]
+    }
+
+    /// The counter's slot in a worker block.
+    pub fn slot(self) -> usize {
+        self as usize
+    }
+}
+
+/// Adds to a single-writer counter without a read-modify-write instruction.
+#[inline]
+pub fn add_single_writer(cell: &AtomicU64, amount: u64) {
+    cell.store(
+        cell.load(Ordering::Relaxed).wrapping_add(amount),
+        Ordering::Relaxed,
+    );
+}
+
+/// A fixed log2-bucket histogram of nanosecond values with one writer.
+#[repr(C)]
+#[derive(Debug)]
+pub struct Histogram {
+    buckets: [AtomicU64; HISTOGRAM_BUCKETS],
+    sum: AtomicU64,
+    count: AtomicU64,
+}
+
+/// A consistent-enough copy of a histogram for export.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct HistogramSnapshot {
+    pub buckets: Vec<u64>,
+    pub sum: u64,
+    pub count: u64,
+}
+
+impl Histogram {
+    /// The bucket a value falls in: `floor(log2(value))`, clamped to the last bucket.
+    #[inline]
+    pub fn bucket_of(value: u64) -> usize {
+        let log2 = 63 - (value | 1).leading_zeros() as usize;
+        log2.min(HISTOGRAM_BUCKETS - 1)
+    }
+
+    /// Exclusive upper bound of bucket `index`, in the recorded unit.
+    pub fn bucket_upper_bound(index: usize) -> u64 {
+        if index + 1 >= 64 {
+            u64::MAX
+        } else {
+            1u64 << (index + 1)
+        }
+    }
+
+    /// Records one value; only the histogram's single writer may call this.
+    #[inline]
+    pub fn record(&self, value: u64) {
+        add_single_writer(&self.buckets[Self::bucket_of(value)], 1);
+        add_single_writer(&self.sum, value);
+        add_single_writer(&self.count, 1);
+    }
+
+    /// Copies the histogram out.
+    pub fn snapshot(&self) -> HistogramSnapshot {
+        HistogramSnapshot {
+            buckets: self
+                .buckets
+                .iter()
+                .map(|cell| cell.load(Ordering::Relaxed))
+                .collect(),
+            sum: self.sum.load(Ordering::Relaxed),
+            count: self.count.load(Ordering::Relaxed),
+        }
+    }
+}
+
+impl HistogramSnapshot {
+    /// Adds another snapshot into this one (for summing workers).
+    pub fn merge(&mut self, other: &HistogramSnapshot) {
+        if self.buckets.len() < other.buckets.len() {
+            self.buckets.resize(other.buckets.len(), 0);
+        }
+        for (mine, theirs) in self.buckets.iter_mut().zip(&other.buckets) {
+            *mine += theirs;
+        }
+        self.sum += other.sum;
+        self.count += other.count;
+    }
+
+    /// The upper bound of the bucket holding the given quantile (0.0..=1.0), or 0 when empty.
+    pub fn quantile_upper_bound(&self, quantile: f64) -> u64 {
+        if self.count == 0 {
+            return 0;
+        }
+        // Rank of the wanted sample, 1-based; the float-to-int cast saturates by definition.
+        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+        let rank = ((self.count as f64) * quantile.clamp(0.0, 1.0))
+            .ceil()
+            .max(1.0) as u64;
+        let mut seen = 0;
+        for (index, count) in self.buckets.iter().enumerate() {
+            seen += count;
+            if seen >= rank {
+                return Histogram::bucket_upper_bound(index);
+            }
+        }
+        u64::MAX
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buckets_are_log2() {
+        assert_eq!(Histogram::bucket_of(0), 0);
+        assert_eq!(Histogram::bucket_of(1), 0);
+        assert_eq!(Histogram::bucket_of(2), 1);
+        assert_eq!(Histogram::bucket_of(1023), 9);
+        assert_eq!(Histogram::bucket_of(1024), 10);
+        assert_eq!(Histogram::bucket_of(u64::MAX), HISTOGRAM_BUCKETS - 1);
+    }
+
+    #[test]
+    fn quantiles_from_buckets() {
+        // SAFETY-free construction: all-zero atomics are a valid empty histogram.
+        let histogram = Histogram {
+            buckets: std::array::from_fn(|_| AtomicU64::new(0)),
+            sum: AtomicU64::new(0),
+            count: AtomicU64::new(0),
+        };
+        for value in 1..=100u64 {
+            histogram.record(value * 1000);
+        }
+        let snapshot = histogram.snapshot();
+        assert_eq!(snapshot.count, 100);
+        assert_eq!(snapshot.sum, 5_050_000);
+        assert_eq!(snapshot.quantile_upper_bound(0.5), 65_536);
+        assert_eq!(snapshot.quantile_upper_bound(0.99), 131_072);
+    }
+
+    #[test]
+    fn counter_slots_follow_declaration_order() {
+        for (slot, spec) in COUNTERS.iter().enumerate() {
+            assert_eq!(spec.counter.slot(), slot);
+        }
+    }
+}

@@ -1,0 +1,279 @@
+//! The live knobs: one definition per knob (name, kind, range, default, doc) and the validation
+//! that both processes use, so that the control plane refuses exactly what the data plane would.
+//! Knob values live in the control block as `AtomicU64`s; this module only describes them.
+
+use crate::limits::{
+    MAX_DOORBELL_BATCH, MAX_KNOBS, MAX_PREPARES_PER_MSG, MAX_RANGE_PER_MSG, MAX_WRITES_PER_MSG,
+};
+
+/// How a knob's `u64` value is to be read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KnobKind {
+    /// 0 or 1, shown as false/true.
+    Bool,
+    /// An integer within `[min, max]`.
+    Integer,
+    /// An index into the listed names, shown as the name.
+    Choice(&'static [&'static str]),
+}
+
+/// The definition of one knob.
+#[derive(Clone, Copy, Debug)]
+pub struct KnobSpec {
+    pub knob: Knob,
+    pub name: &'static str,
+    pub kind: KnobKind,
+    pub min: u64,
+    pub max: u64,
+    pub default: u64,
+    pub doc: &'static str,
+}
+
+/// Why a knob value was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum KnobError {
+    #[error("unknown knob `{name}`")]
+    Unknown { name: String },
+    #[error("knob `{name}`: {value} is outside the allowed range {min}..={max}")]
+    OutOfRange {
+        name: &'static str,
+        value: u64,
+        min: u64,
+        max: u64,
+    },
+    #[error("knob `{name}`: `{value}` is not one of {allowed:?}")]
+    NotAChoice {
+        name: &'static str,
+        value: String,
+        allowed: &'static [&'static str],
+    },
+    #[error("knob `{name}` expects {expected}")]
+    WrongType {
+        name: &'static str,
+        expected: &'static str,
+    },
+}
+
+/// Poll-mode names, indexed by the knob value.
+pub const POLL_MODES: &[&str] = &["busy", "adaptive"];
+/// Value of the poll-mode knob meaning "spin without yielding".
+pub const POLL_MODE_BUSY: u64 = 0;
+/// Value of the poll-mode knob meaning "spin, then yield the core when idle".
+pub const POLL_MODE_ADAPTIVE: u64 = 1;
+
+macro_rules! knobs {
+    ($( $variant:ident { $name:literal, $kind:expr, $min:expr, $max:expr, $default:expr, $doc:literal } )*) => {
+        /// Every live knob; the discriminant is the knob's slot in the control block.
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+        #[repr(u8)]
+        pub enum Knob { $( #[doc = $doc] $variant, )* }
+
+        /// All knob definitions, in slot order.
+        pub const KNOBS: &[KnobSpec] = &[
+            $( KnobSpec { knob: Knob::$variant, name: $name, kind: $kind, min: $min, max: $max, default: $default, doc: $doc }, )*
+        ];
+    };
+}
+
+knobs! {
+    Multicast { "multicast", KnobKind::Bool, 0, 1, 1,
+        "Broadcast prepares and commits to a multicast group (true) or as one unicast per follower (false)." }
+    PrepareBatch { "prepare_batch", KnobKind::Integer, 1, MAX_PREPARES_PER_MSG, MAX_PREPARES_PER_MSG,
+        "Most prepares the leader packs into one PREPARE message." }
+    WriteBatch { "write_batch", KnobKind::Integer, 1, MAX_WRITES_PER_MSG, MAX_WRITES_PER_MSG,
+        "Most client writes a follower packs into one forwarded WRITE message." }
+    AckBatch { "ack_batch", KnobKind::Integer, 1, MAX_RANGE_PER_MSG, MAX_RANGE_PER_MSG,
+        "Most prepares one ACK message may acknowledge." }
+    CommitBatch { "commit_batch", KnobKind::Integer, 1, MAX_RANGE_PER_MSG, MAX_RANGE_PER_MSG,
+        "Most writes one COMMIT message may cover." }
+    DoorbellBatch { "doorbell_batch", KnobKind::Integer, 1, MAX_DOORBELL_BATCH, 16,
+        "Most send requests posted together with one doorbell." }
+    PollMode { "poll_mode", KnobKind::Choice(POLL_MODES), 0, 1, POLL_MODE_ADAPTIVE,
+        "busy: spin on dedicated cores; adaptive: spin, then yield the core while idle." }
+    WriteRatioPermille { "write_ratio_permille", KnobKind::Integer, 0, 1000, 50,
+        "Share of emulated client requests that are writes, in per-mille." }
+    PrepareCredits { "prepare_credits", KnobKind::Integer, 1, 64, 16,
+        "PREPARE messages the leader may have outstanding towards each follower." }
+    WriteCredits { "write_credits", KnobKind::Integer, 1, 64, 8,
+        "Forwarded WRITE messages a follower may have outstanding towards the leader." }
+    CommitCredits { "commit_credits", KnobKind::Integer, 1, 512, 64,
+        "COMMIT messages the leader may have outstanding towards each follower." }
+    StatsIntervalMs { "stats_interval_ms", KnobKind::Integer, 100, 60_000, 2_000,
+        "How often the data plane prints its stats line, in milliseconds." }
+}
+
+const _: () = assert!(KNOBS.len() <= MAX_KNOBS);
+
+impl Knob {
+    /// The knob's definition.
+    pub fn spec(self) -> &'static KnobSpec {
+        &KNOBS[self as usize]
+    }
+
+    /// Finds a knob by its name.
+    pub fn by_name(name: &str) -> Result<Knob, KnobError> {
+        KNOBS
+            .iter()
+            .find(|spec| spec.name == name)
+            .map(|spec| spec.knob)
+            .ok_or_else(|| KnobError::Unknown {
+                name: name.to_owned(),
+            })
+    }
+
+    /// The control block slot of this knob.
+    pub fn slot(self) -> usize {
+        self as usize
+    }
+}
+
+impl KnobSpec {
+    /// Checks a raw value against this knob's range.
+    pub fn validate(&self, value: u64) -> Result<u64, KnobError> {
+        if value < self.min || value > self.max {
+            return Err(KnobError::OutOfRange {
+                name: self.name,
+                value,
+                min: self.min,
+                max: self.max,
+            });
+        }
+        Ok(value)
+    }
+
+    /// Parses and validates a JSON value (bool, integer or choice name) for this knob.
+    pub fn parse_json(&self, value: &serde_json::Value) -> Result<u64, KnobError> {
+        let raw = match (self.kind, value) {
+            (KnobKind::Bool, serde_json::Value::Bool(flag)) => u64::from(*flag),
+            (KnobKind::Bool, _) => {
+                return Err(KnobError::WrongType {
+                    name: self.name,
+                    expected: "a boolean",
+                });
+            }
+            (KnobKind::Integer, serde_json::Value::Number(number)) => {
+                number.as_u64().ok_or(KnobError::WrongType {
+                    name: self.name,
+                    expected: "a non-negative integer",
+                })?
+            }
+            (KnobKind::Integer, _) => {
+                return Err(KnobError::WrongType {
+                    name: self.name,
+                    expected: "a non-negative integer",
+                });
+            }
+            (KnobKind::Choice(names), serde_json::Value::String(text)) => {
+                self.parse_choice(names, text)?
+            }
+            (KnobKind::Choice(_), _) => {
+                return Err(KnobError::WrongType {
+                    name: self.name,
+                    expected: "a string",
+                });
+            }
+        };
+        self.validate(raw)
+    }
+
+    /// Parses and validates a textual value (`true`, `42`, `adaptive`) for this knob.
+    pub fn parse_text(&self, text: &str) -> Result<u64, KnobError> {
+        let raw = match self.kind {
+            KnobKind::Bool => match text {
+                "true" | "on" | "1" => 1,
+                "false" | "off" | "0" => 0,
+                _ => {
+                    return Err(KnobError::WrongType {
+                        name: self.name,
+                        expected: "true or false",
+                    });
+                }
+            },
+            KnobKind::Integer => text.parse::<u64>().map_err(|_| KnobError::WrongType {
+                name: self.name,
+                expected: "a non-negative integer",
+            })?,
+            KnobKind::Choice(names) => self.parse_choice(names, text)?,
+        };
+        self.validate(raw)
+    }
+
+    fn parse_choice(&self, names: &'static [&'static str], text: &str) -> Result<u64, KnobError> {
+        names
+            .iter()
+            .position(|name| *name == text)
+            .map(|index| index as u64)
+            .ok_or_else(|| KnobError::NotAChoice {
+                name: self.name,
+                value: text.to_owned(),
+                allowed: names,
+            })
+    }
+
+    /// Renders a raw value the way users write it.
+    pub fn to_json(&self, value: u64) -> serde_json::Value {
+        match self.kind {
+            KnobKind::Bool => serde_json::Value::Bool(value != 0),
+            KnobKind::Integer => serde_json::Value::from(value),
+            KnobKind::Choice(names) => usize::try_from(value)
+                .ok()
+                .and_then(|index| names.get(index))
+                .map_or(serde_json::Value::from(value), |name| {
+                    serde_json::Value::from(*name)
+                }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slots_follow_declaration_order() {
+        for (slot, spec) in KNOBS.iter().enumerate() {
+            assert_eq!(spec.knob.slot(), slot);
+            assert!(
+                spec.min <= spec.default && spec.default <= spec.max,
+                "{}",
+                spec.name
+            );
+        }
+    }
+
+    #[test]
+    fn validation_names_the_knob_and_range() {
+        let spec = Knob::PrepareBatch.spec();
+        let error = spec.parse_json(&serde_json::json!(99)).unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            "knob `prepare_batch`: 99 is outside the allowed range 1..=16"
+        );
+        assert!(matches!(
+            spec.parse_json(&serde_json::json!("x")),
+            Err(KnobError::WrongType { .. })
+        ));
+        assert_eq!(Knob::PollMode.spec().parse_text("busy"), Ok(POLL_MODE_BUSY));
+        assert!(Knob::PollMode.spec().parse_text("lazy").is_err());
+        assert_eq!(
+            Knob::Multicast.spec().parse_json(&serde_json::json!(false)),
+            Ok(0)
+        );
+        assert_eq!(
+            Knob::by_name("nope"),
+            Err(KnobError::Unknown {
+                name: "nope".into()
+            })
+        );
+    }
+
+    #[test]
+    fn json_round_trip() {
+        for spec in KNOBS {
+            assert_eq!(
+                spec.parse_json(&spec.to_json(spec.default)),
+                Ok(spec.default)
+            );
+        }
+    }
+}

@@ -1,0 +1,35 @@
+//! Compile-time maxima that size every preallocated structure of rzab. Live knobs move within
+//! these bounds; nothing is resized after start. Invariants between them are checked at compile
+//! time so that a change to one constant cannot silently break another.
+
+/// Most nodes a cluster may have (leader included).
+pub const MAX_NODES: usize = 16;
+/// Most worker threads per node.
+pub const MAX_WORKERS: usize = 32;
+/// Slots for knob values in the control block (more than there are knobs, to grow without a
+/// layout change).
+pub const MAX_KNOBS: usize = 32;
+/// Slots for counters per worker in the control block.
+pub const MAX_COUNTERS: usize = 96;
+/// Log2 buckets of a latency histogram: bucket `i` counts values in `[2^i, 2^(i+1))` ns.
+pub const HISTOGRAM_BUCKETS: usize = 48;
+/// Bytes of an encoded endpoint address.
+pub const ENDPOINT_BYTES: usize = 64;
+/// Bytes of the cluster name stored in the control block header.
+pub const CLUSTER_NAME_BYTES: usize = 32;
+
+/// Largest number of prepares a single PREPARE message may carry.
+pub const MAX_PREPARES_PER_MSG: u64 = 16;
+/// Largest number of client writes a single forwarded WRITE message may carry.
+pub const MAX_WRITES_PER_MSG: u64 = 16;
+/// Largest number of writes one ACK or COMMIT range may cover.
+pub const MAX_RANGE_PER_MSG: u64 = 4096;
+/// Longest chain of send requests posted with one doorbell.
+pub const MAX_DOORBELL_BATCH: u64 = 32;
+/// Most emulated client sessions per worker.
+pub const MAX_SESSIONS_PER_WORKER: u64 = 256;
+
+const _: () = assert!(MAX_NODES <= 64, "multicast membership is a 64-bit mask");
+const _: () = assert!(MAX_WORKERS * MAX_NODES <= 1024);
+const _: () = assert!(ENDPOINT_BYTES % 8 == 0);
+const _: () = assert!(CLUSTER_NAME_BYTES % 8 == 0);
