@@ -3,4 +3,7 @@
 //! Today it holds the transport layer ([`transport`]): a trait that mirrors RDMA UD verbs and
 //! its backends (shared-memory fabric, kernel UDP, verbs) plus a fault-injecting wrapper.
 
+pub mod replica;
+pub mod store;
 pub mod transport;
+pub mod zab;

@@ -2,6 +2,12 @@
 //! counts the allocations made by this thread while a sender and a receiver exchange
 //! thousands of chained datagrams (after one warm-up round).
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::cast_possible_truncation,
+    reason = "a test fails by panicking; test indices and lengths are small"
+)]
+
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -50,7 +56,11 @@ static GLOBAL: CountingAllocator = CountingAllocator;
 fn allocations_during_traffic<T: Transport>(a: &mut T, b: &mut T, rounds: usize) -> u64 {
     b.post_recv(b.caps().recv_slots);
     let to = a.resolve(&b.local_address()).unwrap();
-    let mut chain = [SendRequest { destination: Destination::Unicast(to), buffer: 0, len: 64 }; 16];
+    let mut chain = [SendRequest {
+        destination: Destination::Unicast(to),
+        buffer: 0,
+        len: 64,
+    }; 16];
     for (index, request) in chain.iter_mut().enumerate() {
         request.buffer = index as u16;
     }
@@ -94,13 +104,24 @@ fn counting_allocator_counts() {
     let after = ALLOCATIONS.load(Ordering::Relaxed);
     COUNTING.with(|counting| counting.set(false));
     drop(boxed);
-    assert!(after > before, "the allocator must see allocations, or the other tests prove nothing");
+    assert!(
+        after > before,
+        "the allocator must see allocations, or the other tests prove nothing"
+    );
 }
 
 #[test]
 fn shm_steady_state_allocates_nothing() {
     let dir = tempfile::tempdir().unwrap();
-    let config = |port| ShmConfig { fabric: "alloc".into(), dir: dir.path().to_owned(), port, ports: 4, ring_slots: 64, mtu: 256, max_chain: 16 };
+    let config = |port| ShmConfig {
+        fabric: "alloc".into(),
+        dir: dir.path().to_owned(),
+        port,
+        ports: 4,
+        ring_slots: 64,
+        mtu: 256,
+        max_chain: 16,
+    };
     let mut a = ShmTransport::open(&config(0)).unwrap();
     let mut b = ShmTransport::open(&config(1)).unwrap();
     assert_eq!(allocations_during_traffic(&mut a, &mut b, 2_000), 0);
@@ -108,7 +129,12 @@ fn shm_steady_state_allocates_nothing() {
 
 #[test]
 fn udp_steady_state_allocates_nothing() {
-    let config = UdpConfig { mtu: 256, recv_slots: 64, max_chain: 16, ..UdpConfig::default() };
+    let config = UdpConfig {
+        mtu: 256,
+        recv_slots: 64,
+        max_chain: 16,
+        ..UdpConfig::default()
+    };
     let mut a = UdpTransport::open(&config).unwrap();
     let mut b = UdpTransport::open(&config).unwrap();
     assert_eq!(allocations_during_traffic(&mut a, &mut b, 2_000), 0);

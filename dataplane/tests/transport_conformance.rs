@@ -2,6 +2,12 @@
 //! shared-memory fabric and kernel UDP on loopback (verbs lives in `verbs_hardware.rs`), and
 //! checks the fault-injecting wrapper.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::cast_possible_truncation,
+    reason = "a test fails by panicking; test indices and lengths are small"
+)]
+
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::path::Path;
 use std::sync::atomic::{AtomicU16, Ordering};

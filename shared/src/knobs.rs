@@ -78,15 +78,15 @@ macro_rules! knobs {
 knobs! {
     Multicast { "multicast", KnobKind::Bool, 0, 1, 1,
         "Broadcast prepares and commits to a multicast group (true) or as one unicast per follower (false)." }
-    PrepareBatch { "prepare_batch", KnobKind::Integer, 1, MAX_PREPARES_PER_MSG, MAX_PREPARES_PER_MSG,
+    PrepareBatch { "prepare_batch", KnobKind::Integer, 1, MAX_PREPARES_PER_MSG as u64, MAX_PREPARES_PER_MSG as u64,
         "Most prepares the leader packs into one PREPARE message." }
-    WriteBatch { "write_batch", KnobKind::Integer, 1, MAX_WRITES_PER_MSG, MAX_WRITES_PER_MSG,
+    WriteBatch { "write_batch", KnobKind::Integer, 1, MAX_WRITES_PER_MSG as u64, MAX_WRITES_PER_MSG as u64,
         "Most client writes a follower packs into one forwarded WRITE message." }
-    AckBatch { "ack_batch", KnobKind::Integer, 1, MAX_RANGE_PER_MSG, MAX_RANGE_PER_MSG,
-        "Most prepares one ACK message may acknowledge." }
-    CommitBatch { "commit_batch", KnobKind::Integer, 1, MAX_RANGE_PER_MSG, MAX_RANGE_PER_MSG,
+    AckBatch { "ack_batch", KnobKind::Integer, MAX_PREPARES_PER_MSG as u64, MAX_RANGE_PER_MSG as u64, MAX_RANGE_PER_MSG as u64,
+        "Most prepares one ACK message may acknowledge; at least one PREPARE's worth, because a follower sends at most one ACK per PREPARE it consumed." }
+    CommitBatch { "commit_batch", KnobKind::Integer, 1, MAX_RANGE_PER_MSG as u64, MAX_RANGE_PER_MSG as u64,
         "Most writes one COMMIT message may cover." }
-    DoorbellBatch { "doorbell_batch", KnobKind::Integer, 1, MAX_DOORBELL_BATCH, 16,
+    DoorbellBatch { "doorbell_batch", KnobKind::Integer, 1, MAX_DOORBELL_BATCH as u64, 16,
         "Most send requests posted together with one doorbell." }
     PollMode { "poll_mode", KnobKind::Choice(POLL_MODES), 0, 1, POLL_MODE_ADAPTIVE,
         "busy: spin on dedicated cores; adaptive: spin, then yield the core while idle." }

@@ -19,15 +19,15 @@ pub const ENDPOINT_BYTES: usize = 64;
 pub const CLUSTER_NAME_BYTES: usize = 32;
 
 /// Largest number of prepares a single PREPARE message may carry.
-pub const MAX_PREPARES_PER_MSG: u64 = 16;
+pub const MAX_PREPARES_PER_MSG: usize = 16;
 /// Largest number of client writes a single forwarded WRITE message may carry.
-pub const MAX_WRITES_PER_MSG: u64 = 16;
+pub const MAX_WRITES_PER_MSG: usize = 16;
 /// Largest number of writes one ACK or COMMIT range may cover.
-pub const MAX_RANGE_PER_MSG: u64 = 4096;
+pub const MAX_RANGE_PER_MSG: usize = 4096;
 /// Longest chain of send requests posted with one doorbell.
-pub const MAX_DOORBELL_BATCH: u64 = 32;
+pub const MAX_DOORBELL_BATCH: usize = 32;
 /// Most emulated client sessions per worker.
-pub const MAX_SESSIONS_PER_WORKER: u64 = 256;
+pub const MAX_SESSIONS_PER_WORKER: usize = 256;
 
 const _: () = assert!(MAX_NODES <= 64, "multicast membership is a 64-bit mask");
 const _: () = assert!(MAX_WORKERS * MAX_NODES <= 1024);

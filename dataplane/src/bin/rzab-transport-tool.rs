@@ -9,6 +9,11 @@
 //!
 //! It touches the transports it opens, a temporary ring file for the baseline, and its child.
 
+#![allow(
+    clippy::cast_possible_truncation,
+    reason = "benchmark sizes, batch indices and counts are small and bounded by the options"
+)]
+
 use std::io::{BufRead, BufReader, Write};
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::path::PathBuf;
@@ -28,7 +33,10 @@ use rzab_dataplane::transport::{
 use rzab_shared::{EndpointAddress, EndpointRecord};
 
 #[derive(Debug, Parser)]
-#[command(version, about = "Run an rzab transport endpoint as its own process, or benchmark transports")]
+#[command(
+    version,
+    about = "Run an rzab transport endpoint as its own process, or benchmark transports"
+)]
 struct Options {
     #[command(subcommand)]
     command: Command_,
@@ -185,7 +193,8 @@ fn run_peer<T: Transport>(mut endpoint: T, options: &PeerOptions) -> anyhow::Res
     let line = lines
         .recv_timeout(Duration::from_secs(options.timeout))
         .context("waiting for the other side's endpoint on stdin")?;
-    let other: EndpointRecord = serde_json::from_str(&line).context("parsing the other side's endpoint")?;
+    let other: EndpointRecord =
+        serde_json::from_str(&line).context("parsing the other side's endpoint")?;
     let back = endpoint.resolve(&other.address)?;
 
     let mut completions = [RecvCompletion::default(); 32];
@@ -194,7 +203,8 @@ fn run_peer<T: Transport>(mut endpoint: T, options: &PeerOptions) -> anyhow::Res
     let mut last_arrival = Instant::now();
     let mut checksum = 0u64;
     while Instant::now() < deadline {
-        if stop.load(Ordering::Acquire) || (options.mode == Mode::Echo && handled >= options.count) {
+        if stop.load(Ordering::Acquire) || (options.mode == Mode::Echo && handled >= options.count)
+        {
             break;
         }
         let count = endpoint.poll_recv(&mut completions);
@@ -209,11 +219,16 @@ fn run_peer<T: Transport>(mut endpoint: T, options: &PeerOptions) -> anyhow::Res
             Mode::Sink => {
                 for completion in &completions[..count] {
                     let payload = endpoint.recv_payload(completion);
-                    checksum = checksum.wrapping_add(u64::from(payload.first().copied().unwrap_or(0)));
+                    checksum =
+                        checksum.wrapping_add(u64::from(payload.first().copied().unwrap_or(0)));
                 }
             }
             Mode::Echo => {
-                let mut chain = [SendRequest { destination: Destination::Unicast(back), buffer: 0, len: 0 }; 32];
+                let mut chain = [SendRequest {
+                    destination: Destination::Unicast(back),
+                    buffer: 0,
+                    len: 0,
+                }; 32];
                 for (index, completion) in completions[..count].iter().enumerate() {
                     let len = completion.len as usize;
                     let mut copy = [0u8; 4096];
@@ -268,10 +283,23 @@ impl SinkChild {
             Backend::Udp => "udp",
         };
         let mut child = Command::new(exe)
-            .args(["peer", "--mode", "sink", "--core", "1", "--transport", transport])
+            .args([
+                "peer",
+                "--mode",
+                "sink",
+                "--core",
+                "1",
+                "--transport",
+                transport,
+            ])
             .args(["--fabric", &endpoint.fabric, "--port", "1"])
             .args(["--shm-dir", &endpoint.shm_dir.display().to_string()])
-            .args(["--mtu", &endpoint.mtu.to_string(), "--recv-slots", &endpoint.recv_slots.to_string()])
+            .args([
+                "--mtu",
+                &endpoint.mtu.to_string(),
+                "--recv-slots",
+                &endpoint.recv_slots.to_string(),
+            ])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()
@@ -280,14 +308,23 @@ impl SinkChild {
         let mut stdout = BufReader::new(stdout);
         let mut line = String::new();
         stdout.read_line(&mut line)?;
-        let published: serde_json::Value = serde_json::from_str(&line).context("sink endpoint line")?;
+        let published: serde_json::Value =
+            serde_json::from_str(&line).context("sink endpoint line")?;
         let record: EndpointRecord = serde_json::from_value(published["endpoint"].clone())?;
-        Ok(SinkChild { child, stdout, address: record.address })
+        Ok(SinkChild {
+            child,
+            stdout,
+            address: record.address,
+        })
     }
 
     fn start(&mut self, own: &EndpointAddress) -> anyhow::Result<()> {
         let stdin = self.child.stdin.as_mut().context("sink stdin")?;
-        writeln!(stdin, "{}", serde_json::to_string(&EndpointRecord::new(0, 0, *own))?)?;
+        writeln!(
+            stdin,
+            "{}",
+            serde_json::to_string(&EndpointRecord::new(0, 0, *own))?
+        )?;
         stdin.flush()?;
         Ok(())
     }
@@ -299,7 +336,11 @@ impl SinkChild {
         self.child.wait()?;
         let report: serde_json::Value = serde_json::from_str(&line).context("sink report")?;
         let field = |name: &str| report[name].as_u64().unwrap_or(0);
-        Ok((field("handled"), field("elapsed_ns"), field("dropped_no_recv")))
+        Ok((
+            field("handled"),
+            field("elapsed_ns"),
+            field("dropped_no_recv"),
+        ))
     }
 }
 
@@ -319,7 +360,11 @@ fn measure_transport<T: Transport>(
         sender.send_buffer(index)[..size].fill(index as u8);
     }
     let chain: Vec<SendRequest<T::Address>> = (0..batch)
-        .map(|index| SendRequest { destination: Destination::Unicast(to), buffer: index as u16, len: size as u32 })
+        .map(|index| SendRequest {
+            destination: Destination::Unicast(to),
+            buffer: index as u16,
+            len: size as u32,
+        })
         .collect();
     // Let the child get to its poll loop before the clock starts.
     std::thread::sleep(Duration::from_millis(100));
@@ -335,7 +380,11 @@ fn measure_transport<T: Transport>(
         bail!("the sink received nothing");
     }
     let rate = received as f64 / (elapsed_ns as f64 / 1e9);
-    let drop_fraction = if sent == 0 { 0.0 } else { dropped as f64 / sent as f64 };
+    let drop_fraction = if sent == 0 {
+        0.0
+    } else {
+        dropped as f64 / sent as f64
+    };
     Ok((rate, drop_fraction))
 }
 
@@ -353,7 +402,12 @@ fn measure_bare_ring(size: usize, batch: usize, seconds: f64) -> anyhow::Result<
     let mmap = Arc::new(unsafe { MmapMut::map_mut(&file)? });
     let counters = |map: &MmapMut| -> (&AtomicU64, &AtomicU64) {
         // SAFETY: offsets 0 and 64 lie inside the mapping, 8-byte aligned (page-aligned base).
-        unsafe { (&*map.as_ptr().cast::<AtomicU64>(), &*map.as_ptr().add(64).cast::<AtomicU64>()) }
+        unsafe {
+            (
+                &*map.as_ptr().cast::<AtomicU64>(),
+                &*map.as_ptr().add(64).cast::<AtomicU64>(),
+            )
+        }
     };
     let stop = Arc::new(AtomicBool::new(false));
     let consumer_map = Arc::clone(&mmap);
@@ -370,7 +424,8 @@ fn measure_bare_ring(size: usize, batch: usize, seconds: f64) -> anyhow::Result<
             while position < available {
                 let slot = (position as usize) % SLOTS;
                 // SAFETY: the producer published this slot with the release store on `tail`.
-                checksum = checksum.wrapping_add(u64::from(unsafe { *base.add(128 + slot * slot_bytes) }));
+                checksum =
+                    checksum.wrapping_add(u64::from(unsafe { *base.add(128 + slot * slot_bytes) }));
                 position += 1;
             }
             head.store(position, Ordering::Release);
@@ -392,7 +447,11 @@ fn measure_bare_ring(size: usize, batch: usize, seconds: f64) -> anyhow::Result<
                 let slot = ((position + offset) as usize) % SLOTS;
                 // SAFETY: the consumer has released this slot (head check above).
                 unsafe {
-                    std::ptr::copy_nonoverlapping(payload.as_ptr(), base.add(128 + slot * slot_bytes), size);
+                    std::ptr::copy_nonoverlapping(
+                        payload.as_ptr(),
+                        base.add(128 + slot * slot_bytes),
+                        size,
+                    );
                 }
             }
             position += batch as u64;
@@ -400,13 +459,20 @@ fn measure_bare_ring(size: usize, batch: usize, seconds: f64) -> anyhow::Result<
         }
     }
     stop.store(true, Ordering::Relaxed);
-    let (consumed, elapsed, _) = consumer.join().map_err(|_| anyhow::anyhow!("ring consumer panicked"))?;
+    let (consumed, elapsed, _) = consumer
+        .join()
+        .map_err(|_| anyhow::anyhow!("ring consumer panicked"))?;
     Ok(consumed as f64 / elapsed.as_secs_f64())
 }
 
 fn tempfile_in_shm() -> anyhow::Result<std::fs::File> {
     let path = PathBuf::from(format!("/dev/shm/rzab-bench-ring-{}", std::process::id()));
-    let file = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path)?;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&path)?;
     std::fs::remove_file(&path)?;
     Ok(file)
 }
@@ -417,13 +483,23 @@ fn median(mut values: Vec<f64>) -> f64 {
 }
 
 fn bench(options: &BenchOptions) -> anyhow::Result<()> {
-    println!("raw message rate between two processes, pinned to cores 0 and 1; median of {} runs of {} s", options.runs, options.seconds);
+    println!(
+        "raw message rate between two processes, pinned to cores 0 and 1; median of {} runs of {} s",
+        options.runs, options.seconds
+    );
     println!("| transport | size (B) | batch | M msg/s | vs bare ring | dropped at receiver |");
     println!("|---|---|---|---|---|---|");
     for size in [64usize, 256] {
         for batch in [1usize, 16] {
-            let ring = median((0..options.runs).map(|_| measure_bare_ring(size, batch, options.seconds)).collect::<anyhow::Result<_>>()?);
-            println!("| bare SPSC ring | {size} | {batch} | {:.1} | 100% | - |", ring / 1e6);
+            let ring = median(
+                (0..options.runs)
+                    .map(|_| measure_bare_ring(size, batch, options.seconds))
+                    .collect::<anyhow::Result<_>>()?,
+            );
+            println!(
+                "| bare SPSC ring | {size} | {batch} | {:.1} | 100% | - |",
+                ring / 1e6
+            );
             for backend in &options.backends {
                 let mut rates = Vec::new();
                 let mut drops = Vec::new();
@@ -441,11 +517,29 @@ fn bench(options: &BenchOptions) -> anyhow::Result<()> {
                     pin(Some(0));
                     let (rate, dropped) = match backend {
                         Backend::Shm => {
-                            let result = measure_transport(open_shm(&endpoint, 0)?, &endpoint, size, batch, options.seconds);
-                            let _ = std::fs::remove_file(ShmConfig { fabric: endpoint.fabric.clone(), ..ShmConfig::default() }.path());
+                            let result = measure_transport(
+                                open_shm(&endpoint, 0)?,
+                                &endpoint,
+                                size,
+                                batch,
+                                options.seconds,
+                            );
+                            let _ = std::fs::remove_file(
+                                ShmConfig {
+                                    fabric: endpoint.fabric.clone(),
+                                    ..ShmConfig::default()
+                                }
+                                .path(),
+                            );
                             result?
                         }
-                        Backend::Udp => measure_transport(open_udp(&endpoint)?, &endpoint, size, batch, options.seconds)?,
+                        Backend::Udp => measure_transport(
+                            open_udp(&endpoint)?,
+                            &endpoint,
+                            size,
+                            batch,
+                            options.seconds,
+                        )?,
                     };
                     rates.push(rate);
                     drops.push(dropped);

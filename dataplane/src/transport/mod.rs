@@ -114,7 +114,10 @@ pub enum TransportError {
     #[error("shared-memory fabric {path}: {reason}")]
     Fabric { path: String, reason: String },
     #[error("{context}: {source}")]
-    Io { context: String, source: std::io::Error },
+    Io {
+        context: String,
+        source: std::io::Error,
+    },
     #[error("{0}")]
     Unavailable(String),
 }
@@ -143,7 +146,8 @@ pub trait Transport {
     fn join_multicast(&mut self, group: MulticastGroup) -> Result<(), TransportError>;
 
     /// A destination that reaches every member of the group but the sender.
-    fn multicast_address(&mut self, group: MulticastGroup) -> Result<Self::Address, TransportError>;
+    fn multicast_address(&mut self, group: MulticastGroup)
+    -> Result<Self::Address, TransportError>;
 
     /// Staging buffer `index` (below `caps().max_chain`), `caps().mtu` bytes long.
     fn send_buffer(&mut self, index: usize) -> &mut [u8];
@@ -174,7 +178,10 @@ pub(crate) fn validate_chain<A>(
     caps: &Capabilities,
 ) -> Result<(), TransportError> {
     if chain.len() > caps.max_chain {
-        return Err(TransportError::ChainTooLong { len: chain.len(), max: caps.max_chain });
+        return Err(TransportError::ChainTooLong {
+            len: chain.len(),
+            max: caps.max_chain,
+        });
     }
     for request in chain {
         if usize::from(request.buffer) >= caps.max_chain {
