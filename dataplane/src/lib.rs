@@ -6,4 +6,5 @@
 pub mod replica;
 pub mod store;
 pub mod transport;
+pub mod workload;
 pub mod zab;

@@ -660,9 +660,9 @@ mod tests {
         assert_eq!(attached.worker(1).local_endpoint.load(), Some(address));
         assert_eq!(attached.worker(0).local_endpoint.load(), None);
 
-        owned.worker(0).add(Counter::TransportDatagramsSent, 3);
-        owned.worker(1).add(Counter::TransportDatagramsSent, 4);
-        assert_eq!(attached.counter_total(Counter::TransportDatagramsSent), 7);
+        owned.worker(0).add(Counter::ReadsCompleted, 3);
+        owned.worker(1).add(Counter::ReadsCompleted, 4);
+        assert_eq!(attached.counter_total(Counter::ReadsCompleted), 7);
     }
 
     #[test]

@@ -34,11 +34,45 @@ macro_rules! counters {
 }
 
 counters! {
-    TransportDatagramsSent { "transport_datagrams_sent_total", [], "Datagrams the transport accepted for sending." }
-    TransportDatagramsReceived { "transport_datagrams_received_total", [], "Datagrams the transport delivered into posted receives." }
-    TransportDropsNoReceive { "transport_drops_total", ["reason" = "no_posted_receive"], "Datagrams dropped because the receiver had no posted receive." }
-    TransportDropsMalformed { "transport_drops_total", ["reason" = "malformed"], "Datagrams dropped because they could not be decoded." }
-    TransportSendsRefused { "transport_sends_refused_total", [], "Send requests refused by the transport (oversize, unknown destination)." }
+    ReadsCompleted { "operations_total", ["kind" = "read"], "Reads completed by emulated clients." }
+    WritesCompleted { "operations_total", ["kind" = "write"], "Writes completed (applied locally) for emulated clients." }
+    WritesApplied { "writes_applied_total", [], "Committed writes applied to the local store, from any node." }
+    SentWriteUnicast { "messages_sent_total", ["type" = "write", "path" = "unicast"], "Messages sent, by type and path." }
+    SentPrepareUnicast { "messages_sent_total", ["type" = "prepare", "path" = "unicast"], "Messages sent, by type and path." }
+    SentPrepareMulticast { "messages_sent_total", ["type" = "prepare", "path" = "multicast"], "Messages sent, by type and path." }
+    SentAckUnicast { "messages_sent_total", ["type" = "ack", "path" = "unicast"], "Messages sent, by type and path." }
+    SentCommitUnicast { "messages_sent_total", ["type" = "commit", "path" = "unicast"], "Messages sent, by type and path." }
+    SentCommitMulticast { "messages_sent_total", ["type" = "commit", "path" = "multicast"], "Messages sent, by type and path." }
+    SentCreditUnicast { "messages_sent_total", ["type" = "credit", "path" = "unicast"], "Messages sent, by type and path." }
+    BytesWriteUnicast { "bytes_sent_total", ["type" = "write", "path" = "unicast"], "Bytes sent, by type and path." }
+    BytesPrepareUnicast { "bytes_sent_total", ["type" = "prepare", "path" = "unicast"], "Bytes sent, by type and path." }
+    BytesPrepareMulticast { "bytes_sent_total", ["type" = "prepare", "path" = "multicast"], "Bytes sent, by type and path." }
+    BytesAckUnicast { "bytes_sent_total", ["type" = "ack", "path" = "unicast"], "Bytes sent, by type and path." }
+    BytesCommitUnicast { "bytes_sent_total", ["type" = "commit", "path" = "unicast"], "Bytes sent, by type and path." }
+    BytesCommitMulticast { "bytes_sent_total", ["type" = "commit", "path" = "multicast"], "Bytes sent, by type and path." }
+    BytesCreditUnicast { "bytes_sent_total", ["type" = "credit", "path" = "unicast"], "Bytes sent, by type and path." }
+    ReceivedWrite { "messages_received_total", ["type" = "write"], "Messages received, by type." }
+    ReceivedPrepare { "messages_received_total", ["type" = "prepare"], "Messages received, by type." }
+    ReceivedAck { "messages_received_total", ["type" = "ack"], "Messages received, by type." }
+    ReceivedCommit { "messages_received_total", ["type" = "commit"], "Messages received, by type." }
+    ReceivedCredit { "messages_received_total", ["type" = "credit"], "Messages received, by type." }
+    BytesReceived { "bytes_received_total", [], "Bytes received in valid messages." }
+    BatchEntriesWrite { "batch_entries_total", ["type" = "write"], "Entries carried by messages of a type (sum; divide by batch_messages_total for the average)." }
+    BatchEntriesPrepare { "batch_entries_total", ["type" = "prepare"], "Entries carried by messages of a type (sum; divide by batch_messages_total for the average)." }
+    BatchEntriesAck { "batch_entries_total", ["type" = "ack"], "Entries carried by messages of a type (sum; divide by batch_messages_total for the average)." }
+    BatchEntriesCommit { "batch_entries_total", ["type" = "commit"], "Entries carried by messages of a type (sum; divide by batch_messages_total for the average)." }
+    BatchMessagesWrite { "batch_messages_total", ["type" = "write"], "Logical messages of a type (a broadcast counts once)." }
+    BatchMessagesPrepare { "batch_messages_total", ["type" = "prepare"], "Logical messages of a type (a broadcast counts once)." }
+    BatchMessagesAck { "batch_messages_total", ["type" = "ack"], "Logical messages of a type (a broadcast counts once)." }
+    BatchMessagesCommit { "batch_messages_total", ["type" = "commit"], "Logical messages of a type (a broadcast counts once)." }
+    Doorbells { "doorbells_total", [], "Send chains posted (one doorbell each)." }
+    CreditStalls { "stalls_total", ["reason" = "credits"], "Sends held back for lack of credits." }
+    OrderingStalls { "stalls_total", ["reason" = "ordering"], "Committed writes held back until an earlier zxid was applied." }
+    WindowStalls { "stalls_total", ["reason" = "window"], "Prepares held back because the pipeline window was full." }
+    TransportDropsNoReceive { "drops_total", ["reason" = "no_posted_receive"], "Datagrams dropped because the receiver had no posted receive." }
+    DropsMalformed { "drops_total", ["reason" = "malformed"], "Datagrams dropped because they could not be decoded." }
+    DropsUnexpected { "drops_total", ["reason" = "unexpected"], "Valid datagrams dropped because they made no sense in this state." }
+    TransportSendsRefused { "drops_total", ["reason" = "send_refused"], "Send requests the transport refused." }
 }
 
 const _: () = assert!(COUNTERS.len() <= MAX_COUNTERS);

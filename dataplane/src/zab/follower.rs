@@ -133,15 +133,42 @@ impl Follower {
                 self.commit_msgs_consumed += 1;
             }
             Kind::Credit => {
-                self.write_msgs_consumed =
-                    self.write_msgs_consumed.max(message.header.credits[0].min(self.write_msgs_sent));
+                self.write_msgs_consumed = self
+                    .write_msgs_consumed
+                    .max(message.header.credits[0].min(self.write_msgs_sent));
             }
             Kind::Write | Kind::Ack => self.stats.dropped_unexpected += 1,
         }
     }
 
+    /// A one-line summary of the pipeline's positions and credits, for diagnostics.
+    pub fn summary(&self) -> String {
+        format!(
+            "follower n{} p{}: received {} committed {} applied {} acked {} acks {}/{} commits {} reported {:?} writes {}..{} sent {} consumed {} {:?}",
+            self.config.node,
+            self.config.pipeline,
+            self.received,
+            self.committed,
+            self.applied,
+            self.acked_sent,
+            self.acks_sent,
+            self.prepare_msgs_consumed,
+            self.commit_msgs_consumed,
+            self.reported,
+            self.out_head,
+            self.out_tail,
+            self.write_msgs_sent,
+            self.write_msgs_consumed,
+            self.stats
+        )
+    }
+
     fn credits(&self) -> [u64; 3] {
-        [self.prepare_msgs_consumed, self.commit_msgs_consumed, self.applied]
+        [
+            self.prepare_msgs_consumed,
+            self.commit_msgs_consumed,
+            self.applied,
+        ]
     }
 
     /// Runs everything that can make progress: apply, ACK, forward writes, return credits.
@@ -183,10 +210,17 @@ impl Follower {
         }
         let count = (self.received - self.acked_sent).min(limits.ack_batch.max(1));
         let credits = self.credits();
-        let Some(buffer) = outbox.buffer() else { return false };
+        let Some(buffer) = outbox.buffer() else {
+            return false;
+        };
         wire::put_header(buffer, &self.config.header(Kind::Ack, 0, credits));
         wire::put_range(buffer, self.acked_sent, count);
-        outbox.send(Target::Leader, Kind::Ack, wire::HEADER_BYTES + wire::RANGE_BODY, count);
+        outbox.send(
+            Target::Leader,
+            Kind::Ack,
+            wire::HEADER_BYTES + wire::RANGE_BODY,
+            count,
+        );
         self.acked_sent += count;
         self.acks_sent += 1;
         self.reported = credits;
@@ -205,7 +239,9 @@ impl Follower {
                 .min(self.config.writes_fitting() as u64);
             let credits = self.credits();
             let value_len = self.config.value_len;
-            let header = self.config.header(Kind::Write, usize::try_from(batch).unwrap_or(0), credits);
+            let header =
+                self.config
+                    .header(Kind::Write, usize::try_from(batch).unwrap_or(0), credits);
             let Some(buffer) = outbox.buffer() else { break };
             wire::put_header(buffer, &header);
             let mut len = wire::HEADER_BYTES;
@@ -239,7 +275,9 @@ impl Follower {
         if !due {
             return;
         }
-        let Some(buffer) = outbox.buffer() else { return };
+        let Some(buffer) = outbox.buffer() else {
+            return;
+        };
         wire::put_header(buffer, &self.config.header(Kind::Credit, 0, credits));
         outbox.send(Target::Leader, Kind::Credit, wire::HEADER_BYTES, 0);
         self.reported = credits;

@@ -81,6 +81,38 @@ impl Leader {
         self.committed
     }
 
+    /// A one-line summary of the pipeline's positions and credits, for diagnostics.
+    pub fn summary(&self) -> String {
+        let links: Vec<String> = self
+            .follower_ids()
+            .map(|follower| {
+                let link = &self.links[follower];
+                format!(
+                    "f{follower}[acked {} prep {}/{} commit {}/{} applied {} writes {}/{}]",
+                    link.acked,
+                    link.prepare_consumed,
+                    self.prepare_msgs_sent,
+                    link.commit_consumed,
+                    self.commit_msgs_sent,
+                    link.applied,
+                    link.write_reported,
+                    link.write_consumed
+                )
+            })
+            .collect();
+        format!(
+            "leader p{}: incoming {} next {} committed {} commit_sent {} applied {} {} {:?}",
+            self.config.pipeline,
+            self.incoming_len(),
+            self.next_pseq,
+            self.committed,
+            self.commit_sent,
+            self.applied,
+            links.join(" "),
+            self.stats
+        )
+    }
+
     fn incoming_len(&self) -> u64 {
         self.incoming_tail - self.incoming_head
     }
@@ -144,9 +176,12 @@ impl Leader {
                 }
             }
             Kind::Ack => {
+                // A follower acks only the prefix it holds whole, so a range's end means "every
+                // prepare below this": later ranges may arrive first, and earlier ones change
+                // nothing.
                 let (first, count) = message.range();
                 let end = first.saturating_add(count);
-                if first <= link.acked && end <= next_pseq {
+                if end <= next_pseq {
                     link.acked = link.acked.max(end);
                 } else {
                     self.stats.dropped_unexpected += 1;

@@ -305,7 +305,10 @@ pub fn cluster_tag(name: &str) -> u32 {
 }
 
 #[cfg(test)]
-#[allow(clippy::cast_possible_truncation, reason = "the garbage generator keeps bytes on purpose")]
+#[allow(
+    clippy::cast_possible_truncation,
+    reason = "the garbage generator keeps bytes on purpose"
+)]
 mod tests {
     use super::*;
 
