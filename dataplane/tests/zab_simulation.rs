@@ -87,7 +87,7 @@ impl Replica for LoggedReplica {
 }
 
 enum Role {
-    Leader(Leader),
+    Leader(Box<Leader>),
     Follower(Follower),
 }
 
@@ -147,7 +147,7 @@ fn run(scenario: &Scenario, seed: u64) -> Outcome {
                     };
                     config.validate().unwrap();
                     let role = if node == 0 {
-                        Role::Leader(Leader::new(config))
+                        Role::Leader(Box::new(Leader::new(config)))
                     } else {
                         Role::Follower(Follower::new(config))
                     };
