@@ -88,7 +88,7 @@ impl Replica for LoggedReplica {
 
 enum Role {
     Leader(Box<Leader>),
-    Follower(Follower),
+    Follower(Box<Follower>),
 }
 
 struct Pipeline {
@@ -149,7 +149,7 @@ fn run(scenario: &Scenario, seed: u64) -> Outcome {
                     let role = if node == 0 {
                         Role::Leader(Box::new(Leader::new(config)))
                     } else {
-                        Role::Follower(Follower::new(config))
+                        Role::Follower(Box::new(Follower::new(config)))
                     };
                     let trace = Trace::build(
                         KEYS,
