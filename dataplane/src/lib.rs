@@ -6,5 +6,6 @@
 pub mod replica;
 pub mod store;
 pub mod transport;
+pub mod worker;
 pub mod workload;
 pub mod zab;

@@ -406,6 +406,13 @@ impl WorkerBlock {
         add_single_writer(&self.counters[counter.slot()], amount);
     }
 
+    /// Sets a counter that mirrors a running total kept elsewhere; only this worker's thread
+    /// may call it.
+    #[inline]
+    pub fn set(&self, counter: Counter, value: u64) {
+        self.counters[counter.slot()].store(value, Ordering::Relaxed);
+    }
+
     #[inline]
     pub fn counter(&self, counter: Counter) -> u64 {
         self.counters[counter.slot()].load(Ordering::Relaxed)

@@ -1,0 +1,591 @@
+//! The worker: one pinned thread that runs one pipeline's poll loop over a transport.
+//!
+//! One iteration: poll a batch of receive completions, hand each message to the pipeline's
+//! state machine, re-post the receives (before anything that could trigger more traffic), let
+//! idle sessions issue requests (reads served locally at once, writes handed to the pipeline),
+//! let the pipeline commit, apply and fill outgoing messages, and post them as doorbell-batched
+//! chains. One clock read per iteration; no allocation, lock or syscall (the udp transport's
+//! own aside) after start-up. Counters go to this worker's block of the control block with
+//! relaxed single-writer stores; knobs are re-read only when the knob epoch changes.
+//!
+//! Before the loop, a join handshake makes sure every peer of the pipeline has its receives
+//! posted and runs a compatible configuration: followers send CREDIT "hellos" carrying a
+//! configuration fingerprint until the leader answers.
+//!
+//! Touches: its transport, the node replica (through the pipeline), its control-block block.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use rzab_shared::Counter;
+use rzab_shared::control_block::{ControlBlock, WorkerBlock};
+use rzab_shared::knobs::{Knob, POLL_MODE_BUSY};
+use rzab_shared::limits::MAX_NODES;
+
+use crate::replica::NodeReplica;
+use crate::transport::{Destination, RecvCompletion, SendRequest, Transport};
+use crate::workload::Sessions;
+use crate::zab::follower::{Follower, LEADER_NODE};
+use crate::zab::leader::Leader;
+use crate::zab::wire::{self, Kind, Message};
+use crate::zab::{Completions, Limits, Outbox, PipelineConfig, Target, ZxidSource};
+
+/// Completions polled per iteration.
+const RECV_BATCH: usize = 64;
+/// Longest send chain a worker builds.
+const MAX_CHAIN: usize = 64;
+/// Idle iterations before an adaptive worker yields its core.
+const SPINS_BEFORE_YIELD: u32 = 32;
+
+/// The resolved destinations of one pipeline.
+#[derive(Clone, Copy, Debug)]
+pub struct Peers<A> {
+    pub leader: Option<A>,
+    /// By node id; `None` for the leader and for this node.
+    pub followers: [Option<A>; MAX_NODES],
+    /// The pipeline's multicast group, when this node is the leader and the transport has one.
+    pub group: Option<A>,
+}
+
+/// The role this worker plays in its pipeline.
+#[derive(Debug)]
+pub enum Pipeline {
+    Leader(Box<Leader>),
+    Follower(Box<Follower>),
+}
+
+/// Everything the workers of a node share.
+#[derive(Debug)]
+pub struct NodeShared<'a> {
+    pub block: &'a ControlBlock,
+    pub replica: &'a NodeReplica,
+    pub zxids: &'a ZxidSource,
+    pub stop: &'a AtomicBool,
+}
+
+/// Why a worker could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error(
+        "pipeline {pipeline}: no answer from {waiting} within {seconds} s; are all nodes started with the same --nodes, --workers and --cluster, and is the leader (node 0) up?"
+    )]
+    JoinTimeout {
+        pipeline: usize,
+        waiting: String,
+        seconds: u64,
+    },
+    #[error(
+        "pipeline {pipeline}: node {node} runs an incompatible configuration (fingerprint {theirs:#x}, ours {ours:#x}): --nodes, --workers, --value-size and --keys must match on every node"
+    )]
+    Incompatible {
+        pipeline: usize,
+        node: u8,
+        theirs: u64,
+        ours: u64,
+    },
+    #[error("pipeline {0}: stopped before the cluster was joined")]
+    Stopped(usize),
+}
+
+/// The counter for messages of `kind` sent by `multicast` or not.
+fn sent_counters(kind: Kind, multicast: bool) -> (Counter, Counter) {
+    match (kind, multicast) {
+        (Kind::Write, _) => (Counter::SentWriteUnicast, Counter::BytesWriteUnicast),
+        (Kind::Prepare, false) => (Counter::SentPrepareUnicast, Counter::BytesPrepareUnicast),
+        (Kind::Prepare, true) => (
+            Counter::SentPrepareMulticast,
+            Counter::BytesPrepareMulticast,
+        ),
+        (Kind::Ack, _) => (Counter::SentAckUnicast, Counter::BytesAckUnicast),
+        (Kind::Commit, false) => (Counter::SentCommitUnicast, Counter::BytesCommitUnicast),
+        (Kind::Commit, true) => (Counter::SentCommitMulticast, Counter::BytesCommitMulticast),
+        (Kind::Credit, _) => (Counter::SentCreditUnicast, Counter::BytesCreditUnicast),
+    }
+}
+
+fn batch_counters(kind: Kind) -> Option<(Counter, Counter)> {
+    match kind {
+        Kind::Write => Some((Counter::BatchEntriesWrite, Counter::BatchMessagesWrite)),
+        Kind::Prepare => Some((Counter::BatchEntriesPrepare, Counter::BatchMessagesPrepare)),
+        Kind::Ack => Some((Counter::BatchEntriesAck, Counter::BatchMessagesAck)),
+        Kind::Commit => Some((Counter::BatchEntriesCommit, Counter::BatchMessagesCommit)),
+        Kind::Credit => None,
+    }
+}
+
+fn received_counter(kind: Kind) -> Counter {
+    match kind {
+        Kind::Write => Counter::ReceivedWrite,
+        Kind::Prepare => Counter::ReceivedPrepare,
+        Kind::Ack => Counter::ReceivedAck,
+        Kind::Commit => Counter::ReceivedCommit,
+        Kind::Credit => Counter::ReceivedCredit,
+    }
+}
+
+/// Fills a transport's staging buffers and posts them as doorbell-batched chains.
+struct TransportOutbox<'a, T: Transport> {
+    transport: &'a mut T,
+    peers: &'a Peers<T::Address>,
+    counters: &'a WorkerBlock,
+    /// Filled by push within its fixed capacity ([`MAX_CHAIN`]) and cleared by flush, so it
+    /// never reallocates.
+    chain: &'a mut Vec<SendRequest<T::Address>>,
+    buffers_used: usize,
+    max_buffers: usize,
+    doorbell: usize,
+    multicast: bool,
+    fan_out: usize,
+    sent: u64,
+}
+
+impl<T: Transport> TransportOutbox<'_, T> {
+    fn flush(&mut self) {
+        if self.chain.is_empty() {
+            return;
+        }
+        match self.transport.post_send(self.chain) {
+            Ok(_) => self.counters.add(Counter::Doorbells, 1),
+            Err(_) => self
+                .counters
+                .add(Counter::TransportSendsRefused, self.chain.len() as u64),
+        }
+        self.chain.clear();
+        self.buffers_used = 0;
+    }
+
+    fn push(&mut self, destination: Destination<T::Address>, len: usize) {
+        self.chain.push(SendRequest {
+            destination,
+            buffer: u16::try_from(self.buffers_used).unwrap_or(u16::MAX),
+            len: u32::try_from(len).unwrap_or(u32::MAX),
+        });
+    }
+}
+
+impl<T: Transport> Outbox for TransportOutbox<'_, T> {
+    fn buffer(&mut self) -> Option<&mut [u8]> {
+        let requests = if self.multicast {
+            1
+        } else {
+            self.fan_out.max(1)
+        };
+        if self.buffers_used >= self.max_buffers
+            || self.chain.len() + requests > MAX_CHAIN
+            || self.chain.len() >= self.doorbell
+        {
+            self.flush();
+        }
+        Some(self.transport.send_buffer(self.buffers_used))
+    }
+
+    fn send(&mut self, target: Target, kind: Kind, len: usize, batch: u64) {
+        let mut multicast_path = false;
+        match target {
+            Target::Leader => {
+                if let Some(leader) = self.peers.leader {
+                    self.push(Destination::Unicast(leader), len);
+                }
+            }
+            Target::Follower(node) => {
+                if let Some(Some(follower)) = self.peers.followers.get(usize::from(node)) {
+                    self.push(Destination::Unicast(*follower), len);
+                }
+            }
+            Target::AllFollowers => match (self.multicast, self.peers.group) {
+                (true, Some(group)) => {
+                    multicast_path = true;
+                    self.push(Destination::Multicast(group), len);
+                }
+                _ => {
+                    for follower in self.peers.followers.iter().flatten() {
+                        self.push(Destination::Unicast(*follower), len);
+                    }
+                }
+            },
+        }
+        let copies = if multicast_path || !matches!(target, Target::AllFollowers) {
+            1
+        } else {
+            self.fan_out as u64
+        };
+        let (messages, bytes) = sent_counters(kind, multicast_path);
+        self.counters.add(messages, copies);
+        self.counters.add(bytes, copies * len as u64);
+        if let Some((entries, logical)) = batch_counters(kind) {
+            self.counters.add(entries, batch);
+            self.counters.add(logical, 1);
+        }
+        self.buffers_used += 1;
+        self.sent += 1;
+    }
+}
+
+/// Completes sessions and records write latency.
+struct SessionCompletions<'a> {
+    sessions: &'a mut Sessions,
+    counters: &'a WorkerBlock,
+    now_ns: u64,
+}
+
+impl Completions for SessionCompletions<'_> {
+    fn write_applied(&mut self, session: u16, session_seq: u64, _zxid: u64) {
+        if let Some(latency) = self.sessions.complete(session, session_seq, self.now_ns) {
+            self.counters.write_latency_ns.record(latency);
+            self.counters.add(Counter::WritesCompleted, 1);
+        }
+    }
+}
+
+/// Live settings the worker re-reads when the knob epoch changes.
+#[derive(Clone, Copy, Debug)]
+struct LiveSettings {
+    limits: Limits,
+    doorbell: usize,
+    multicast: bool,
+    busy_poll: bool,
+    write_ratio_permille: u64,
+}
+
+impl LiveSettings {
+    fn read(block: &ControlBlock) -> Self {
+        let knob = |knob: Knob| block.knob(knob);
+        let as_usize = |value: u64| usize::try_from(value).unwrap_or(usize::MAX);
+        LiveSettings {
+            limits: Limits {
+                prepare_batch: as_usize(knob(Knob::PrepareBatch)),
+                write_batch: as_usize(knob(Knob::WriteBatch)),
+                ack_batch: knob(Knob::AckBatch),
+                commit_batch: knob(Knob::CommitBatch),
+                prepare_credits: knob(Knob::PrepareCredits),
+                write_credits: knob(Knob::WriteCredits),
+                commit_credits: knob(Knob::CommitCredits),
+            },
+            doorbell: as_usize(knob(Knob::DoorbellBatch)).clamp(1, MAX_CHAIN),
+            multicast: knob(Knob::Multicast) != 0,
+            busy_poll: knob(Knob::PollMode) == POLL_MODE_BUSY,
+            write_ratio_permille: knob(Knob::WriteRatioPermille),
+        }
+    }
+}
+
+/// One worker thread's state.
+#[derive(Debug)]
+pub struct Worker<T: Transport> {
+    index: usize,
+    config: PipelineConfig,
+    fingerprint: u64,
+    transport: T,
+    pipeline: Pipeline,
+    sessions: Sessions,
+    peers: Peers<T::Address>,
+    completions: Vec<RecvCompletion>,
+    chain: Vec<SendRequest<T::Address>>,
+}
+
+const _: () = assert!(
+    MAX_CHAIN >= MAX_NODES,
+    "a unicast broadcast must fit one chain"
+);
+
+impl<T: Transport> Worker<T> {
+    /// A worker for pipeline `config.pipeline`, whose transport already has its receives
+    /// posted and its peers resolved.
+    pub fn new(
+        config: PipelineConfig,
+        fingerprint: u64,
+        transport: T,
+        sessions: Sessions,
+        peers: Peers<T::Address>,
+    ) -> Self {
+        let pipeline = if config.node == LEADER_NODE {
+            Pipeline::Leader(Box::new(Leader::new(config)))
+        } else {
+            Pipeline::Follower(Box::new(Follower::new(config)))
+        };
+        Worker {
+            index: usize::from(config.pipeline),
+            config,
+            fingerprint,
+            transport,
+            pipeline,
+            sessions,
+            peers,
+            completions: vec![RecvCompletion::default(); RECV_BATCH],
+            chain: Vec::with_capacity(MAX_CHAIN),
+        }
+    }
+
+    fn decode<'m>(
+        config: &PipelineConfig,
+        payload: &'m [u8],
+    ) -> Result<Message<'m>, wire::WireError> {
+        Message::decode(
+            payload,
+            config.cluster_tag,
+            config.value_len,
+            usize::from(config.nodes),
+            usize::from(config.pipelines),
+        )
+    }
+
+    /// Runs the join handshake: returns once every peer of this pipeline has answered.
+    pub fn join(&mut self, shared: &NodeShared<'_>, timeout: Duration) -> Result<(), WorkerError> {
+        let deadline = Instant::now() + timeout;
+        let counters = shared.block.worker(self.index);
+        let is_leader = self.config.node == LEADER_NODE;
+        let mut joined = [false; MAX_NODES];
+        joined[usize::from(self.config.node)] = true;
+        if is_leader {
+            for (done, follower) in joined
+                .iter_mut()
+                .zip(&self.peers.followers)
+                .take(usize::from(self.config.nodes))
+            {
+                *done |= follower.is_none();
+            }
+        }
+        let mut last_hello: Option<Instant> = None;
+        loop {
+            if shared.stop.load(Ordering::Relaxed) {
+                return Err(WorkerError::Stopped(self.index));
+            }
+            let all_joined = joined[..usize::from(self.config.nodes)]
+                .iter()
+                .all(|done| *done);
+            if all_joined {
+                return Ok(());
+            }
+            let now = Instant::now();
+            if now > deadline {
+                let waiting: Vec<String> = (0..usize::from(self.config.nodes))
+                    .filter(|node| !joined[*node])
+                    .map(|node| format!("node {node}"))
+                    .collect();
+                return Err(WorkerError::JoinTimeout {
+                    pipeline: self.index,
+                    waiting: waiting.join(", "),
+                    seconds: timeout.as_secs(),
+                });
+            }
+            if !is_leader && last_hello.is_none_or(|sent| now - sent >= Duration::from_millis(10)) {
+                self.send_hello(Target::Leader, counters);
+                last_hello = Some(now);
+            }
+            let received = self.transport.poll_recv(&mut self.completions);
+            let mut replies = [false; MAX_NODES];
+            for index in 0..received {
+                let completion = self.completions[index];
+                let payload = self.transport.recv_payload(&completion);
+                let Ok(message) = Self::decode(&self.config, payload) else {
+                    counters.add(Counter::DropsMalformed, 1);
+                    continue;
+                };
+                let from = message.header.from_node;
+                if message.header.kind == Kind::Credit
+                    && usize::from(message.header.pipeline) == self.index
+                {
+                    let theirs = message.header.credits[2];
+                    if theirs != self.fingerprint {
+                        return Err(WorkerError::Incompatible {
+                            pipeline: self.index,
+                            node: from,
+                            theirs,
+                            ours: self.fingerprint,
+                        });
+                    }
+                    joined[usize::from(from)] = true;
+                    replies[usize::from(from)] = is_leader;
+                }
+            }
+            self.transport.post_recv(received);
+            for (node, reply) in replies.iter().enumerate() {
+                if *reply {
+                    self.send_hello(
+                        Target::Follower(u8::try_from(node).unwrap_or(u8::MAX)),
+                        counters,
+                    );
+                }
+            }
+            if received == 0 {
+                std::thread::sleep(Duration::from_micros(200));
+            }
+        }
+    }
+
+    /// A CREDIT whose counters are all clamped to zero by the receiver's pipeline, carrying the
+    /// configuration fingerprint in its third counter.
+    fn send_hello(&mut self, target: Target, counters: &WorkerBlock) {
+        let header = wire::Header {
+            kind: Kind::Credit,
+            from_node: self.config.node,
+            pipeline: self.config.pipeline,
+            count: 0,
+            cluster_tag: self.config.cluster_tag,
+            value_len: u16::try_from(self.config.value_len).unwrap_or(u16::MAX),
+            credits: [0, 0, self.fingerprint],
+        };
+        let max_chain = self.transport.caps().max_chain;
+        let mut outbox = TransportOutbox {
+            transport: &mut self.transport,
+            peers: &self.peers,
+            counters,
+            chain: &mut self.chain,
+            buffers_used: 0,
+            max_buffers: max_chain,
+            doorbell: 1,
+            multicast: false,
+            fan_out: 1,
+            sent: 0,
+        };
+        if let Some(buffer) = outbox.buffer() {
+            wire::put_header(buffer, &header);
+            outbox.send(target, Kind::Credit, wire::HEADER_BYTES, 0);
+        }
+        outbox.flush();
+    }
+
+    /// The poll loop; returns when `shared.stop` is set.
+    pub fn run(&mut self, shared: &NodeShared<'_>) {
+        let counters = shared.block.worker(self.index);
+        let store = shared.replica.store();
+        let clock = Instant::now();
+        let mut settings = LiveSettings::read(shared.block);
+        let mut knob_epoch = shared.block.knob_epoch();
+        let max_buffers = self.transport.caps().max_chain.min(MAX_CHAIN);
+        let fan_out = self.peers.followers.iter().flatten().count();
+        let mut idle_spins = 0u32;
+        let mut iteration = 0u64;
+        let mut malformed = 0u64;
+        while !shared.stop.load(Ordering::Relaxed) {
+            iteration += 1;
+            let now_ns = u64::try_from(clock.elapsed().as_nanos()).unwrap_or(u64::MAX);
+            let epoch = shared.block.knob_epoch();
+            if epoch != knob_epoch {
+                knob_epoch = epoch;
+                settings = LiveSettings::read(shared.block);
+            }
+
+            let received = self.transport.poll_recv(&mut self.completions);
+            for index in 0..received {
+                let completion = self.completions[index];
+                let payload = self.transport.recv_payload(&completion);
+                match Self::decode(&self.config, payload) {
+                    Ok(message) if usize::from(message.header.pipeline) == self.index => {
+                        counters.add(received_counter(message.header.kind), 1);
+                        counters.add(Counter::BytesReceived, payload.len() as u64);
+                        match &mut self.pipeline {
+                            Pipeline::Leader(leader) => leader.handle(&message),
+                            Pipeline::Follower(follower) => follower.handle(&message),
+                        }
+                    }
+                    Ok(_) => counters.add(Counter::DropsUnexpected, 1),
+                    Err(_) => malformed += 1,
+                }
+            }
+            // Receives go back before anything that can make peers send more.
+            self.transport.post_recv(received);
+
+            let pipeline = &mut self.pipeline;
+            let issued = self.sessions.issue(
+                now_ns,
+                settings.write_ratio_permille,
+                store,
+                |session, seq, key, value| match pipeline {
+                    Pipeline::Leader(leader) => leader.submit_write(session, seq, key, value),
+                    Pipeline::Follower(follower) => follower.submit_write(session, seq, key, value),
+                },
+                |_| {},
+            );
+            counters.add(Counter::ReadsCompleted, issued.reads);
+
+            let mut outbox = TransportOutbox {
+                transport: &mut self.transport,
+                peers: &self.peers,
+                counters,
+                chain: &mut self.chain,
+                buffers_used: 0,
+                max_buffers,
+                doorbell: settings.doorbell,
+                multicast: settings.multicast,
+                fan_out,
+                sent: 0,
+            };
+            let mut completions = SessionCompletions {
+                sessions: &mut self.sessions,
+                counters,
+                now_ns,
+            };
+            let stats = match &mut self.pipeline {
+                Pipeline::Leader(leader) => {
+                    leader.advance(
+                        &mut outbox,
+                        shared.replica,
+                        shared.zxids,
+                        &mut completions,
+                        &settings.limits,
+                    );
+                    leader.stats()
+                }
+                Pipeline::Follower(follower) => {
+                    follower.advance(
+                        &mut outbox,
+                        shared.replica,
+                        &mut completions,
+                        &settings.limits,
+                    );
+                    follower.stats()
+                }
+            };
+            outbox.flush();
+            let sent = outbox.sent;
+
+            counters.set(Counter::CreditStalls, stats.credit_stalls);
+            counters.set(Counter::OrderingStalls, stats.ordering_stalls);
+            counters.set(Counter::WindowStalls, stats.window_stalls);
+            counters.set(Counter::WritesApplied, stats.writes_applied);
+            counters.set(Counter::DropsMalformed, malformed);
+            counters.set(Counter::DropsUnexpected, stats.dropped_unexpected);
+            if iteration % 1024 == 0 {
+                counters.set(
+                    Counter::TransportDropsNoReceive,
+                    self.transport.stats().dropped_no_recv,
+                );
+                counters
+                    .gauges
+                    .committed_zxid
+                    .store(shared.replica.applied_zxid(), Ordering::Relaxed);
+                counters
+                    .gauges
+                    .heartbeat_ns
+                    .store(now_ns, Ordering::Relaxed);
+            }
+
+            if received == 0 && sent == 0 && issued.writes == 0 && !settings.busy_poll {
+                idle_spins += 1;
+                if idle_spins >= SPINS_BEFORE_YIELD {
+                    idle_spins = 0;
+                    std::thread::yield_now();
+                }
+            } else {
+                idle_spins = 0;
+            }
+        }
+        counters.set(
+            Counter::TransportDropsNoReceive,
+            self.transport.stats().dropped_no_recv,
+        );
+        counters
+            .gauges
+            .committed_zxid
+            .store(shared.replica.applied_zxid(), Ordering::Relaxed);
+    }
+
+    /// A one-line summary of the pipeline, for diagnostics.
+    pub fn summary(&self) -> String {
+        match &self.pipeline {
+            Pipeline::Leader(leader) => leader.summary(),
+            Pipeline::Follower(follower) => follower.summary(),
+        }
+    }
+}
