@@ -3,6 +3,8 @@
 //! Today it holds the transport layer ([`transport`]): a trait that mirrors RDMA UD verbs and
 //! its backends (shared-memory fabric, kernel UDP, verbs) plus a fault-injecting wrapper.
 
+pub mod config;
+pub mod node;
 pub mod replica;
 pub mod store;
 pub mod transport;

@@ -87,6 +87,14 @@ pub enum WorkerError {
     Stopped(usize),
 }
 
+/// The `count` field that marks a CREDIT as a join hello (ordinary CREDITs carry 0).
+const HELLO_COUNT: u16 = 1;
+
+/// A join hello: its counters are not flow-control counters and must not reach a pipeline.
+fn is_hello(message: &Message<'_>) -> bool {
+    message.header.kind == Kind::Credit && message.header.count == HELLO_COUNT
+}
+
 /// The counter for messages of `kind` sent by `multicast` or not.
 fn sent_counters(kind: Kind, multicast: bool) -> (Counter, Counter) {
     match (kind, multicast) {
@@ -336,14 +344,17 @@ impl<T: Transport> Worker<T> {
         let is_leader = self.config.node == LEADER_NODE;
         let mut joined = [false; MAX_NODES];
         joined[usize::from(self.config.node)] = true;
-        if is_leader {
-            for (done, follower) in joined
-                .iter_mut()
-                .zip(&self.peers.followers)
-                .take(usize::from(self.config.nodes))
-            {
-                *done |= follower.is_none();
-            }
+        for (node, done) in joined
+            .iter_mut()
+            .enumerate()
+            .take(usize::from(self.config.nodes))
+        {
+            // The leader waits for every follower it sends to; a follower only for the leader.
+            *done |= if is_leader {
+                self.peers.followers[node].is_none()
+            } else {
+                node != usize::from(LEADER_NODE)
+            };
         }
         let mut last_hello: Option<Instant> = None;
         loop {
@@ -382,9 +393,9 @@ impl<T: Transport> Worker<T> {
                     continue;
                 };
                 let from = message.header.from_node;
-                if message.header.kind == Kind::Credit
-                    && usize::from(message.header.pipeline) == self.index
-                {
+                if usize::from(message.header.pipeline) != self.index {
+                    counters.add(Counter::DropsUnexpected, 1);
+                } else if is_hello(&message) {
                     let theirs = message.header.credits[2];
                     if theirs != self.fingerprint {
                         return Err(WorkerError::Incompatible {
@@ -396,6 +407,13 @@ impl<T: Transport> Worker<T> {
                     }
                     joined[usize::from(from)] = true;
                     replies[usize::from(from)] = is_leader;
+                } else {
+                    // A peer that joined first may already be sending real traffic.
+                    counters.add(received_counter(message.header.kind), 1);
+                    match &mut self.pipeline {
+                        Pipeline::Leader(leader) => leader.handle(&message),
+                        Pipeline::Follower(follower) => follower.handle(&message),
+                    }
                 }
             }
             self.transport.post_recv(received);
@@ -413,14 +431,13 @@ impl<T: Transport> Worker<T> {
         }
     }
 
-    /// A CREDIT whose counters are all clamped to zero by the receiver's pipeline, carrying the
-    /// configuration fingerprint in its third counter.
+    /// A CREDIT marked as a hello, carrying the configuration fingerprint in its third counter.
     fn send_hello(&mut self, target: Target, counters: &WorkerBlock) {
         let header = wire::Header {
             kind: Kind::Credit,
             from_node: self.config.node,
             pipeline: self.config.pipeline,
-            count: 0,
+            count: HELLO_COUNT,
             cluster_tag: self.config.cluster_tag,
             value_len: u16::try_from(self.config.value_len).unwrap_or(u16::MAX),
             credits: [0, 0, self.fingerprint],
@@ -471,6 +488,7 @@ impl<T: Transport> Worker<T> {
                 let completion = self.completions[index];
                 let payload = self.transport.recv_payload(&completion);
                 match Self::decode(&self.config, payload) {
+                    Ok(message) if is_hello(&message) => {}
                     Ok(message) if usize::from(message.header.pipeline) == self.index => {
                         counters.add(received_counter(message.header.kind), 1);
                         counters.add(Counter::BytesReceived, payload.len() as u64);
@@ -579,6 +597,13 @@ impl<T: Transport> Worker<T> {
             .gauges
             .committed_zxid
             .store(shared.replica.applied_zxid(), Ordering::Relaxed);
+        if std::env::var_os("RZAB_DEBUG_SUMMARY").is_some() {
+            eprintln!(
+                "{} | transport {:?}",
+                self.summary(),
+                self.transport.stats()
+            );
+        }
     }
 
     /// A one-line summary of the pipeline, for diagnostics.

@@ -1,0 +1,560 @@
+//! One data-plane node: creates the control block, the replica and the transports, publishes
+//! the local endpoints, learns the peers' (from the configuration or from the control plane
+//! through the control block), starts one pinned worker per pipeline, prints a stats line
+//! every few seconds and a JSON summary at the end.
+//!
+//! Touches: the control block file, the transports it opens, the worker threads it starts,
+//! stdout (stats lines), SIGINT/SIGTERM (to stop cleanly).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use rzab_shared::control_block::{ControlBlock, Lifecycle};
+use rzab_shared::counters::HistogramSnapshot;
+use rzab_shared::limits::MAX_NODES;
+use rzab_shared::{
+    ControlBlockInit, Counter, EndpointAddress, Knob, OwnedControlBlock, TransportKind,
+};
+
+use crate::config::{Options, PeerDiscovery};
+use crate::replica::NodeReplica;
+use crate::store::StoreConfig;
+use crate::transport::shm::{ShmConfig, ShmTransport};
+use crate::transport::udp::{UdpConfig, UdpTransport};
+use crate::transport::{MulticastGroup, Transport, TransportError};
+use crate::worker::{NodeShared, Peers, Worker};
+use crate::workload::{Sessions, Trace};
+use crate::zab::follower::LEADER_NODE;
+use crate::zab::wire::{self, cluster_tag};
+use crate::zab::{PipelineConfig, ZxidSource, follower_recv_slots, leader_recv_slots};
+
+/// Requests pre-built per worker.
+const TRACE_LEN: usize = 1 << 18;
+
+/// What a node reports when it stops.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Summary {
+    pub node: u8,
+    pub seconds: f64,
+    pub reads: u64,
+    pub writes: u64,
+    pub ops_per_second: f64,
+    pub write_p50_ns: u64,
+    pub write_p99_ns: u64,
+    pub applied_zxid: u64,
+    pub digest: u64,
+}
+
+/// The largest datagram the protocol needs for this value size, capped at 4 KiB (larger
+/// values just mean fewer per message).
+fn needed_mtu(value_size: usize) -> usize {
+    let largest = wire::prepare_len(16, value_size).max(wire::write_len(16, value_size));
+    largest.next_multiple_of(64).clamp(
+        wire::prepare_len(1, value_size).next_multiple_of(64),
+        4096.max(wire::prepare_len(1, value_size)),
+    )
+}
+
+fn recv_slots(nodes: u8) -> usize {
+    leader_recv_slots(usize::from(nodes).saturating_sub(1).max(1)).max(follower_recv_slots())
+}
+
+/// Runs a node until its duration ends or it is signalled.
+pub fn run(options: &Options) -> anyhow::Result<Summary> {
+    options.validate()?;
+    let stop = Arc::new(AtomicBool::new(false));
+    signal_hook::flag::register(signal_hook::consts::SIGINT, Arc::clone(&stop))
+        .context("installing SIGINT handler")?;
+    signal_hook::flag::register(signal_hook::consts::SIGTERM, Arc::clone(&stop))
+        .context("installing SIGTERM handler")?;
+
+    let block_path = options.control_block_path();
+    let block = OwnedControlBlock::create(
+        &block_path,
+        &ControlBlockInit {
+            cluster: options.cluster.clone(),
+            node_id: u32::from(options.node),
+            node_count: u32::from(options.nodes),
+            worker_count: u32::from(options.workers),
+            transport: options.transport,
+        },
+    )
+    .with_context(|| format!("creating control block {}", block_path.display()))?;
+    block.set_knobs(&options.knob_overrides()?)?;
+
+    let replica = NodeReplica::new(&StoreConfig {
+        keys: options.keys,
+        value_size: options.value_size,
+        hugepages: true,
+    })
+    .context("building the store")?;
+    let zxids = ZxidSource::new();
+    let mtu = needed_mtu(options.value_size);
+    let slots = recv_slots(options.nodes);
+
+    match options.transport {
+        TransportKind::Shm => {
+            let fabric = options.fabric_name();
+            let workers = options.workers;
+            let open = |worker: u8| {
+                ShmTransport::open(&ShmConfig {
+                    fabric: fabric.clone(),
+                    dir: options.shm_dir.clone(),
+                    port: u32::from(options.node) * u32::from(workers) + u32::from(worker),
+                    ports: u32::from(options.nodes) * u32::from(workers),
+                    ring_slots: u32::try_from(slots).unwrap_or(u32::MAX),
+                    mtu: u32::try_from(mtu).unwrap_or(u32::MAX),
+                    max_chain: 64,
+                })
+            };
+            let address = |node: u8, worker: u8| EndpointAddress::Shm {
+                port: u32::from(node) * u32::from(workers) + u32::from(worker),
+            };
+            run_with(options, &block, &replica, &zxids, &stop, open, address)
+        }
+        TransportKind::Udp => {
+            let workers = u16::from(options.workers);
+            let port = |node: u8, worker: u8| {
+                options.udp_port_base + u16::from(node) * workers + u16::from(worker)
+            };
+            let open = |worker: u8| {
+                UdpTransport::open(&UdpConfig {
+                    bind: std::net::SocketAddrV4::new(
+                        options.udp_host(options.node),
+                        port(options.node, worker),
+                    ),
+                    multicast_base: options.multicast_base,
+                    multicast_port: options.multicast_port,
+                    mtu,
+                    recv_slots: slots,
+                    max_chain: 64,
+                    socket_buffer: 8 << 20,
+                })
+            };
+            let address = |node: u8, worker: u8| EndpointAddress::Udp {
+                ip: options.udp_host(node),
+                port: port(node, worker),
+            };
+            run_with(options, &block, &replica, &zxids, &stop, open, address)
+        }
+        TransportKind::Verbs => run_verbs(options, &block, &replica, &zxids, &stop, mtu, slots),
+    }
+}
+
+#[cfg(feature = "verbs")]
+fn run_verbs(
+    options: &Options,
+    block: &ControlBlock,
+    replica: &NodeReplica,
+    zxids: &ZxidSource,
+    stop: &Arc<AtomicBool>,
+    mtu: usize,
+    slots: usize,
+) -> anyhow::Result<Summary> {
+    use crate::transport::verbs::{VerbsConfig, VerbsTransport};
+    let open = |_worker: u8| {
+        VerbsTransport::open(&VerbsConfig {
+            device: options.verbs_device.clone(),
+            port: options.verbs_port,
+            gid_index: options.verbs_gid_index,
+            mtu,
+            recv_slots: slots,
+            max_chain: 64,
+            ..VerbsConfig::default()
+        })
+    };
+    let no_static = |_node: u8, _worker: u8| EndpointAddress::Shm { port: u32::MAX };
+    run_with(options, block, replica, zxids, stop, open, no_static)
+}
+
+#[cfg(not(feature = "verbs"))]
+fn run_verbs(
+    _options: &Options,
+    _block: &ControlBlock,
+    _replica: &NodeReplica,
+    _zxids: &ZxidSource,
+    _stop: &Arc<AtomicBool>,
+    _mtu: usize,
+    _slots: usize,
+) -> anyhow::Result<Summary> {
+    bail!(
+        "this rzab-dataplane was built without the verbs transport: rebuild with `cargo build --release --features verbs` (needs libibverbs-dev and librdmacm-dev), or use --transport shm or --transport udp"
+    )
+}
+
+/// Waits for the control plane to publish the remote table.
+fn wait_for_control_plane(
+    block: &ControlBlock,
+    stop: &AtomicBool,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    let mut announced = false;
+    while block.handshake.peers_generation.load(Ordering::Acquire) == 0 {
+        if stop.load(Ordering::Relaxed) {
+            bail!("stopped while waiting for the control plane");
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "no peer table from rzab-controlplane within {} s: is it running for this node's control block?",
+                timeout.as_secs()
+            );
+        }
+        if !announced {
+            println!("waiting for rzab-controlplane to publish the peers' endpoints");
+            announced = true;
+        }
+        block.dataplane_heartbeat();
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+fn run_with<T, Open, Address>(
+    options: &Options,
+    block: &ControlBlock,
+    replica: &NodeReplica,
+    zxids: &ZxidSource,
+    stop: &Arc<AtomicBool>,
+    open: Open,
+    static_address: Address,
+) -> anyhow::Result<Summary>
+where
+    T: Transport + Send,
+    T::Address: Send,
+    Open: Fn(u8) -> Result<T, TransportError>,
+    Address: Fn(u8, u8) -> EndpointAddress,
+{
+    let node = options.node;
+    let is_leader = node == LEADER_NODE;
+    // Open every endpoint and post its receives before anyone can learn its address.
+    let mut transports = Vec::with_capacity(usize::from(options.workers));
+    for worker in 0..options.workers {
+        let mut transport = open(worker).with_context(|| {
+            format!(
+                "opening the {} transport for worker {worker}",
+                options.transport.name()
+            )
+        })?;
+        transport.post_recv(transport.caps().recv_slots);
+        if !is_leader {
+            transport
+                .join_multicast(MulticastGroup(u16::from(worker)))
+                .with_context(|| format!("joining multicast group {worker}"))?;
+        }
+        block
+            .worker(usize::from(worker))
+            .local_endpoint
+            .store(Some(&transport.local_address()));
+        transports.push(transport);
+    }
+    block.handshake.endpoints_published.store(
+        block.header.instance.load(Ordering::Relaxed),
+        Ordering::Release,
+    );
+    block.set_lifecycle(Lifecycle::WaitingForPeers);
+
+    match options.peers {
+        PeerDiscovery::Static => {
+            for peer in 0..options.nodes {
+                for worker in 0..options.workers {
+                    block.remote[usize::from(peer)][usize::from(worker)]
+                        .store(Some(&static_address(peer, worker)));
+                }
+            }
+        }
+        PeerDiscovery::ControlPlane => {
+            wait_for_control_plane(block, stop, Duration::from_secs(options.join_timeout))?
+        }
+    }
+
+    let tag = cluster_tag(&options.cluster);
+    let mut workers = Vec::with_capacity(transports.len());
+    for (worker, mut transport) in (0..options.workers).zip(transports) {
+        let remote = |peer: u8| {
+            block.remote[usize::from(peer)][usize::from(worker)]
+                .load()
+                .with_context(|| format!("no endpoint known for node {peer} worker {worker}"))
+        };
+        let mut peers = Peers {
+            leader: None,
+            followers: [None; MAX_NODES],
+            group: None,
+        };
+        if is_leader {
+            for follower in 1..options.nodes {
+                peers.followers[usize::from(follower)] =
+                    Some(transport.resolve(&remote(follower)?)?);
+            }
+            if options.nodes > 1 {
+                peers.group = transport
+                    .multicast_address(MulticastGroup(u16::from(worker)))
+                    .ok();
+            }
+        } else {
+            peers.leader = Some(transport.resolve(&remote(LEADER_NODE)?)?);
+        }
+        let config = PipelineConfig {
+            node,
+            nodes: options.nodes,
+            pipeline: worker,
+            pipelines: options.workers,
+            value_len: options.value_size,
+            cluster_tag: tag,
+            sessions: options.sessions,
+            window: options.window,
+            mtu: transport.caps().mtu,
+        };
+        config.validate().map_err(anyhow::Error::msg)?;
+        let seed = options.seed ^ (u64::from(node) << 16) ^ (u64::from(worker) << 8);
+        let trace = Trace::build(options.keys, options.key_distribution(), TRACE_LEN, seed)?;
+        let sessions = Sessions::new(node, worker, options.sessions, trace, options.value_size);
+        workers.push(Worker::new(
+            config,
+            options.fingerprint(),
+            transport,
+            sessions,
+            peers,
+        ));
+    }
+
+    let cores = core_affinity::get_core_ids().unwrap_or_default();
+    let pin = match options.pin.as_str() {
+        "on" => !cores.is_empty(),
+        "off" => false,
+        _ => cores.len() >= usize::from(options.nodes) * usize::from(options.workers),
+    };
+    let shared = NodeShared {
+        block,
+        replica,
+        zxids,
+        stop,
+    };
+    let joined = AtomicUsize::new(0);
+    let failure: std::sync::Mutex<Option<anyhow::Error>> = std::sync::Mutex::new(None);
+    let started = Instant::now();
+    let mut summary = None;
+    std::thread::scope(|scope| {
+        for (index, mut worker) in workers.into_iter().enumerate() {
+            let shared = &shared;
+            let joined = &joined;
+            let failure = &failure;
+            let core = cores
+                .get(
+                    (usize::from(node) * usize::from(options.workers) + index) % cores.len().max(1),
+                )
+                .copied();
+            let timeout = Duration::from_secs(options.join_timeout);
+            std::thread::Builder::new()
+                .name(format!("rzab-worker-{index}"))
+                .spawn_scoped(scope, move || {
+                    if let (true, Some(core)) = (pin, core) {
+                        core_affinity::set_for_current(core);
+                    }
+                    if let Err(error) = worker.join(shared, timeout) {
+                        if let Ok(mut slot) = failure.lock() {
+                            slot.get_or_insert(error.into());
+                        }
+                        shared.stop.store(true, Ordering::Relaxed);
+                        return;
+                    }
+                    joined.fetch_add(1, Ordering::AcqRel);
+                    worker.run(shared);
+                })
+                .map(|_| ())
+                .unwrap_or_else(|_| stop.store(true, Ordering::Relaxed));
+        }
+        summary = Some(report_until_stopped(options, &shared, &joined, started));
+    });
+    block.set_lifecycle(Lifecycle::Stopping);
+    if let Ok(mut slot) = failure.lock() {
+        if let Some(error) = slot.take() {
+            return Err(error);
+        }
+    }
+    summary.context("the node stopped before reporting")
+}
+
+/// Totals over the node's workers, for the stats line.
+#[derive(Clone, Copy, Debug, Default)]
+struct Totals {
+    reads: u64,
+    writes: u64,
+    batch: [(u64, u64); 4],
+}
+
+impl Totals {
+    fn read(block: &ControlBlock) -> Self {
+        let total = |counter| block.counter_total(counter);
+        Totals {
+            reads: total(Counter::ReadsCompleted),
+            writes: total(Counter::WritesCompleted),
+            batch: [
+                (
+                    total(Counter::BatchEntriesPrepare),
+                    total(Counter::BatchMessagesPrepare),
+                ),
+                (
+                    total(Counter::BatchEntriesWrite),
+                    total(Counter::BatchMessagesWrite),
+                ),
+                (
+                    total(Counter::BatchEntriesAck),
+                    total(Counter::BatchMessagesAck),
+                ),
+                (
+                    total(Counter::BatchEntriesCommit),
+                    total(Counter::BatchMessagesCommit),
+                ),
+            ],
+        }
+    }
+}
+
+fn latency(block: &ControlBlock) -> HistogramSnapshot {
+    let mut merged = HistogramSnapshot::default();
+    for worker in 0..usize::try_from(block.worker_count()).unwrap_or(0) {
+        merged.merge(&block.worker(worker).write_latency_ns.snapshot());
+    }
+    merged
+}
+
+fn report_until_stopped(
+    options: &Options,
+    shared: &NodeShared<'_>,
+    joined: &AtomicUsize,
+    started: Instant,
+) -> Summary {
+    let block = shared.block;
+    let role = if options.node == LEADER_NODE {
+        "leader"
+    } else {
+        "follower"
+    };
+    let mut running_since: Option<Instant> = None;
+    let mut last = Totals::read(block);
+    let mut last_print = Instant::now();
+    let mut start_totals = last;
+    loop {
+        std::thread::sleep(Duration::from_millis(50));
+        block.dataplane_heartbeat();
+        if running_since.is_none() && joined.load(Ordering::Acquire) == usize::from(options.workers)
+        {
+            running_since = Some(Instant::now());
+            start_totals = Totals::read(block);
+            block.set_lifecycle(Lifecycle::Running);
+            println!(
+                "node {} ({role}) running: {} workers, {} transport, cluster {}",
+                options.node,
+                options.workers,
+                options.transport.name(),
+                options.cluster
+            );
+        }
+        let duration_over = running_since.is_some_and(|since| {
+            options.duration > 0 && since.elapsed() >= Duration::from_secs(options.duration)
+        });
+        if duration_over {
+            shared.stop.store(true, Ordering::Relaxed);
+        }
+        let stopping = shared.stop.load(Ordering::Relaxed);
+        let interval = Duration::from_millis(block.knob(Knob::StatsIntervalMs));
+        if running_since.is_some() && (last_print.elapsed() >= interval) && !stopping {
+            let now = Totals::read(block);
+            let seconds = last_print.elapsed().as_secs_f64();
+            print_stats_line(options, role, block, &last, &now, seconds);
+            last = now;
+            last_print = Instant::now();
+        }
+        if stopping {
+            break;
+        }
+    }
+    // Workers leave their loops within an iteration; the scope joins them after this returns.
+    let end = Totals::read(block);
+    let seconds = running_since
+        .map_or(started.elapsed(), |since| since.elapsed())
+        .as_secs_f64();
+    let histogram = latency(block);
+    let reads = end.reads - start_totals.reads;
+    let writes = end.writes - start_totals.writes;
+    Summary {
+        node: options.node,
+        seconds,
+        reads,
+        writes,
+        ops_per_second: if seconds > 0.0 {
+            (reads + writes) as f64 / seconds
+        } else {
+            0.0
+        },
+        write_p50_ns: histogram.quantile_upper_bound(0.5),
+        write_p99_ns: histogram.quantile_upper_bound(0.99),
+        applied_zxid: shared.replica.applied_zxid(),
+        digest: shared.replica.digest(),
+    }
+}
+
+fn average(delta_entries: u64, delta_messages: u64) -> f64 {
+    if delta_messages == 0 {
+        0.0
+    } else {
+        delta_entries as f64 / delta_messages as f64
+    }
+}
+
+fn print_stats_line(
+    options: &Options,
+    role: &str,
+    block: &ControlBlock,
+    before: &Totals,
+    now: &Totals,
+    seconds: f64,
+) {
+    let reads = (now.reads - before.reads) as f64 / seconds;
+    let writes = (now.writes - before.writes) as f64 / seconds;
+    let batches: Vec<f64> = now
+        .batch
+        .iter()
+        .zip(&before.batch)
+        .map(|(n, b)| average(n.0 - b.0, n.1 - b.1))
+        .collect();
+    let path = if block.knob(Knob::Multicast) != 0 {
+        "multicast"
+    } else {
+        "unicast"
+    };
+    let p99 = latency(block).quantile_upper_bound(0.99);
+    let zxid = block
+        .worker(0)
+        .gauges
+        .committed_zxid
+        .load(Ordering::Relaxed);
+    if options.json_stats {
+        println!(
+            "{}",
+            serde_json::json!({
+                "node": options.node, "ops_per_second": reads + writes, "reads_per_second": reads, "writes_per_second": writes,
+                "batch": {"prepare": batches[0], "write": batches[1], "ack": batches[2], "commit": batches[3]},
+                "path": path, "zxid": zxid, "write_p99_ns": p99,
+            })
+        );
+    } else {
+        println!(
+            "node {} ({role}): {:.2} M ops/s (reads {:.2} M, writes {:.3} M) | batch prepare {:.1} write {:.1} ack {:.1} commit {:.1} | {path} | zxid {}:{} | write p99 < {} us",
+            options.node,
+            (reads + writes) / 1e6,
+            reads / 1e6,
+            writes / 1e6,
+            batches[0],
+            batches[1],
+            batches[2],
+            batches[3],
+            zxid >> 32,
+            zxid & 0xffff_ffff,
+            p99 / 1000,
+        );
+    }
+}
