@@ -333,6 +333,7 @@ where
         stop,
     };
     let joined = AtomicUsize::new(0);
+    let finished = AtomicUsize::new(0);
     let failure: std::sync::Mutex<Option<anyhow::Error>> = std::sync::Mutex::new(None);
     let started = Instant::now();
     let mut summary = None;
@@ -340,6 +341,7 @@ where
         for (index, mut worker) in workers.into_iter().enumerate() {
             let shared = &shared;
             let joined = &joined;
+            let finished = &finished;
             let failure = &failure;
             let core = cores
                 .get(
@@ -362,11 +364,14 @@ where
                     }
                     joined.fetch_add(1, Ordering::AcqRel);
                     worker.run(shared);
+                    finished.fetch_add(1, Ordering::AcqRel);
                 })
                 .map(|_| ())
                 .unwrap_or_else(|_| stop.store(true, Ordering::Relaxed));
         }
-        summary = Some(report_until_stopped(options, &shared, &joined, started));
+        summary = Some(report_until_stopped(
+            options, &shared, &joined, &finished, started,
+        ));
     });
     block.set_lifecycle(Lifecycle::Stopping);
     if let Ok(mut slot) = failure.lock() {
@@ -425,6 +430,7 @@ fn report_until_stopped(
     options: &Options,
     shared: &NodeShared<'_>,
     joined: &AtomicUsize,
+    finished: &AtomicUsize,
     started: Instant,
 ) -> Summary {
     let block = shared.block;
@@ -472,7 +478,14 @@ fn report_until_stopped(
             break;
         }
     }
-    // Workers leave their loops within an iteration; the scope joins them after this returns.
+    // Workers drain what is in flight (at most DRAIN_MAX) before they return; workers that
+    // never joined return at once.
+    let running = joined.load(Ordering::Acquire);
+    let drain_deadline = Instant::now() + crate::worker::DRAIN_MAX + Duration::from_secs(1);
+    while finished.load(Ordering::Acquire) < running && Instant::now() < drain_deadline {
+        block.dataplane_heartbeat();
+        std::thread::sleep(Duration::from_millis(10));
+    }
     let end = Totals::read(block);
     let seconds = running_since
         .map_or(started.elapsed(), |since| since.elapsed())

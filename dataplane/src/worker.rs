@@ -60,8 +60,15 @@ pub struct NodeShared<'a> {
     pub block: &'a ControlBlock,
     pub replica: &'a NodeReplica,
     pub zxids: &'a ZxidSource,
+    /// Set to end the run: workers stop issuing requests, finish what is in flight, and
+    /// return once their pipeline has been quiet for [`DRAIN_QUIET`] (or after [`DRAIN_MAX`]).
     pub stop: &'a AtomicBool,
 }
+
+/// How long a draining pipeline must see no traffic before its worker returns.
+pub const DRAIN_QUIET: Duration = Duration::from_millis(300);
+/// The longest a worker drains.
+pub const DRAIN_MAX: Duration = Duration::from_secs(5);
 
 /// Why a worker could not start.
 #[derive(Debug, thiserror::Error)]
@@ -85,6 +92,10 @@ pub enum WorkerError {
     },
     #[error("pipeline {0}: stopped before the cluster was joined")]
     Stopped(usize),
+}
+
+fn duration_ns(duration: Duration) -> u64 {
+    u64::try_from(duration.as_nanos()).unwrap_or(u64::MAX)
 }
 
 /// The `count` field that marks a CREDIT as a join hello (ordinary CREDITs carry 0).
@@ -357,6 +368,7 @@ impl<T: Transport> Worker<T> {
             };
         }
         let mut last_hello: Option<Instant> = None;
+        let mut mismatch: Option<(u8, u64)> = None;
         loop {
             if shared.stop.load(Ordering::Relaxed) {
                 return Err(WorkerError::Stopped(self.index));
@@ -369,6 +381,14 @@ impl<T: Transport> Worker<T> {
             }
             let now = Instant::now();
             if now > deadline {
+                if let Some((node, theirs)) = mismatch {
+                    return Err(WorkerError::Incompatible {
+                        pipeline: self.index,
+                        node,
+                        theirs,
+                        ours: self.fingerprint,
+                    });
+                }
                 let waiting: Vec<String> = (0..usize::from(self.config.nodes))
                     .filter(|node| !joined[*node])
                     .map(|node| format!("node {node}"))
@@ -397,16 +417,22 @@ impl<T: Transport> Worker<T> {
                     counters.add(Counter::DropsUnexpected, 1);
                 } else if is_hello(&message) {
                     let theirs = message.header.credits[2];
+                    // The leader answers even a mismatched hello, so the follower learns of it
+                    // and stops with a clear error instead of waiting out its timeout.
+                    replies[usize::from(from)] = is_leader;
                     if theirs != self.fingerprint {
-                        return Err(WorkerError::Incompatible {
-                            pipeline: self.index,
-                            node: from,
-                            theirs,
-                            ours: self.fingerprint,
-                        });
+                        if !is_leader {
+                            return Err(WorkerError::Incompatible {
+                                pipeline: self.index,
+                                node: from,
+                                theirs,
+                                ours: self.fingerprint,
+                            });
+                        }
+                        mismatch = Some((from, theirs));
+                        continue;
                     }
                     joined[usize::from(from)] = true;
-                    replies[usize::from(from)] = is_leader;
                 } else {
                     // A peer that joined first may already be sending real traffic.
                     counters.add(received_counter(message.header.kind), 1);
@@ -462,7 +488,7 @@ impl<T: Transport> Worker<T> {
         outbox.flush();
     }
 
-    /// The poll loop; returns when `shared.stop` is set.
+    /// The poll loop; once `shared.stop` is set it drains (see [`NodeShared::stop`]) and returns.
     pub fn run(&mut self, shared: &NodeShared<'_>) {
         let counters = shared.block.worker(self.index);
         let store = shared.replica.store();
@@ -474,9 +500,19 @@ impl<T: Transport> Worker<T> {
         let mut idle_spins = 0u32;
         let mut iteration = 0u64;
         let mut malformed = 0u64;
-        while !shared.stop.load(Ordering::Relaxed) {
+        let mut drain_started_ns: Option<u64> = None;
+        let mut last_traffic_ns = 0u64;
+        loop {
             iteration += 1;
             let now_ns = u64::try_from(clock.elapsed().as_nanos()).unwrap_or(u64::MAX);
+            if shared.stop.load(Ordering::Relaxed) {
+                let started = *drain_started_ns.get_or_insert(now_ns);
+                let quiet = now_ns.saturating_sub(last_traffic_ns) >= duration_ns(DRAIN_QUIET)
+                    && self.sessions.writing() == 0;
+                if quiet || now_ns.saturating_sub(started) >= duration_ns(DRAIN_MAX) {
+                    break;
+                }
+            }
             let epoch = shared.block.knob_epoch();
             if epoch != knob_epoch {
                 knob_epoch = epoch;
@@ -505,16 +541,23 @@ impl<T: Transport> Worker<T> {
             self.transport.post_recv(received);
 
             let pipeline = &mut self.pipeline;
-            let issued = self.sessions.issue(
-                now_ns,
-                settings.write_ratio_permille,
-                store,
-                |session, seq, key, value| match pipeline {
-                    Pipeline::Leader(leader) => leader.submit_write(session, seq, key, value),
-                    Pipeline::Follower(follower) => follower.submit_write(session, seq, key, value),
-                },
-                |_| {},
-            );
+            // A draining worker issues nothing new: a write ratio of zero and no reads.
+            let issued = if drain_started_ns.is_some() {
+                crate::workload::Issued::default()
+            } else {
+                self.sessions.issue(
+                    now_ns,
+                    settings.write_ratio_permille,
+                    store,
+                    |session, seq, key, value| match pipeline {
+                        Pipeline::Leader(leader) => leader.submit_write(session, seq, key, value),
+                        Pipeline::Follower(follower) => {
+                            follower.submit_write(session, seq, key, value)
+                        }
+                    },
+                    |_| {},
+                )
+            };
             counters.add(Counter::ReadsCompleted, issued.reads);
 
             let mut outbox = TransportOutbox {
@@ -579,6 +622,9 @@ impl<T: Transport> Worker<T> {
                     .store(now_ns, Ordering::Relaxed);
             }
 
+            if received > 0 || sent > 0 {
+                last_traffic_ns = now_ns;
+            }
             if received == 0 && sent == 0 && issued.writes == 0 && !settings.busy_poll {
                 idle_spins += 1;
                 if idle_spins >= SPINS_BEFORE_YIELD {

@@ -1,7 +1,13 @@
-//! rzab-tests: helpers for tests that run real multi-process rzab clusters. The tests
-//! themselves live in `tests/tests/`; this library finds the workspace's built binaries.
+//! rzab-tests: helpers for tests that run real multi-process rzab clusters. The tests live in
+//! `tests/tests/`; this library finds (building if needed) the workspace's binaries, starts
+//! node processes, and parses what they print. It touches only the processes it starts and
+//! the control-block and fabric files of the clusters it names.
+
+#![allow(clippy::unwrap_used, reason = "test support fails by panicking")]
 
 use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Once;
 
 /// The directory cargo builds binaries into for the current profile.
 pub fn target_bin_dir() -> PathBuf {
@@ -11,4 +17,148 @@ pub fn target_bin_dir() -> PathBuf {
         path.pop();
     }
     path
+}
+
+static BUILD: Once = Once::new();
+
+/// The path of a workspace binary, built first if this test run has not built it.
+pub fn binary(name: &str) -> PathBuf {
+    let path = target_bin_dir().join(name);
+    BUILD.call_once(|| {
+        let release = target_bin_dir().ends_with("release");
+        let mut command = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+        command.args(["build", "--bins", "-p", "rzab-dataplane"]);
+        if release {
+            command.arg("--release");
+        }
+        let status = command.status().unwrap();
+        assert!(status.success(), "building the binaries failed");
+    });
+    path
+}
+
+/// A cluster name unique to this test process and label.
+pub fn cluster_name(label: &str) -> String {
+    format!("t{}{label}", std::process::id() % 100_000)
+}
+
+/// One node process; killed if still running when dropped.
+#[derive(Debug)]
+pub struct NodeProcess {
+    pub node: u8,
+    child: Option<Child>,
+}
+
+/// What a node printed.
+#[derive(Debug)]
+pub struct NodeOutput {
+    pub node: u8,
+    pub success: bool,
+    pub stdout: String,
+    pub stderr: String,
+    pub summary: Option<serde_json::Value>,
+}
+
+impl NodeProcess {
+    /// Starts `rzab-dataplane --node N` with the given extra arguments.
+    pub fn start(node: u8, args: &[String]) -> NodeProcess {
+        let child = Command::new(binary("rzab-dataplane"))
+            .arg("--node")
+            .arg(node.to_string())
+            .args(args)
+            .env("RUST_BACKTRACE", "0")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        NodeProcess {
+            node,
+            child: Some(child),
+        }
+    }
+
+    /// Waits for the process and collects its output.
+    pub fn finish(mut self) -> NodeOutput {
+        let child = self.child.take().unwrap();
+        let output = child.wait_with_output().unwrap();
+        let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+        let summary = stdout
+            .lines()
+            .find_map(|line| line.strip_prefix("summary "))
+            .and_then(|json| serde_json::from_str(json).ok());
+        NodeOutput {
+            node: self.node,
+            success: output.status.success(),
+            stdout,
+            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+            summary,
+        }
+    }
+}
+
+impl Drop for NodeProcess {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Removes a cluster's control blocks and fabric from /dev/shm.
+pub fn cleanup(cluster: &str, nodes: u8) {
+    for node in 0..nodes {
+        let _ = std::fs::remove_file(format!("/dev/shm/rzab-{cluster}-n{node}"));
+    }
+    let _ = std::fs::remove_file(format!("/dev/shm/rzab-fabric-{cluster}"));
+}
+
+/// Starts `nodes` nodes with common arguments, waits for all, and returns their outputs.
+pub fn run_cluster(nodes: u8, args: &[String]) -> Vec<NodeOutput> {
+    let processes: Vec<NodeProcess> = (0..nodes)
+        .map(|node| NodeProcess::start(node, args))
+        .collect();
+    processes.into_iter().map(NodeProcess::finish).collect()
+}
+
+/// Asserts that every node succeeded, applied the same zxid and digest, and committed writes.
+pub fn assert_identical_replicas(outputs: &[NodeOutput]) {
+    for output in outputs {
+        assert!(
+            output.success,
+            "node {} failed:\n{}\n{}",
+            output.node, output.stdout, output.stderr
+        );
+    }
+    let summaries: Vec<&serde_json::Value> = outputs
+        .iter()
+        .map(|output| output.summary.as_ref().unwrap())
+        .collect();
+    let zxid = summaries[0]["applied_zxid"].as_u64().unwrap();
+    assert!(
+        zxid > (1u64 << 32) + 1_000,
+        "too few writes committed: zxid {zxid:#x}"
+    );
+    for (output, summary) in outputs.iter().zip(&summaries) {
+        assert_eq!(
+            summary["applied_zxid"], summaries[0]["applied_zxid"],
+            "node {} applied a different prefix",
+            output.node
+        );
+        assert_eq!(
+            summary["digest"], summaries[0]["digest"],
+            "node {} diverged",
+            output.node
+        );
+        assert!(
+            summary["writes"].as_u64().unwrap() > 0,
+            "node {} completed no writes",
+            output.node
+        );
+        assert!(
+            summary["reads"].as_u64().unwrap() > 0,
+            "node {} completed no reads",
+            output.node
+        );
+    }
 }

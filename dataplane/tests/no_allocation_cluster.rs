@@ -1,0 +1,105 @@
+//! After start-up, a running multi-node cluster allocates nothing: three nodes run in this
+//! process (each with its own control block, worker threads and shm ports), and a counting
+//! global allocator sees no allocation in any thread during a steady-state window.
+
+#![allow(clippy::unwrap_used, reason = "a test fails by panicking")]
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use rzab_dataplane::config::Options;
+use rzab_shared::{AttachedControlBlock, Counter, Lifecycle};
+
+struct CountingAllocator;
+
+static ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
+
+// SAFETY: forwards every call to the system allocator unchanged; only counts.
+unsafe impl GlobalAlloc for CountingAllocator {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        // SAFETY: the caller upholds GlobalAlloc's contract, which we pass on.
+        unsafe { System.alloc(layout) }
+    }
+
+    unsafe fn dealloc(&self, pointer: *mut u8, layout: Layout) {
+        // SAFETY: as above.
+        unsafe { System.dealloc(pointer, layout) }
+    }
+
+    unsafe fn realloc(&self, pointer: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        // SAFETY: as above.
+        unsafe { System.realloc(pointer, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: CountingAllocator = CountingAllocator;
+
+#[test]
+fn running_cluster_allocates_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = format!("alloc{}", std::process::id() % 100_000);
+    let nodes: Vec<_> = (0..3u8)
+        .map(|node| {
+            let args: Vec<String> = [
+                "rzab-dataplane",
+                "--cluster",
+                &cluster,
+                "--node",
+                &node.to_string(),
+                "--nodes",
+                "3",
+                "--keys",
+                "20000",
+                "--duration",
+                "5",
+                "--write-ratio",
+                "300",
+                "--sessions",
+                "8",
+                "--shm-dir",
+                dir.path().to_str().unwrap(),
+                "--control-block",
+                dir.path().join(format!("block{node}")).to_str().unwrap(),
+                "--knob",
+                "stats_interval_ms=60000",
+            ]
+            .iter()
+            .map(|arg| (*arg).to_owned())
+            .collect();
+            let options = Options::load(args).unwrap();
+            std::thread::spawn(move || rzab_dataplane::node::run(&options).unwrap())
+        })
+        .collect();
+    let leader_path = dir.path().join("block0");
+    let leader = loop {
+        if let Ok(block) = AttachedControlBlock::attach(&leader_path) {
+            if block.lifecycle() == Lifecycle::Running {
+                break block;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    // Let start-up finish everywhere (the followers' "running" lines, first messages).
+    std::thread::sleep(Duration::from_millis(1000));
+    let writes_before = leader.counter_total(Counter::WritesApplied);
+    let before = ALLOCATIONS.load(Ordering::Relaxed);
+    std::thread::sleep(Duration::from_millis(1500));
+    let after = ALLOCATIONS.load(Ordering::Relaxed);
+    let writes_after = leader.counter_total(Counter::WritesApplied);
+    assert!(
+        writes_after > writes_before + 1000,
+        "the cluster must be replicating during the window"
+    );
+    assert_eq!(after - before, 0, "allocations in a running cluster");
+    let summaries: Vec<_> = nodes.into_iter().map(|node| node.join().unwrap()).collect();
+    assert!(
+        summaries
+            .iter()
+            .all(|summary| summary.digest == summaries[0].digest
+                && summary.applied_zxid == summaries[0].applied_zxid)
+    );
+}
