@@ -54,6 +54,16 @@ pub enum Pipeline {
     Follower(Box<Follower>),
 }
 
+impl Pipeline {
+    /// Hands a decoded message to the state machine.
+    pub fn handle(&mut self, message: &Message<'_>) {
+        match self {
+            Pipeline::Leader(leader) => leader.handle(message),
+            Pipeline::Follower(follower) => follower.handle(message),
+        }
+    }
+}
+
 /// Everything the workers of a node share.
 #[derive(Debug)]
 pub struct NodeShared<'a> {
@@ -436,10 +446,7 @@ impl<T: Transport> Worker<T> {
                 } else {
                     // A peer that joined first may already be sending real traffic.
                     counters.add(received_counter(message.header.kind), 1);
-                    match &mut self.pipeline {
-                        Pipeline::Leader(leader) => leader.handle(&message),
-                        Pipeline::Follower(follower) => follower.handle(&message),
-                    }
+                    self.pipeline.handle(&message)
                 }
             }
             self.transport.post_recv(received);
@@ -528,10 +535,7 @@ impl<T: Transport> Worker<T> {
                     Ok(message) if usize::from(message.header.pipeline) == self.index => {
                         counters.add(received_counter(message.header.kind), 1);
                         counters.add(Counter::BytesReceived, payload.len() as u64);
-                        match &mut self.pipeline {
-                            Pipeline::Leader(leader) => leader.handle(&message),
-                            Pipeline::Follower(follower) => follower.handle(&message),
-                        }
+                        self.pipeline.handle(&message)
                     }
                     Ok(_) => counters.add(Counter::DropsUnexpected, 1),
                     Err(_) => malformed += 1,

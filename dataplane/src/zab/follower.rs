@@ -74,15 +74,7 @@ impl Follower {
         if self.out_tail - self.out_head >= self.outgoing.capacity() as u64 {
             return false;
         }
-        let meta = EntryMeta {
-            zxid: 0,
-            key,
-            session_seq,
-            session,
-            origin_node: self.config.node,
-            present: true,
-            ends_message: false,
-        };
+        let meta = EntryMeta::local_write(self.config.node, session, session_seq, key);
         self.outgoing.put(self.out_tail, meta, value);
         self.out_tail += 1;
         true

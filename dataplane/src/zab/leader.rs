@@ -122,15 +122,7 @@ impl Leader {
         if self.incoming_len() >= self.incoming.capacity() as u64 {
             return false;
         }
-        let meta = EntryMeta {
-            zxid: 0,
-            key,
-            session_seq,
-            session,
-            origin_node: self.config.node,
-            present: true,
-            ends_message: false,
-        };
+        let meta = EntryMeta::local_write(self.config.node, session, session_seq, key);
         self.incoming.put(self.incoming_tail, meta, value);
         self.incoming_tail += 1;
         true

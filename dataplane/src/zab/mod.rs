@@ -204,6 +204,21 @@ pub struct EntryMeta {
     pub ends_message: bool,
 }
 
+impl EntryMeta {
+    /// A write of one of this node's sessions, not yet ordered.
+    pub fn local_write(node: u8, session: u16, session_seq: u64, key: u64) -> Self {
+        EntryMeta {
+            zxid: 0,
+            key,
+            session_seq,
+            session,
+            origin_node: node,
+            present: true,
+            ends_message: false,
+        }
+    }
+}
+
 /// A fixed ring of writes (metadata plus values), indexed by a 64-bit position.
 #[derive(Debug)]
 pub struct EntryRing {
