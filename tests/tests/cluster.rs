@@ -164,3 +164,135 @@ fn incompatible_configurations_are_refused_clearly() {
     assert!(!bad.success);
     assert!(bad.stderr.contains("--value-size 5000"), "{}", bad.stderr);
 }
+
+/// Three namespaces joined by a bridge, torn down on drop.
+struct Namespaces {
+    names: Vec<String>,
+    bridge: String,
+    veths: Vec<String>,
+}
+
+fn ip(args: &[&str]) -> bool {
+    std::process::Command::new("ip")
+        .args(args)
+        .status()
+        .is_ok_and(|status| status.success())
+}
+
+impl Namespaces {
+    fn create(count: usize) -> Option<Namespaces> {
+        let id = std::process::id() % 100_000;
+        let mut namespaces = Namespaces {
+            names: Vec::new(),
+            bridge: format!("rzb{id}"),
+            veths: Vec::new(),
+        };
+        if !ip(&["link", "add", &namespaces.bridge, "type", "bridge"]) {
+            return None;
+        }
+        ip(&["link", "set", &namespaces.bridge, "up"]);
+        for node in 0..count {
+            let name = format!("rzab-{id}-{node}");
+            let veth = format!("rzv{id}x{node}");
+            let address = format!("10.78.{}.{}/24", id % 200, node + 1);
+            let ok = ip(&["netns", "add", &name])
+                && ip(&[
+                    "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &name,
+                ])
+                && ip(&["link", "set", &veth, "master", &namespaces.bridge, "up"])
+                && ip(&["-n", &name, "addr", "add", &address, "dev", "eth0"])
+                && ip(&["-n", &name, "link", "set", "eth0", "up"])
+                && ip(&["-n", &name, "link", "set", "lo", "up"]);
+            namespaces.names.push(name);
+            namespaces.veths.push(veth);
+            if !ok {
+                return None;
+            }
+        }
+        Some(namespaces)
+    }
+
+    fn host(&self, node: usize) -> String {
+        format!(
+            "10.78.{}.{}",
+            (std::process::id() % 100_000) % 200,
+            node + 1
+        )
+    }
+}
+
+impl Drop for Namespaces {
+    fn drop(&mut self) {
+        for (name, veth) in self.names.iter().zip(&self.veths) {
+            ip(&["netns", "del", name]);
+            ip(&["link", "del", veth]);
+        }
+        ip(&["link", "del", &self.bridge]);
+    }
+}
+
+#[test]
+fn udp_cluster_across_network_namespaces() {
+    // Creating namespaces needs CAP_NET_ADMIN.
+    let root = std::process::Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|out| out.stdout.starts_with(b"0"));
+    if !root {
+        eprintln!("skipped: creating network namespaces needs root");
+        return;
+    }
+    let namespaces = Namespaces::create(3).expect("creating network namespaces with `ip` failed");
+    let cluster = cluster_name("netns");
+    let hosts = (0..3)
+        .map(|node| namespaces.host(node))
+        .collect::<Vec<_>>()
+        .join(",");
+    let binary = rzab_tests::binary("rzab-dataplane");
+    let children: Vec<_> = (0..3u8)
+        .map(|node| {
+            let mut args = vec![
+                "netns".to_owned(),
+                "exec".to_owned(),
+                namespaces.names[usize::from(node)].clone(),
+                binary.display().to_string(),
+                "--node".to_owned(),
+                node.to_string(),
+                "--transport".to_owned(),
+                "udp".to_owned(),
+                "--udp-hosts".to_owned(),
+                hosts.clone(),
+            ];
+            args.extend(common(&cluster, 3));
+            std::process::Command::new("ip")
+                .args(&args)
+                .env("RUST_BACKTRACE", "0")
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let outputs: Vec<rzab_tests::NodeOutput> = children
+        .into_iter()
+        .enumerate()
+        .map(|(node, child)| {
+            let output = child.wait_with_output().unwrap();
+            let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+            let summary = stdout
+                .lines()
+                .find_map(|line| line.strip_prefix("summary "))
+                .and_then(|json| serde_json::from_str(json).ok());
+            rzab_tests::NodeOutput {
+                node: u8::try_from(node).unwrap(),
+                success: output.status.success(),
+                stdout,
+                stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+                summary,
+            }
+        })
+        .collect();
+    drop(namespaces);
+    cleanup(&cluster, 3);
+    assert_identical_replicas(&outputs);
+}
