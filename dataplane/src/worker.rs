@@ -612,18 +612,7 @@ impl<T: Transport> Worker<T> {
             counters.set(Counter::DropsMalformed, malformed);
             counters.set(Counter::DropsUnexpected, stats.dropped_unexpected);
             if iteration % 1024 == 0 {
-                counters.set(
-                    Counter::TransportDropsNoReceive,
-                    self.transport.stats().dropped_no_recv,
-                );
-                counters
-                    .gauges
-                    .committed_zxid
-                    .store(shared.replica.applied_zxid(), Ordering::Relaxed);
-                counters
-                    .gauges
-                    .heartbeat_ns
-                    .store(now_ns, Ordering::Relaxed);
+                self.publish_gauges(counters, shared.replica, now_ns);
             }
 
             if received > 0 || sent > 0 {
@@ -639,14 +628,8 @@ impl<T: Transport> Worker<T> {
                 idle_spins = 0;
             }
         }
-        counters.set(
-            Counter::TransportDropsNoReceive,
-            self.transport.stats().dropped_no_recv,
-        );
-        counters
-            .gauges
-            .committed_zxid
-            .store(shared.replica.applied_zxid(), Ordering::Relaxed);
+        let now_ns = u64::try_from(clock.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.publish_gauges(counters, shared.replica, now_ns);
         if std::env::var_os("RZAB_DEBUG_SUMMARY").is_some() {
             eprintln!(
                 "{} | transport {:?}",
@@ -654,6 +637,23 @@ impl<T: Transport> Worker<T> {
                 self.transport.stats()
             );
         }
+    }
+
+    /// Publishes what changes too slowly to be worth a store every iteration: the transport's
+    /// drop count, the committed zxid and the heartbeat.
+    fn publish_gauges(&self, counters: &WorkerBlock, replica: &NodeReplica, now_ns: u64) {
+        counters.set(
+            Counter::TransportDropsNoReceive,
+            self.transport.stats().dropped_no_recv,
+        );
+        counters
+            .gauges
+            .committed_zxid
+            .store(replica.applied_zxid(), Ordering::Relaxed);
+        counters
+            .gauges
+            .heartbeat_ns
+            .store(now_ns, Ordering::Relaxed);
     }
 
     /// A one-line summary of the pipeline, for diagnostics.

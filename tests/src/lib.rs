@@ -59,6 +59,24 @@ pub struct NodeOutput {
     pub summary: Option<serde_json::Value>,
 }
 
+impl NodeOutput {
+    /// Reads a finished node process's exit status, output and summary line.
+    pub fn from_output(node: u8, output: std::process::Output) -> NodeOutput {
+        let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+        let summary = stdout
+            .lines()
+            .find_map(|line| line.strip_prefix("summary "))
+            .and_then(|json| serde_json::from_str(json).ok());
+        NodeOutput {
+            node,
+            success: output.status.success(),
+            stdout,
+            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+            summary,
+        }
+    }
+}
+
 impl NodeProcess {
     /// Starts `rzab-dataplane --node N` with the given extra arguments.
     pub fn start(node: u8, args: &[String]) -> NodeProcess {
@@ -80,19 +98,7 @@ impl NodeProcess {
     /// Waits for the process and collects its output.
     pub fn finish(mut self) -> NodeOutput {
         let child = self.child.take().unwrap();
-        let output = child.wait_with_output().unwrap();
-        let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
-        let summary = stdout
-            .lines()
-            .find_map(|line| line.strip_prefix("summary "))
-            .and_then(|json| serde_json::from_str(json).ok());
-        NodeOutput {
-            node: self.node,
-            success: output.status.success(),
-            stdout,
-            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
-            summary,
-        }
+        NodeOutput::from_output(self.node, child.wait_with_output().unwrap())
     }
 }
 

@@ -277,19 +277,10 @@ fn udp_cluster_across_network_namespaces() {
         .into_iter()
         .enumerate()
         .map(|(node, child)| {
-            let output = child.wait_with_output().unwrap();
-            let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
-            let summary = stdout
-                .lines()
-                .find_map(|line| line.strip_prefix("summary "))
-                .and_then(|json| serde_json::from_str(json).ok());
-            rzab_tests::NodeOutput {
-                node: u8::try_from(node).unwrap(),
-                success: output.status.success(),
-                stdout,
-                stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
-                summary,
-            }
+            rzab_tests::NodeOutput::from_output(
+                u8::try_from(node).unwrap(),
+                child.wait_with_output().unwrap(),
+            )
         })
         .collect();
     drop(namespaces);

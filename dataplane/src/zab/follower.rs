@@ -230,26 +230,17 @@ impl Follower {
                 .min(limits.write_batch.max(1) as u64)
                 .min(self.config.writes_fitting() as u64);
             let credits = self.credits();
-            let value_len = self.config.value_len;
             let header =
                 self.config
                     .header(Kind::Write, usize::try_from(batch).unwrap_or(0), credits);
             let Some(buffer) = outbox.buffer() else { break };
             wire::put_header(buffer, &header);
-            let mut len = wire::HEADER_BYTES;
-            for offset in 0..batch {
-                let position = self.out_head + offset;
-                let meta = self.outgoing.meta(position);
-                wire::put_entry(
-                    &mut buffer[len..],
-                    meta.origin_node,
-                    meta.session,
-                    meta.session_seq,
-                    meta.key,
-                    self.outgoing.value(position),
+            let len = wire::HEADER_BYTES
+                + self.outgoing.encode_entries(
+                    self.out_head,
+                    batch,
+                    &mut buffer[wire::HEADER_BYTES..],
                 );
-                len += wire::ENTRY_FIXED + value_len;
-            }
             outbox.send(Target::Leader, Kind::Write, len, batch);
             self.out_head += batch;
             self.write_msgs_sent += 1;

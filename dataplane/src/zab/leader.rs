@@ -310,40 +310,24 @@ impl Leader {
                 .min(limits.prepare_batch.max(1) as u64)
                 .min(self.config.prepares_fitting() as u64)
                 .min(space);
+            // Secure the buffer before taking zxids: zxids once taken cannot be given back.
+            let buffer = match has_followers.then(|| outbox.buffer()) {
+                Some(None) => return,
+                Some(Some(buffer)) => Some(buffer),
+                None => None,
+            };
             let first_zxid = zxids.take(batch);
             let first_pseq = self.next_pseq;
             let node = self.config.node;
-            let value_len = self.config.value_len;
-            let header =
-                self.config
-                    .header(Kind::Prepare, usize::try_from(batch).unwrap_or(0), [0; 3]);
             let mut len = 0;
-            let mut buffer_ok = false;
-            if has_followers {
-                if let Some(buffer) = outbox.buffer() {
-                    wire::put_header(buffer, &header);
-                    wire::put_prepare_prefix(buffer, first_pseq, first_zxid);
-                    len = wire::HEADER_BYTES + wire::PREPARE_PREFIX;
-                    for offset in 0..batch {
-                        let from = self.incoming_head + offset;
-                        let meta = self.incoming.meta(from);
-                        wire::put_entry(
-                            &mut buffer[len..],
-                            meta.origin_node,
-                            meta.session,
-                            meta.session_seq,
-                            meta.key,
-                            self.incoming.value(from),
-                        );
-                        len += wire::ENTRY_FIXED + value_len;
-                    }
-                    buffer_ok = true;
-                }
-            }
-            if has_followers && !buffer_ok {
-                // No buffer: give the zxids back is impossible (others may have taken later
-                // ones), so this cannot happen; callers always offer a buffer first.
-                debug_assert!(false, "outbox refused a buffer after zxids were taken");
+            if let Some(buffer) = buffer {
+                let count = usize::try_from(batch).unwrap_or(0);
+                wire::put_header(buffer, &self.config.header(Kind::Prepare, count, [0; 3]));
+                wire::put_prepare_prefix(buffer, first_pseq, first_zxid);
+                len = wire::HEADER_BYTES + wire::PREPARE_PREFIX;
+                len += self
+                    .incoming
+                    .encode_entries(self.incoming_head, batch, &mut buffer[len..]);
             }
             for offset in 0..batch {
                 let from = self.incoming_head + offset;

@@ -273,6 +273,25 @@ impl EntryRing {
         self.values[at..at + len].copy_from_slice(&value[..len]);
     }
 
+    /// Encodes the `count` entries from `first` on as wire entries into `out`; returns the
+    /// bytes written.
+    pub fn encode_entries(&self, first: u64, count: u64, out: &mut [u8]) -> usize {
+        let mut len = 0;
+        for position in first..first + count {
+            let meta = self.meta(position);
+            wire::put_entry(
+                &mut out[len..],
+                meta.origin_node,
+                meta.session,
+                meta.session_seq,
+                meta.key,
+                self.value(position),
+            );
+            len += wire::ENTRY_FIXED + self.value_len;
+        }
+        len
+    }
+
     /// Copies the entry at `from` in `source` to `to` in this ring, with new metadata.
     pub fn put_from(&mut self, to: u64, meta: EntryMeta, source: &EntryRing, from: u64) {
         let index = self.index(to);
