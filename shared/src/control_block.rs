@@ -29,7 +29,7 @@ use crate::limits::{
 /// "RZABCTL" followed by a zero byte, little-endian.
 pub const CONTROL_BLOCK_MAGIC: u64 = u64::from_le_bytes(*b"RZABCTL\0");
 /// Bumped whenever the layout of [`ControlBlock`] changes.
-pub const LAYOUT_VERSION: u32 = 1;
+pub const LAYOUT_VERSION: u32 = 2;
 
 /// The lifecycle of the data plane that owns a block.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -175,6 +175,43 @@ pub struct WorkerGauges {
     pub committed_zxid: AtomicU64,
     /// Wall-clock nanoseconds of this worker's last loop iteration report.
     pub heartbeat_ns: AtomicU64,
+    /// The highest zxid this worker knows the leader to have committed (on the leader, its
+    /// own); replication lag is this minus `committed_zxid`.
+    pub leader_zxid: AtomicU64,
+    /// The knob epoch this worker has last applied, so a knob change can be seen to land.
+    pub knob_epoch_seen: AtomicU64,
+    /// A [`SyncState`] code: whether this worker's pipeline serves local reads yet.
+    pub sync_state: AtomicU64,
+}
+
+/// Whether a worker's pipeline is in step with the leader.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u64)]
+pub enum SyncState {
+    /// Not started, or waiting for peers.
+    Starting = 0,
+    /// A restarted follower receiving the leader's state; local reads are refused.
+    CatchingUp = 1,
+    /// In step: local reads are served.
+    Serving = 2,
+}
+
+impl SyncState {
+    pub fn from_code(code: u64) -> SyncState {
+        match code {
+            1 => SyncState::CatchingUp,
+            2 => SyncState::Serving,
+            _ => SyncState::Starting,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            SyncState::Starting => "starting",
+            SyncState::CatchingUp => "catching_up",
+            SyncState::Serving => "serving",
+        }
+    }
 }
 
 /// Everything one worker publishes.

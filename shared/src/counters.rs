@@ -44,6 +44,8 @@ counters! {
     SentCommitUnicast { "messages_sent_total", ["type" = "commit", "path" = "unicast"], "Messages sent, by type and path." }
     SentCommitMulticast { "messages_sent_total", ["type" = "commit", "path" = "multicast"], "Messages sent, by type and path." }
     SentCreditUnicast { "messages_sent_total", ["type" = "credit", "path" = "unicast"], "Messages sent, by type and path." }
+    SentNackUnicast { "messages_sent_total", ["type" = "nack", "path" = "unicast"], "Messages sent, by type and path." }
+    SentSnapshotUnicast { "messages_sent_total", ["type" = "snapshot", "path" = "unicast"], "Messages sent, by type and path." }
     BytesWriteUnicast { "bytes_sent_total", ["type" = "write", "path" = "unicast"], "Bytes sent, by type and path." }
     BytesPrepareUnicast { "bytes_sent_total", ["type" = "prepare", "path" = "unicast"], "Bytes sent, by type and path." }
     BytesPrepareMulticast { "bytes_sent_total", ["type" = "prepare", "path" = "multicast"], "Bytes sent, by type and path." }
@@ -51,11 +53,15 @@ counters! {
     BytesCommitUnicast { "bytes_sent_total", ["type" = "commit", "path" = "unicast"], "Bytes sent, by type and path." }
     BytesCommitMulticast { "bytes_sent_total", ["type" = "commit", "path" = "multicast"], "Bytes sent, by type and path." }
     BytesCreditUnicast { "bytes_sent_total", ["type" = "credit", "path" = "unicast"], "Bytes sent, by type and path." }
+    BytesNackUnicast { "bytes_sent_total", ["type" = "nack", "path" = "unicast"], "Bytes sent, by type and path." }
+    BytesSnapshotUnicast { "bytes_sent_total", ["type" = "snapshot", "path" = "unicast"], "Bytes sent, by type and path." }
     ReceivedWrite { "messages_received_total", ["type" = "write"], "Messages received, by type." }
     ReceivedPrepare { "messages_received_total", ["type" = "prepare"], "Messages received, by type." }
     ReceivedAck { "messages_received_total", ["type" = "ack"], "Messages received, by type." }
     ReceivedCommit { "messages_received_total", ["type" = "commit"], "Messages received, by type." }
     ReceivedCredit { "messages_received_total", ["type" = "credit"], "Messages received, by type." }
+    ReceivedNack { "messages_received_total", ["type" = "nack"], "Messages received, by type." }
+    ReceivedSnapshot { "messages_received_total", ["type" = "snapshot"], "Messages received, by type." }
     BytesReceived { "bytes_received_total", [], "Bytes received in valid messages." }
     BatchEntriesWrite { "batch_entries_total", ["type" = "write"], "Entries carried by messages of a type (sum; divide by batch_messages_total for the average)." }
     BatchEntriesPrepare { "batch_entries_total", ["type" = "prepare"], "Entries carried by messages of a type (sum; divide by batch_messages_total for the average)." }
@@ -73,6 +79,13 @@ counters! {
     DropsMalformed { "drops_total", ["reason" = "malformed"], "Datagrams dropped because they could not be decoded." }
     DropsUnexpected { "drops_total", ["reason" = "unexpected"], "Valid datagrams dropped because they made no sense in this state." }
     TransportSendsRefused { "drops_total", ["reason" = "send_refused"], "Send requests the transport refused." }
+    DropsDuplicate { "drops_total", ["reason" = "duplicate"], "Valid datagrams dropped because everything they carry was already held (duplicates and retransmissions)." }
+    RetransmitPrepare { "retransmissions_total", ["type" = "prepare"], "Messages sent again because an earlier copy was not acknowledged in time or was reported missing." }
+    RetransmitCommit { "retransmissions_total", ["type" = "commit"], "Messages sent again because an earlier copy was not acknowledged in time or was reported missing." }
+    RetransmitWrite { "retransmissions_total", ["type" = "write"], "Messages sent again because an earlier copy was not acknowledged in time or was reported missing." }
+    GapsDetected { "gaps_detected_total", [], "Gaps in the prepare sequence a follower found and asked the leader to fill." }
+    CatchupEntriesSent { "catchup_entries_total", ["direction" = "sent"], "Store entries sent or installed while bringing a restarted follower up to date." }
+    CatchupEntriesReceived { "catchup_entries_total", ["direction" = "received"], "Store entries sent or installed while bringing a restarted follower up to date." }
 }
 
 const _: () = assert!(COUNTERS.len() <= MAX_COUNTERS);
