@@ -129,6 +129,10 @@ pub struct Options {
     /// Print the stats line as JSON instead of text.
     #[arg(long)]
     pub json_stats: bool,
+    /// Record received datagrams, endpoint records and knobs as fuzzing seeds into this
+    /// directory at shutdown (see fuzz/capture-corpus.sh). Hidden: a developer's tool.
+    #[arg(long, hide = true, env = "RZAB_CAPTURE_CORPUS", value_name = "DIR")]
+    pub capture_corpus: Option<PathBuf>,
 }
 
 /// A configuration that cannot work.

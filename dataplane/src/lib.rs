@@ -4,6 +4,8 @@
 //! its backends (shared-memory fabric, kernel UDP, verbs) plus a fault-injecting wrapper.
 
 pub mod config;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod node;
 pub mod replica;
 pub mod store;

@@ -4,7 +4,8 @@
 //! every few seconds and a JSON summary at the end.
 //!
 //! Touches: the control block file, the transports it opens, the worker threads it starts,
-//! stdout (stats lines), SIGINT/SIGTERM (to stop cleanly).
+//! stdout (stats lines), SIGINT/SIGTERM (to stop cleanly), and, with `--capture-corpus`, the
+//! corpus directory at shutdown.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -21,6 +22,7 @@ use rzab_shared::{
 use crate::config::{Options, PeerDiscovery};
 use crate::replica::NodeReplica;
 use crate::store::StoreConfig;
+use crate::transport::capture::{CaptureSink, CapturingTransport};
 use crate::transport::shm::{ShmConfig, ShmTransport};
 use crate::transport::udp::{UdpConfig, UdpTransport};
 use crate::transport::{MulticastGroup, Transport, TransportError};
@@ -229,15 +231,17 @@ where
 {
     let node = options.node;
     let is_leader = node == LEADER_NODE;
+    let capture = CaptureSink::open(options.capture_corpus.as_deref(), node, block);
     // Open every endpoint and post its receives before anyone can learn its address.
     let mut transports = Vec::with_capacity(usize::from(options.workers));
     for worker in 0..options.workers {
-        let mut transport = open(worker).with_context(|| {
+        let opened = open(worker).with_context(|| {
             format!(
                 "opening the {} transport for worker {worker}",
                 options.transport.name()
             )
         })?;
+        let mut transport = CapturingTransport::new(opened, capture.clone(), worker);
         transport.post_recv(transport.caps().recv_slots);
         if !is_leader {
             transport

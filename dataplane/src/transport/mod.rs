@@ -24,8 +24,10 @@
 //!   [`Transport::multicast_address`] gives an address that reaches every member but the sender.
 //!
 //! Backends: [`shm`] (shared-memory fabric, the default for local runs), [`udp`] (kernel UDP),
-//! `verbs` (feature `verbs`, RDMA UD queue pairs), and the [`fault`] wrapper over any of them.
+//! `verbs` (feature `verbs`, RDMA UD queue pairs), and the [`fault`] wrapper over any of them;
+//! [`capture`] wraps every transport a node opens and records fuzzing seeds when asked to.
 
+pub mod capture;
 pub mod conformance;
 pub mod fault;
 pub mod shm;

@@ -1,0 +1,1043 @@
+//! Harnesses for fuzzing every decoder of untrusted input, shared by the cargo-fuzz targets in
+//! `fuzz/` and by the stable regression test `tests/fuzz_corpus.rs`, so both check exactly the
+//! same thing. Not part of the data plane's API (hidden from the docs).
+//!
+//! Each harness takes raw bytes, never panics on its own account, and returns a
+//! [`Violation`] when an invariant does not hold; a panic inside the code under test is a
+//! finding too. The harnesses check, besides "no panic":
+//! - [`wire_decode`]: a decoded message has the header fields the configuration allows, every
+//!   accessor of its kind reads within the datagram, and encoding it again decodes to the same.
+//! - [`pipeline_input`]: a sequence of datagrams (and local writes) goes through the worker's
+//!   decode-and-route into the real state machines of one node (every pipeline, a real
+//!   [`NodeReplica`] and store); the node applies zxids strictly one after another, the store
+//!   holds exactly what was applied through the replica, every message the state machines emit
+//!   decodes under their own configuration, and their counters only move forward.
+//! - [`endpoint_decode`]: binary and JSON endpoint decoding; what decodes, round-trips.
+//! - [`knobs_parse`]: knob values as JSON (the REST body) and as text (`NAME=VALUE`); what is
+//!   accepted is within the knob's range and round-trips through its rendering.
+//!
+//! The capture configuration ([`CAPTURE`]) is the one `fuzz/capture-corpus.sh` runs a real
+//! cluster with, so the committed corpus decodes under it. The pipeline input format is
+//! [`encode_pipeline_input`]'s; the capturing transport writes it.
+//!
+//! Touches only memory it allocates (a small store per pipeline run).
+
+use std::cell::RefCell;
+
+use arbitrary::Unstructured;
+use rzab_shared::knobs::{KNOBS, KnobKind, KnobSpec};
+use rzab_shared::limits::{ENDPOINT_BYTES, MAX_PREPARES_PER_MSG, MAX_WRITES_PER_MSG};
+use rzab_shared::{EndpointAddress, EndpointDecodeError, EndpointRecord, Knob};
+
+use crate::replica::NodeReplica;
+use crate::store::StoreConfig;
+use crate::zab::follower::{Follower, LEADER_NODE};
+use crate::zab::leader::Leader;
+use crate::zab::wire::{self, Kind, Message};
+use crate::zab::{
+    Completions, Limits, Outbox, PipelineConfig, Replica, Target, ZXID_START, ZxidSource,
+};
+
+/// An invariant that did not hold, with what was seen.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("invariant violated: {0}")]
+pub struct Violation(pub String);
+
+macro_rules! ensure {
+    ($condition:expr, $($message:tt)+) => {
+        if !$condition {
+            return Err(Violation(format!($($message)+)));
+        }
+    };
+}
+
+/// The configuration the committed corpus was captured with (`fuzz/capture-corpus.sh`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CaptureConfig {
+    pub cluster: &'static str,
+    pub nodes: u8,
+    pub pipelines: u8,
+    pub value_len: usize,
+    pub keys: u64,
+    pub window: usize,
+    pub sessions: usize,
+}
+
+/// See [`CaptureConfig`]; `fuzz/capture-corpus.sh` passes the same values to rzab-dataplane.
+pub const CAPTURE: CaptureConfig = CaptureConfig {
+    cluster: "fuzzcap",
+    nodes: 3,
+    pipelines: 2,
+    value_len: 32,
+    keys: 1024,
+    window: 1024,
+    sessions: 32,
+};
+
+/// The parameters of [`Message::decode`] besides the datagram.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WireParams {
+    pub cluster_tag: u32,
+    pub value_len: usize,
+    pub nodes: usize,
+    pub pipelines: usize,
+}
+
+impl WireParams {
+    /// The parameters of the capture configuration.
+    pub fn capture() -> Self {
+        WireParams {
+            cluster_tag: wire::cluster_tag(CAPTURE.cluster),
+            value_len: CAPTURE.value_len,
+            nodes: usize::from(CAPTURE.nodes),
+            pipelines: usize::from(CAPTURE.pipelines),
+        }
+    }
+
+    fn decode<'a>(&self, datagram: &'a [u8]) -> Result<Message<'a>, wire::WireError> {
+        Message::decode(
+            datagram,
+            self.cluster_tag,
+            self.value_len,
+            self.nodes,
+            self.pipelines,
+        )
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// wire_decode
+
+/// What [`wire_decode`] saw.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WireOutcome {
+    /// The kind decoded under the capture configuration, if any.
+    pub capture_kind: Option<Kind>,
+    /// Decodes (of the three parameter choices) that succeeded.
+    pub decoded: u32,
+}
+
+/// Decodes `data` three ways: under the capture configuration; under parameters chosen by its
+/// first bytes (the rest is the datagram); and under the tag and value length its own header
+/// claims (so random headers get past those two checks). Checks every decoded message.
+pub fn wire_decode(data: &[u8]) -> Result<WireOutcome, Violation> {
+    let mut outcome = WireOutcome::default();
+    let capture = WireParams::capture();
+    if let Some(kind) = check_datagram(data, &capture)? {
+        outcome.capture_kind = Some(kind);
+        outcome.decoded += 1;
+    }
+
+    let mut input = Unstructured::new(data);
+    let chosen = (|| -> arbitrary::Result<WireParams> {
+        let tag = if input.arbitrary::<bool>()? {
+            capture.cluster_tag
+        } else {
+            input.arbitrary::<u32>()?
+        };
+        Ok(WireParams {
+            cluster_tag: tag,
+            value_len: input.int_in_range(0..=1100usize)?,
+            nodes: input.int_in_range(0..=256usize)?,
+            pipelines: input.int_in_range(0..=256usize)?,
+        })
+    })();
+    if let Ok(params) = chosen {
+        let rest = input.take_rest();
+        if check_datagram(rest, &params)?.is_some() {
+            outcome.decoded += 1;
+        }
+    }
+
+    if data.len() >= wire::HEADER_BYTES {
+        let own = WireParams {
+            cluster_tag: u32::from_le_bytes([data[8], data[9], data[10], data[11]]),
+            value_len: usize::from(u16::from_le_bytes([data[12], data[13]])),
+            nodes: 256,
+            pipelines: 256,
+        };
+        if check_datagram(data, &own)?.is_some() {
+            outcome.decoded += 1;
+        }
+    }
+    Ok(outcome)
+}
+
+/// Everything a reader can get out of a decoded message, for comparisons.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Contents<'a> {
+    header: wire::Header,
+    prepare_start: Option<(u64, u64)>,
+    range: Option<(u64, u64)>,
+    entries: Vec<wire::EntryView<'a>>,
+}
+
+fn contents<'a>(message: &Message<'a>) -> Contents<'a> {
+    let kind = message.header.kind;
+    let has_entries = kind == Kind::Prepare || kind == Kind::Write;
+    Contents {
+        header: message.header,
+        prepare_start: (kind == Kind::Prepare).then(|| message.prepare_start()),
+        range: (kind == Kind::Ack || kind == Kind::Commit).then(|| message.range()),
+        entries: if has_entries {
+            (0..usize::from(message.header.count))
+                .map(|index| message.entry(index))
+                .collect()
+        } else {
+            Vec::new()
+        },
+    }
+}
+
+/// Encodes decoded contents again with the wire module's own encoders; `None` for a kind this
+/// harness does not know how to encode (checked by decoding only).
+fn reencode(contents: &Contents<'_>, value_len: usize) -> Option<Vec<u8>> {
+    let header = &contents.header;
+    let count = usize::from(header.count);
+    // Not a `match`: kinds added later are checked by decoding alone until they are taught here.
+    let kind = header.kind;
+    let (len, entries_at) = if kind == Kind::Prepare {
+        (
+            wire::prepare_len(count, value_len),
+            wire::HEADER_BYTES + wire::PREPARE_PREFIX,
+        )
+    } else if kind == Kind::Write {
+        (wire::write_len(count, value_len), wire::HEADER_BYTES)
+    } else if kind == Kind::Ack || kind == Kind::Commit {
+        (wire::HEADER_BYTES + wire::RANGE_BODY, 0)
+    } else if kind == Kind::Credit {
+        (wire::HEADER_BYTES, 0)
+    } else {
+        return None;
+    };
+    let mut out = vec![0u8; len];
+    wire::put_header(&mut out, header);
+    if let Some((first_seq, first_zxid)) = contents.prepare_start {
+        wire::put_prepare_prefix(&mut out, first_seq, first_zxid);
+    }
+    if let Some((first, count)) = contents.range {
+        wire::put_range(&mut out, first, count);
+    }
+    for (index, entry) in contents.entries.iter().enumerate() {
+        let at = entries_at + index * (wire::ENTRY_FIXED + value_len);
+        wire::put_entry(
+            &mut out[at..],
+            entry.origin_node,
+            entry.session,
+            entry.session_seq,
+            entry.key,
+            entry.value,
+        );
+    }
+    Some(out)
+}
+
+/// Decodes one datagram and, when it decodes, checks it; returns its kind.
+fn check_datagram(datagram: &[u8], params: &WireParams) -> Result<Option<Kind>, Violation> {
+    let Ok(message) = params.decode(datagram) else {
+        return Ok(None);
+    };
+    let header = message.header;
+    let kind = header.kind;
+    ensure!(
+        datagram.len() >= wire::HEADER_BYTES,
+        "a {}-byte datagram decoded",
+        datagram.len()
+    );
+    ensure!(
+        header.cluster_tag == params.cluster_tag,
+        "foreign tag {:#x} accepted for {:#x}",
+        header.cluster_tag,
+        params.cluster_tag
+    );
+    ensure!(
+        usize::from(header.from_node) < params.nodes
+            && usize::from(header.pipeline) < params.pipelines,
+        "sender {}/{} accepted with {} nodes and {} pipelines",
+        header.from_node,
+        header.pipeline,
+        params.nodes,
+        params.pipelines
+    );
+    let contents = contents(&message);
+    if kind == Kind::Prepare || kind == Kind::Write {
+        ensure!(header.count > 0, "an empty {} decoded", kind.name());
+        ensure!(
+            usize::from(header.value_len) == params.value_len,
+            "value length {} accepted for {}",
+            header.value_len,
+            params.value_len
+        );
+        for (index, entry) in contents.entries.iter().enumerate() {
+            ensure!(
+                entry.value.len() == params.value_len,
+                "entry {index} has a {}-byte value",
+                entry.value.len()
+            );
+        }
+        // Out-of-range indices are clamped to the last entry, never read past the body.
+        let last = message.entry(usize::MAX);
+        ensure!(
+            contents.entries.last() == Some(&last),
+            "entry(usize::MAX) is not the last entry"
+        );
+    }
+    if let Some(again) = reencode(&contents, params.value_len) {
+        ensure!(
+            again.len() == datagram.len(),
+            "{} of {} bytes re-encodes to {} bytes",
+            kind.name(),
+            datagram.len(),
+            again.len()
+        );
+        match params.decode(&again) {
+            Ok(decoded) => ensure!(
+                self::contents(&decoded) == contents,
+                "{} does not survive a re-encode",
+                kind.name()
+            ),
+            Err(error) => {
+                return Err(Violation(format!(
+                    "re-encoded {} does not decode: {error}",
+                    kind.name()
+                )));
+            }
+        }
+    }
+    Ok(Some(kind))
+}
+
+// ---------------------------------------------------------------------------------------------
+// pipeline_input
+
+/// Record tags of the pipeline input format (taken modulo 4).
+const OP_DATAGRAM: u8 = 0;
+const OP_LOCAL_WRITE: u8 = 1;
+const OP_TOGGLE_OUTBOX: u8 = 2;
+const OP_IDLE: u8 = 3;
+
+/// Encodes a pipeline input: the receiving node's id, a zero byte (default limits), then each
+/// datagram as `[0][length u16 LE][bytes]`. Datagrams longer than 65535 bytes are cut.
+pub fn encode_pipeline_input<'a>(
+    node: u8,
+    datagrams: impl IntoIterator<Item = &'a [u8]>,
+) -> Vec<u8> {
+    let mut out = vec![node, 0];
+    for datagram in datagrams {
+        let len = u16::try_from(datagram.len()).unwrap_or(u16::MAX);
+        out.push(OP_DATAGRAM);
+        out.extend_from_slice(&len.to_le_bytes());
+        out.extend_from_slice(&datagram[..usize::from(len)]);
+    }
+    out
+}
+
+/// One write applied through the replica.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Applied {
+    pub zxid: u64,
+    pub key: u64,
+    /// FNV-1a of the value.
+    pub value_hash: u64,
+}
+
+/// What [`pipeline_input`] saw.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PipelineOutcome {
+    pub leader: bool,
+    pub datagrams: u64,
+    /// Refused by the decoder (counted as the worker's `drops_malformed`).
+    pub malformed: u64,
+    /// Of those, refused as another cluster's.
+    pub foreign: u64,
+    /// Join hellos, which the worker keeps from the pipeline.
+    pub hellos: u64,
+    /// Handed to a state machine.
+    pub handled: u64,
+    /// Messages the state machines emitted.
+    pub sent: u64,
+    /// The state machines' own `dropped_unexpected`, summed.
+    pub dropped_unexpected: u64,
+    /// Every write the node applied, in order.
+    pub applied: Vec<Applied>,
+}
+
+fn fnv(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |hash, byte| {
+        (hash ^ u64::from(*byte)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+/// A [`NodeReplica`] that checks and records every apply, and a shadow of what the store must
+/// hold.
+#[derive(Debug)]
+struct CheckingReplica {
+    inner: NodeReplica,
+    value_len: usize,
+    keys: u64,
+    log: RefCell<Vec<Applied>>,
+    /// Per key: the zxid of its last applied write (0: never written) and its value.
+    shadow_zxids: RefCell<Vec<u64>>,
+    shadow_values: RefCell<Vec<u8>>,
+    violation: RefCell<Option<Violation>>,
+}
+
+impl CheckingReplica {
+    fn new(keys: u64, value_len: usize) -> Result<Self, Violation> {
+        let inner = NodeReplica::new(&StoreConfig {
+            keys,
+            value_size: value_len,
+            hugepages: false,
+        })
+        .map_err(|error| Violation(format!("cannot build the store: {error}")))?;
+        let slots = usize::try_from(keys).map_err(|_| Violation("too many keys".into()))?;
+        Ok(CheckingReplica {
+            inner,
+            value_len,
+            keys,
+            log: RefCell::new(Vec::new()),
+            shadow_zxids: RefCell::new(vec![0; slots]),
+            shadow_values: RefCell::new(vec![0; slots * value_len]),
+            violation: RefCell::new(None),
+        })
+    }
+
+    fn flag(&self, violation: String) {
+        self.violation
+            .borrow_mut()
+            .get_or_insert(Violation(violation));
+    }
+
+    fn take_violation(&self) -> Result<(), Violation> {
+        match self.violation.borrow_mut().take() {
+            Some(violation) => Err(violation),
+            None => Ok(()),
+        }
+    }
+
+    /// The store holds exactly the shadow: what was applied through the replica, and zeros.
+    fn check_store(&self) -> Result<(), Violation> {
+        let store = self.inner.store();
+        let zxids = self.shadow_zxids.borrow();
+        let values = self.shadow_values.borrow();
+        let mut value = vec![0u8; self.value_len];
+        for key in 0..self.keys {
+            let slot = usize::try_from(key).unwrap_or(usize::MAX);
+            let Some(zxid) = store.read(key, &mut value) else {
+                return Err(Violation(format!("key {key} vanished from the store")));
+            };
+            let expected = &values[slot * self.value_len..(slot + 1) * self.value_len];
+            ensure!(
+                zxid == zxids[slot] && value == expected,
+                "key {key} holds zxid {zxid:#x} {value:?}, but the replica applied zxid {:#x} {expected:?}",
+                zxids[slot]
+            );
+        }
+        Ok(())
+    }
+}
+
+impl Replica for CheckingReplica {
+    fn try_apply(&self, zxid: u64, key: u64, value: &[u8]) -> bool {
+        let before = self.inner.applied_zxid();
+        let applied = self.inner.try_apply(zxid, key, value);
+        if !applied {
+            if self.inner.applied_zxid() != before {
+                self.flag(format!(
+                    "a refused apply of zxid {zxid:#x} moved the replica"
+                ));
+            }
+            return false;
+        }
+        if zxid != before.wrapping_add(1) || self.inner.applied_zxid() != zxid {
+            self.flag(format!(
+                "zxid {zxid:#x} applied after {before:#x} (applied zxids must go up by one)"
+            ));
+        }
+        if value.len() != self.value_len {
+            self.flag(format!("a {}-byte value applied", value.len()));
+        }
+        self.log.borrow_mut().push(Applied {
+            zxid,
+            key,
+            value_hash: fnv(value),
+        });
+        let slot = usize::try_from(key).ok().filter(|_| key < self.keys);
+        if let (Some(slot), true) = (slot, value.len() == self.value_len) {
+            self.shadow_zxids.borrow_mut()[slot] = zxid;
+            self.shadow_values.borrow_mut()[slot * self.value_len..(slot + 1) * self.value_len]
+                .copy_from_slice(value);
+        }
+        true
+    }
+}
+
+/// An outbox that accepts everything (unless closed) and checks every message sent.
+#[derive(Debug)]
+struct CheckingOutbox {
+    buffer: Vec<u8>,
+    params: WireParams,
+    node: u8,
+    pipeline: u8,
+    leader: bool,
+    closed: bool,
+    sent: u64,
+    violation: Option<Violation>,
+}
+
+impl CheckingOutbox {
+    fn check(&self, target: Target, kind: Kind, len: usize, batch: u64) -> Result<(), Violation> {
+        ensure!(
+            len <= self.buffer.len(),
+            "a {len}-byte message exceeds the MTU"
+        );
+        let message = self.params.decode(&self.buffer[..len]).map_err(|error| {
+            Violation(format!(
+                "node {} pipeline {} sent a {} that does not decode: {error}",
+                self.node,
+                self.pipeline,
+                kind.name()
+            ))
+        })?;
+        let header = message.header;
+        ensure!(
+            header.kind == kind
+                && header.from_node == self.node
+                && header.pipeline == self.pipeline,
+            "sent {:?} as a {} of node {} pipeline {}",
+            header,
+            kind.name(),
+            self.node,
+            self.pipeline
+        );
+        let target_ok = match target {
+            Target::Leader => !self.leader,
+            Target::Follower(node) => {
+                self.leader && node != self.node && usize::from(node) < self.params.nodes
+            }
+            Target::AllFollowers => self.leader,
+        };
+        ensure!(
+            target_ok,
+            "node {} sent a {} to {target:?}",
+            self.node,
+            kind.name()
+        );
+        if kind == Kind::Prepare || kind == Kind::Write {
+            ensure!(
+                u64::from(header.count) == batch,
+                "a {} of {} entries counted as {batch}",
+                kind.name(),
+                header.count
+            );
+        }
+        Ok(())
+    }
+}
+
+impl Outbox for CheckingOutbox {
+    fn buffer(&mut self) -> Option<&mut [u8]> {
+        (!self.closed).then_some(&mut self.buffer[..])
+    }
+
+    fn send(&mut self, target: Target, kind: Kind, len: usize, batch: u64) {
+        self.sent += 1;
+        if self.violation.is_none() {
+            self.violation = self.check(target, kind, len, batch).err();
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct CountingCompletions(u64);
+
+impl Completions for CountingCompletions {
+    fn write_applied(&mut self, _session: u16, _session_seq: u64, _zxid: u64) {
+        self.0 += 1;
+    }
+}
+
+#[derive(Debug)]
+enum Machine {
+    Leader(Box<Leader>),
+    Follower(Box<Follower>),
+}
+
+/// Positions that may only move forward, per pipeline.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Progress {
+    prepared: u64,
+    committed: u64,
+    applied: u64,
+    writes_applied: u64,
+    dropped_unexpected: u64,
+}
+
+impl Machine {
+    fn progress(&self) -> Progress {
+        match self {
+            Machine::Leader(leader) => Progress {
+                prepared: leader.prepared(),
+                committed: leader.committed(),
+                applied: 0,
+                writes_applied: leader.stats().writes_applied,
+                dropped_unexpected: leader.stats().dropped_unexpected,
+            },
+            Machine::Follower(follower) => Progress {
+                prepared: 0,
+                committed: 0,
+                applied: follower.applied(),
+                writes_applied: follower.stats().writes_applied,
+                dropped_unexpected: follower.stats().dropped_unexpected,
+            },
+        }
+    }
+}
+
+/// The worker's join hello (a CREDIT whose count is 1): the worker keeps it from the pipeline.
+/// Mirrors `worker::is_hello`.
+fn is_hello(message: &Message<'_>) -> bool {
+    message.header.kind == Kind::Credit && message.header.count == 1
+}
+
+/// One node of the capture configuration: every pipeline's state machine, the shared replica
+/// and zxid source, and the checks.
+#[derive(Debug)]
+struct NodeHarness {
+    params: WireParams,
+    machines: Vec<Machine>,
+    progress: Vec<Progress>,
+    replica: CheckingReplica,
+    zxids: ZxidSource,
+    outbox: CheckingOutbox,
+    completions: CountingCompletions,
+    limits: Limits,
+    outcome: PipelineOutcome,
+}
+
+/// The MTU a node of the capture configuration runs with (as `node::needed_mtu`).
+fn capture_mtu() -> usize {
+    wire::prepare_len(MAX_PREPARES_PER_MSG, CAPTURE.value_len)
+        .max(wire::write_len(MAX_WRITES_PER_MSG, CAPTURE.value_len))
+        .next_multiple_of(64)
+}
+
+impl NodeHarness {
+    fn new(node: u8, limits: Limits) -> Result<Self, Violation> {
+        let params = WireParams::capture();
+        let leader = node == LEADER_NODE;
+        let mut machines = Vec::new();
+        for pipeline in 0..CAPTURE.pipelines {
+            let config = PipelineConfig {
+                node,
+                nodes: CAPTURE.nodes,
+                pipeline,
+                pipelines: CAPTURE.pipelines,
+                value_len: CAPTURE.value_len,
+                cluster_tag: params.cluster_tag,
+                sessions: CAPTURE.sessions,
+                window: CAPTURE.window,
+                mtu: capture_mtu(),
+            };
+            config.validate().map_err(Violation)?;
+            machines.push(if leader {
+                Machine::Leader(Box::new(Leader::new(config)))
+            } else {
+                Machine::Follower(Box::new(Follower::new(config)))
+            });
+        }
+        Ok(NodeHarness {
+            params,
+            progress: machines.iter().map(Machine::progress).collect(),
+            machines,
+            replica: CheckingReplica::new(CAPTURE.keys, CAPTURE.value_len)?,
+            zxids: ZxidSource::new(),
+            outbox: CheckingOutbox {
+                buffer: vec![0; capture_mtu()],
+                params,
+                node,
+                pipeline: 0,
+                leader,
+                closed: false,
+                sent: 0,
+                violation: None,
+            },
+            completions: CountingCompletions::default(),
+            limits,
+            outcome: PipelineOutcome {
+                leader,
+                ..PipelineOutcome::default()
+            },
+        })
+    }
+
+    /// As the worker's receive path: decode, count and drop what is refused, keep hellos from
+    /// the pipeline, hand the rest to the pipeline it names.
+    fn receive(&mut self, datagram: &[u8]) {
+        self.outcome.datagrams += 1;
+        match self.params.decode(datagram) {
+            Err(error) => {
+                self.outcome.malformed += 1;
+                if error == wire::WireError::ForeignCluster {
+                    self.outcome.foreign += 1;
+                }
+            }
+            Ok(message) if is_hello(&message) => self.outcome.hellos += 1,
+            Ok(message) => {
+                // The decoder bounds the pipeline by the configuration's pipeline count.
+                if let Some(machine) = self.machines.get_mut(usize::from(message.header.pipeline)) {
+                    self.outcome.handled += 1;
+                    match machine {
+                        Machine::Leader(leader) => leader.handle(&message),
+                        Machine::Follower(follower) => follower.handle(&message),
+                    }
+                }
+            }
+        }
+    }
+
+    fn local_write(&mut self, pipeline: usize, session: u16, seq: u64, key: u64) {
+        let mut value = [0u8; CAPTURE.value_len];
+        value[..8].copy_from_slice(&seq.to_le_bytes());
+        value[8..16].copy_from_slice(&key.to_le_bytes());
+        let session = session % u16::try_from(CAPTURE.sessions).unwrap_or(u16::MAX);
+        match self.machines.get_mut(pipeline) {
+            Some(Machine::Leader(leader)) => {
+                let _ = leader.submit_write(session, seq, key, &value);
+            }
+            Some(Machine::Follower(follower)) => {
+                let _ = follower.submit_write(session, seq, key, &value);
+            }
+            None => {}
+        }
+    }
+
+    /// One iteration of every worker: commit, apply, send.
+    fn advance(&mut self) {
+        for (pipeline, machine) in self.machines.iter_mut().enumerate() {
+            self.outbox.pipeline = u8::try_from(pipeline).unwrap_or(u8::MAX);
+            match machine {
+                Machine::Leader(leader) => leader.advance(
+                    &mut self.outbox,
+                    &self.replica,
+                    &self.zxids,
+                    &mut self.completions,
+                    &self.limits,
+                ),
+                Machine::Follower(follower) => follower.advance(
+                    &mut self.outbox,
+                    &self.replica,
+                    &mut self.completions,
+                    &self.limits,
+                ),
+            }
+        }
+    }
+
+    /// The invariants that hold between steps.
+    fn check(&mut self) -> Result<(), Violation> {
+        self.replica.take_violation()?;
+        if let Some(violation) = self.outbox.violation.take() {
+            return Err(violation);
+        }
+        let applied = self.replica.log.borrow().len() as u64;
+        ensure!(
+            self.replica.inner.applied_zxid() == ZXID_START + applied,
+            "the replica is at zxid {:#x} after {applied} applies",
+            self.replica.inner.applied_zxid()
+        );
+        let mut writes_applied = 0;
+        for (index, machine) in self.machines.iter().enumerate() {
+            let now = machine.progress();
+            let before = self.progress[index];
+            ensure!(
+                now.prepared >= before.prepared
+                    && now.committed >= before.committed
+                    && now.applied >= before.applied
+                    && now.writes_applied >= before.writes_applied
+                    && now.dropped_unexpected >= before.dropped_unexpected,
+                "pipeline {index} went back from {before:?} to {now:?}"
+            );
+            ensure!(
+                now.committed <= now.prepared,
+                "pipeline {index} committed {} of {} prepared",
+                now.committed,
+                now.prepared
+            );
+            writes_applied += now.writes_applied;
+            self.progress[index] = now;
+        }
+        ensure!(
+            writes_applied == applied,
+            "the pipelines count {writes_applied} writes applied, the replica {applied}"
+        );
+        if self.outcome.leader {
+            ensure!(
+                self.replica.inner.applied_zxid() <= self.zxids.last_issued(),
+                "zxid {:#x} applied, but only {:#x} issued",
+                self.replica.inner.applied_zxid(),
+                self.zxids.last_issued()
+            );
+        }
+        Ok(())
+    }
+
+    fn finish(mut self) -> Result<PipelineOutcome, Violation> {
+        self.check()?;
+        self.replica.check_store()?;
+        self.outcome.sent = self.outbox.sent;
+        self.outcome.dropped_unexpected = self.progress.iter().map(|p| p.dropped_unexpected).sum();
+        self.outcome.applied = self.replica.log.take();
+        Ok(self.outcome)
+    }
+}
+
+fn take<const N: usize>(input: &mut Unstructured<'_>) -> Option<[u8; N]> {
+    let bytes = input.bytes(N).ok()?;
+    <[u8; N]>::try_from(bytes).ok()
+}
+
+/// Limits within the knobs' ranges, chosen by the input.
+fn limits_from(input: &mut Unstructured<'_>) -> arbitrary::Result<Limits> {
+    let mut knob = |knob: Knob| {
+        let spec = knob.spec();
+        input.int_in_range(spec.min..=spec.max)
+    };
+    let as_usize = |value: u64| usize::try_from(value).unwrap_or(usize::MAX);
+    Ok(Limits {
+        prepare_batch: as_usize(knob(Knob::PrepareBatch)?),
+        write_batch: as_usize(knob(Knob::WriteBatch)?),
+        ack_batch: knob(Knob::AckBatch)?,
+        commit_batch: knob(Knob::CommitBatch)?,
+        prepare_credits: knob(Knob::PrepareCredits)?,
+        write_credits: knob(Knob::WriteCredits)?,
+        commit_credits: knob(Knob::CommitCredits)?,
+    })
+}
+
+/// Runs one node of the capture configuration over the input (see [`encode_pipeline_input`]):
+/// byte 0 picks the node (0 leads), byte 1 the limits (0: the knobs' defaults, else chosen by
+/// the next bytes), then records: a datagram (received, then every pipeline advances), a
+/// local write, closing or opening the outbox, an idle iteration. Checks the invariants after
+/// every record and the store at the end.
+pub fn pipeline_input(data: &[u8]) -> Result<PipelineOutcome, Violation> {
+    let mut input = Unstructured::new(data);
+    let Some([node, limits_choice]) = take::<2>(&mut input) else {
+        return Ok(PipelineOutcome::default());
+    };
+    let node = node % CAPTURE.nodes;
+    let limits = if limits_choice == 0 {
+        Limits::default()
+    } else {
+        match limits_from(&mut input) {
+            Ok(limits) => limits,
+            Err(_) => return Ok(PipelineOutcome::default()),
+        }
+    };
+    let mut harness = NodeHarness::new(node, limits)?;
+    while let Some([op]) = take::<1>(&mut input) {
+        match op % 4 {
+            OP_DATAGRAM => {
+                let Some(len) = take::<2>(&mut input) else {
+                    break;
+                };
+                let len = usize::from(u16::from_le_bytes(len)).min(input.len());
+                let datagram = input.bytes(len).unwrap_or_default();
+                harness.receive(datagram);
+            }
+            OP_LOCAL_WRITE => {
+                let Some(record) = take::<19>(&mut input) else {
+                    break;
+                };
+                let pipeline = usize::from(record[0]) % usize::from(CAPTURE.pipelines);
+                let session = u16::from_le_bytes([record[1], record[2]]);
+                let mut word = [0u8; 8];
+                word.copy_from_slice(&record[3..11]);
+                let seq = u64::from_le_bytes(word);
+                word.copy_from_slice(&record[11..19]);
+                // Mostly keys of the store, some beyond it.
+                let key = u64::from_le_bytes(word) % (CAPTURE.keys + CAPTURE.keys / 8);
+                harness.local_write(pipeline, session, seq, key);
+            }
+            OP_TOGGLE_OUTBOX => harness.outbox.closed = !harness.outbox.closed,
+            _ => {
+                debug_assert_eq!(op % 4, OP_IDLE);
+            }
+        }
+        harness.advance();
+        harness.check()?;
+    }
+    harness.finish()
+}
+
+// ---------------------------------------------------------------------------------------------
+// endpoint_decode
+
+/// Decodes `data` as a binary endpoint slot (its first 64 bytes, zero-padded) and as JSON
+/// endpoint records and addresses; what decodes must round-trip.
+pub fn endpoint_decode(data: &[u8]) -> Result<(), Violation> {
+    let mut slot = [0u8; ENDPOINT_BYTES];
+    let used = data.len().min(ENDPOINT_BYTES);
+    slot[..used].copy_from_slice(&data[..used]);
+    match EndpointAddress::from_bytes(&slot) {
+        Ok(address) => {
+            ensure!(
+                u32::from(slot[0]) == address.transport().code(),
+                "kind byte {} decoded as {:?}",
+                slot[0],
+                address
+            );
+            check_address(&address)?;
+        }
+        Err(EndpointDecodeError::Empty) => {
+            ensure!(slot[0] == 0, "a kind byte {} is 'empty'", slot[0])
+        }
+        Err(EndpointDecodeError::UnknownKind(kind)) => {
+            ensure!(
+                kind == slot[0] && kind != 0,
+                "kind {kind} reported for byte {}",
+                slot[0]
+            )
+        }
+    }
+    if let Ok(record) = serde_json::from_slice::<EndpointRecord>(data) {
+        check_address(&record.address)?;
+        let text = serde_json::to_string(&record)
+            .map_err(|error| Violation(format!("{record:?} does not serialize: {error}")))?;
+        ensure!(
+            serde_json::from_str::<EndpointRecord>(&text).ok() == Some(record),
+            "{record:?} does not round-trip through {text}"
+        );
+    }
+    if let Ok(address) = serde_json::from_slice::<EndpointAddress>(data) {
+        check_address(&address)?;
+        let text = serde_json::to_string(&address)
+            .map_err(|error| Violation(format!("{address:?} does not serialize: {error}")))?;
+        ensure!(
+            serde_json::from_str::<EndpointAddress>(&text).ok() == Some(address),
+            "{address:?} does not round-trip through {text}"
+        );
+    }
+    Ok(())
+}
+
+fn check_address(address: &EndpointAddress) -> Result<(), Violation> {
+    let bytes = address.to_bytes();
+    ensure!(
+        EndpointAddress::from_bytes(&bytes) == Ok(*address),
+        "{address:?} does not round-trip through its binary form"
+    );
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// knobs_parse
+
+/// Parses `data` as knob input: as JSON (an object of `name: value`, as a REST body carries,
+/// or a bare value for the knob byte 0 picks, and for every knob), and as text (lines of
+/// `NAME=VALUE`, as `--knob` takes, or a bare value). Every accepted value is within its
+/// knob's range and round-trips through the knob's JSON and text renderings.
+pub fn knobs_parse(data: &[u8]) -> Result<(), Violation> {
+    let Some(&first) = data.first() else {
+        return Ok(());
+    };
+    let picked = &KNOBS[usize::from(first) % KNOBS.len()];
+    if let Ok(value) = serde_json::from_slice::<serde_json::Value>(data) {
+        if let serde_json::Value::Object(map) = &value {
+            for (name, value) in map {
+                if let Ok(knob) = Knob::by_name(name) {
+                    check_knob(knob.spec(), knob.spec().parse_json(value))?;
+                }
+            }
+        }
+        for spec in KNOBS {
+            check_knob(spec, spec.parse_json(&value))?;
+        }
+    }
+    if let Ok(text) = std::str::from_utf8(data) {
+        for line in text.lines() {
+            let Some((name, value)) = line.split_once('=') else {
+                continue;
+            };
+            if let Ok(knob) = Knob::by_name(name.trim()) {
+                check_knob(knob.spec(), knob.spec().parse_text(value.trim()))?;
+            }
+        }
+        if let Some(rest) = text.get(1..) {
+            check_knob(picked, picked.parse_text(rest))?;
+        }
+        check_knob(picked, picked.parse_text(text))?;
+    }
+    Ok(())
+}
+
+fn check_knob(
+    spec: &KnobSpec,
+    parsed: Result<u64, rzab_shared::KnobError>,
+) -> Result<(), Violation> {
+    let Ok(value) = parsed else {
+        return Ok(());
+    };
+    ensure!(
+        spec.min <= value && value <= spec.max,
+        "knob {} accepted {value} outside {}..={}",
+        spec.name,
+        spec.min,
+        spec.max
+    );
+    let json = spec.to_json(value);
+    ensure!(
+        spec.parse_json(&json) == Ok(value),
+        "knob {}: {value} does not round-trip through {json}",
+        spec.name
+    );
+    let text = match (&json, spec.kind) {
+        (serde_json::Value::String(name), KnobKind::Choice(_)) => name.clone(),
+        _ => json.to_string(),
+    };
+    ensure!(
+        spec.parse_text(&text) == Ok(value),
+        "knob {}: {value} does not round-trip through the text {text}",
+        spec.name
+    );
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_store_written_behind_the_replica_is_caught() {
+        let replica = CheckingReplica::new(64, 32).unwrap_or_else(|error| panic!("{error}"));
+        assert!(replica.try_apply(ZXID_START + 1, 3, &[7; 32]));
+        assert_eq!(replica.check_store(), Ok(()));
+        // A write that bypasses the replica.
+        let _ = replica.inner.store().write(5, &[1; 32], ZXID_START + 9);
+        assert!(replica.check_store().is_err());
+    }
+
+    #[test]
+    fn out_of_order_applies_are_refused_and_counted() {
+        let replica = CheckingReplica::new(64, 32).unwrap_or_else(|error| panic!("{error}"));
+        assert!(!replica.try_apply(ZXID_START + 2, 3, &[7; 32]));
+        assert_eq!(replica.take_violation(), Ok(()));
+        assert!(replica.log.borrow().is_empty());
+    }
+
+    #[test]
+    fn a_message_that_does_not_decode_is_a_violation() {
+        let mut harness = NodeHarness::new(1, Limits::default()).unwrap_or_else(|e| panic!("{e}"));
+        harness.outbox.send(Target::Leader, Kind::Ack, 10, 0);
+        assert!(harness.check().is_err());
+    }
+
+    #[test]
+    fn encoded_inputs_parse_back() {
+        let input = encode_pipeline_input(7, [&[1u8, 2, 3][..], &[][..]]);
+        assert_eq!(input, vec![7, 0, 0, 3, 0, 1, 2, 3, 0, 0, 0]);
+        let outcome = pipeline_input(&input).unwrap_or_else(|error| panic!("{error}"));
+        assert_eq!((outcome.datagrams, outcome.malformed), (2, 2));
+        assert!(outcome.leader == (7 % CAPTURE.nodes == LEADER_NODE));
+    }
+}
