@@ -310,26 +310,69 @@ fn check_datagram(datagram: &[u8], params: &WireParams) -> Result<Option<Kind>, 
 // ---------------------------------------------------------------------------------------------
 // pipeline_input
 
-/// Record tags of the pipeline input format (taken modulo 4).
+/// Record tags of the pipeline input format (taken modulo 8; 5 to 7 are datagrams too).
 const OP_DATAGRAM: u8 = 0;
 const OP_LOCAL_WRITE: u8 = 1;
 const OP_TOGGLE_OUTBOX: u8 = 2;
 const OP_IDLE: u8 = 3;
+const OP_PEERS_KEEP_UP: u8 = 4;
+
+/// One record of a pipeline input.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PipelineRecord<'a> {
+    /// A received datagram.
+    Datagram(&'a [u8]),
+    /// The peers keep up: a leader node receives, from every follower, an ACK of everything it
+    /// prepared that returns every credit; a follower node receives a COMMIT of everything and
+    /// a CREDIT returning every WRITE credit. Real datagrams, encoded by the wire module and
+    /// decoded like any other.
+    PeersKeepUp,
+}
 
 /// Encodes a pipeline input: the receiving node's id, a zero byte (default limits), then each
-/// datagram as `[0][length u16 LE][bytes]`. Datagrams longer than 65535 bytes are cut.
+/// record: a datagram as `[0][length u16 LE][bytes]` (cut at 65535 bytes), a keep-up as `[4]`.
 pub fn encode_pipeline_input<'a>(
     node: u8,
-    datagrams: impl IntoIterator<Item = &'a [u8]>,
+    records: impl IntoIterator<Item = PipelineRecord<'a>>,
 ) -> Vec<u8> {
     let mut out = vec![node, 0];
-    for datagram in datagrams {
-        let len = u16::try_from(datagram.len()).unwrap_or(u16::MAX);
-        out.push(OP_DATAGRAM);
-        out.extend_from_slice(&len.to_le_bytes());
-        out.extend_from_slice(&datagram[..usize::from(len)]);
+    for record in records {
+        match record {
+            PipelineRecord::Datagram(datagram) => {
+                let len = u16::try_from(datagram.len()).unwrap_or(u16::MAX);
+                out.push(OP_DATAGRAM);
+                out.extend_from_slice(&len.to_le_bytes());
+                out.extend_from_slice(&datagram[..usize::from(len)]);
+            }
+            PipelineRecord::PeersKeepUp => out.push(OP_PEERS_KEEP_UP),
+        }
     }
     out
+}
+
+/// Parses a pipeline input made of datagrams and keep-ups only (as captured) back into the
+/// receiving node and its records; `None` for any other input.
+pub fn decode_pipeline_input(input: &[u8]) -> Option<(u8, Vec<PipelineRecord<'_>>)> {
+    let (&[node, 0], mut rest) = input.split_first_chunk::<2>()? else {
+        return None;
+    };
+    let mut records = Vec::new();
+    while let Some((&op, tail)) = rest.split_first() {
+        if op == OP_PEERS_KEEP_UP {
+            records.push(PipelineRecord::PeersKeepUp);
+            rest = tail;
+            continue;
+        }
+        if op != OP_DATAGRAM {
+            return None;
+        }
+        let (len, tail) = tail.split_first_chunk::<2>()?;
+        let len = usize::from(u16::from_le_bytes(*len));
+        let datagram = tail.get(..len)?;
+        records.push(PipelineRecord::Datagram(datagram));
+        rest = &tail[len..];
+    }
+    Some((node, records))
 }
 
 /// One write applied through the replica.
@@ -696,6 +739,46 @@ impl NodeHarness {
         }
     }
 
+    /// See [`PipelineRecord::PeersKeepUp`].
+    fn peers_keep_up(&mut self) {
+        let mut datagram = [0u8; wire::HEADER_BYTES + wire::RANGE_BODY];
+        let cluster_tag = self.params.cluster_tag;
+        for pipeline in 0..CAPTURE.pipelines {
+            let header = |kind, from_node, credits| wire::Header {
+                kind,
+                from_node,
+                pipeline,
+                count: 0,
+                cluster_tag,
+                value_len: u16::try_from(CAPTURE.value_len).unwrap_or(u16::MAX),
+                credits,
+            };
+            match self.machines.get(usize::from(pipeline)) {
+                Some(Machine::Leader(leader)) => {
+                    let prepared = leader.prepared();
+                    for follower in (0..CAPTURE.nodes).filter(|node| *node != LEADER_NODE) {
+                        // The leader clamps the counters to what it has sent.
+                        wire::put_header(
+                            &mut datagram,
+                            &header(Kind::Ack, follower, [u64::MAX; 3]),
+                        );
+                        wire::put_range(&mut datagram, 0, prepared);
+                        self.receive(&datagram);
+                    }
+                }
+                Some(Machine::Follower(_)) => {
+                    wire::put_header(&mut datagram, &header(Kind::Commit, LEADER_NODE, [0; 3]));
+                    wire::put_range(&mut datagram, 0, u64::MAX / 2);
+                    self.receive(&datagram);
+                    let credit = header(Kind::Credit, LEADER_NODE, [u64::MAX, 0, 0]);
+                    wire::put_header(&mut datagram, &credit);
+                    self.receive(&datagram[..wire::HEADER_BYTES]);
+                }
+                None => {}
+            }
+        }
+    }
+
     fn local_write(&mut self, pipeline: usize, session: u16, seq: u64, key: u64) {
         let mut value = [0u8; CAPTURE.value_len];
         value[..8].copy_from_slice(&seq.to_le_bytes());
@@ -817,9 +900,10 @@ fn limits_from(input: &mut Unstructured<'_>) -> arbitrary::Result<Limits> {
 
 /// Runs one node of the capture configuration over the input (see [`encode_pipeline_input`]):
 /// byte 0 picks the node (0 leads), byte 1 the limits (0: the knobs' defaults, else chosen by
-/// the next bytes), then records: a datagram (received, then every pipeline advances), a
-/// local write, closing or opening the outbox, an idle iteration. Checks the invariants after
-/// every record and the store at the end.
+/// the next bytes), then records: a datagram (received), a local write, closing or opening the
+/// outbox, an idle iteration, peers that keep up ([`PipelineRecord::PeersKeepUp`]); every
+/// pipeline advances after each. Checks the invariants after every record and the store at the
+/// end.
 pub fn pipeline_input(data: &[u8]) -> Result<PipelineOutcome, Violation> {
     let mut input = Unstructured::new(data);
     let Some([node, limits_choice]) = take::<2>(&mut input) else {
@@ -836,15 +920,7 @@ pub fn pipeline_input(data: &[u8]) -> Result<PipelineOutcome, Violation> {
     };
     let mut harness = NodeHarness::new(node, limits)?;
     while let Some([op]) = take::<1>(&mut input) {
-        match op % 4 {
-            OP_DATAGRAM => {
-                let Some(len) = take::<2>(&mut input) else {
-                    break;
-                };
-                let len = usize::from(u16::from_le_bytes(len)).min(input.len());
-                let datagram = input.bytes(len).unwrap_or_default();
-                harness.receive(datagram);
-            }
+        match op % 8 {
             OP_LOCAL_WRITE => {
                 let Some(record) = take::<19>(&mut input) else {
                     break;
@@ -860,8 +936,16 @@ pub fn pipeline_input(data: &[u8]) -> Result<PipelineOutcome, Violation> {
                 harness.local_write(pipeline, session, seq, key);
             }
             OP_TOGGLE_OUTBOX => harness.outbox.closed = !harness.outbox.closed,
+            OP_IDLE => {}
+            OP_PEERS_KEEP_UP => harness.peers_keep_up(),
             _ => {
-                debug_assert_eq!(op % 4, OP_IDLE);
+                // OP_DATAGRAM, and the spare tags.
+                let Some(len) = take::<2>(&mut input) else {
+                    break;
+                };
+                let len = usize::from(u16::from_le_bytes(len)).min(input.len());
+                let datagram = input.bytes(len).unwrap_or_default();
+                harness.receive(datagram);
             }
         }
         harness.advance();
@@ -1034,10 +1118,16 @@ mod tests {
 
     #[test]
     fn encoded_inputs_parse_back() {
-        let input = encode_pipeline_input(7, [&[1u8, 2, 3][..], &[][..]]);
-        assert_eq!(input, vec![7, 0, 0, 3, 0, 1, 2, 3, 0, 0, 0]);
+        let records = [
+            PipelineRecord::Datagram(&[1u8, 2, 3]),
+            PipelineRecord::PeersKeepUp,
+            PipelineRecord::Datagram(&[]),
+        ];
+        let input = encode_pipeline_input(7, records);
+        assert_eq!(input, vec![7, 0, 0, 3, 0, 1, 2, 3, 4, 0, 0, 0]);
+        assert_eq!(decode_pipeline_input(&input), Some((7, records.to_vec())));
         let outcome = pipeline_input(&input).unwrap_or_else(|error| panic!("{error}"));
-        assert_eq!((outcome.datagrams, outcome.malformed), (2, 2));
+        assert_eq!(outcome.malformed, 2);
         assert!(outcome.leader == (7 % CAPTURE.nodes == LEADER_NODE));
     }
 }

@@ -11,7 +11,8 @@
 //! and the node have let go of it (at shutdown):
 //! - `DIR/wire_decode/KIND-HASH`: one datagram each;
 //! - `DIR/pipeline_input/nodeN-HASH`: every pipeline's sequence, merged in arrival order, in
-//!   [`crate::fuzzing::encode_pipeline_input`]'s format;
+//!   [`crate::fuzzing::encode_pipeline_input`]'s format (a leader's with a keep-up record
+//!   after every few datagrams, standing in for the acks of its own prepares);
 //! - `DIR/endpoint_decode/`: this node's endpoint records, as JSON and as the binary slot;
 //! - `DIR/knobs_parse/`: the node's knob values, as a JSON object and as `NAME=VALUE` lines.
 //!
@@ -29,12 +30,16 @@ use super::{
     Capabilities, MulticastGroup, RecvCompletion, SendRequest, Transport, TransportError,
     TransportStats,
 };
+use crate::fuzzing::{PipelineRecord, encode_pipeline_input};
+use crate::zab::follower::LEADER_NODE;
 use crate::zab::wire::Kind;
 
 /// Datagrams kept per kind byte and worker.
 pub const PER_KIND: usize = 12;
 /// Datagrams kept in arrival order per worker.
 pub const SEQUENCE: usize = 48;
+/// In a leader's pipeline seed, a keep-up record after every this many datagrams.
+const KEEP_UP_EVERY: usize = 8;
 /// Kind bytes told apart; higher ones share the last bucket.
 const KIND_BUCKETS: usize = 16;
 
@@ -165,10 +170,16 @@ impl CaptureSink {
         }
         sequence.sort_by_key(|(stamp, _)| *stamp);
         if !sequence.is_empty() {
-            let input = crate::fuzzing::encode_pipeline_input(
-                self.node,
-                sequence.iter().map(|(_, bytes)| *bytes),
-            );
+            let mut records = Vec::new();
+            for (index, (_, bytes)) in sequence.iter().enumerate() {
+                records.push(PipelineRecord::Datagram(bytes));
+                // The leader's own prepares are not in what it received: let the followers
+                // acknowledge them now and then, so its seeds commit and apply too.
+                if self.node == LEADER_NODE && index % KEEP_UP_EVERY == KEEP_UP_EVERY - 1 {
+                    records.push(PipelineRecord::PeersKeepUp);
+                }
+            }
+            let input = encode_pipeline_input(self.node, records);
             save("pipeline_input", &format!("node{}", self.node), &input)?;
         }
         let object: serde_json::Map<String, serde_json::Value> = self

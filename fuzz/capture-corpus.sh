@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# Refreshes the seed corpora in fuzz/corpus/ from real runs: builds rzab-dataplane (release),
+# runs a short local 3-node cluster over shm and then over udp (loopback) with
+# --capture-corpus, and keeps what the nodes recorded: received datagrams by kind
+# (wire_decode), each node's received sequence (pipeline_input), the nodes' endpoint records
+# (endpoint_decode) and their knob values (knobs_parse). Files named regression-* (inputs that
+# once crashed a target) are kept; earlier captured files are replaced.
+#
+# The cluster runs in the capture configuration the harnesses decode with
+# (rzab_dataplane::fuzzing::CAPTURE): cluster fuzzcap, 3 nodes, 2 workers, 32-byte values,
+# 1024 keys, window 1024, 32 sessions. Change both together.
+#
+#   fuzz/capture-corpus.sh [--seconds 2] [--transports "shm udp"]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+seconds=2 transports="shm udp"
+while (($#)); do
+  case "$1" in
+    --seconds) seconds="$2"; shift 2 ;;
+    --transports) transports="$2"; shift 2 ;;
+    -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
+    *) echo "unknown option $1 (see --help)" >&2; exit 2 ;;
+  esac
+done
+
+corpus=fuzz/corpus
+targets=(wire_decode pipeline_input endpoint_decode knobs_parse)
+echo "==> building rzab-dataplane (release)"
+cargo build --release --bin rzab-dataplane -q
+bin=target/release/rzab-dataplane
+
+work=$(mktemp -d)
+pids=()
+cleanup() {
+  for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+captured=$work/captured
+for transport in $transports; do
+  echo "==> 3-node cluster over $transport for ${seconds}s, capturing"
+  base=$((30000 + ($$ % 1000) * 10))
+  pids=()
+  for node in 0 1 2; do
+    "$bin" --cluster fuzzcap --node "$node" --nodes 3 --workers 2 --value-size 32 --keys 1024 \
+      --window 1024 --sessions 32 --write-ratio 300 --transport "$transport" \
+      --duration "$seconds" --join-timeout 30 --shm-dir "$work" \
+      --control-block "$work/block-$transport-$node" \
+      --udp-port-base "$base" --multicast-port $((base + 9)) \
+      --knob stats_interval_ms=60000 --capture-corpus "$captured" \
+      >"$work/$transport-$node.log" 2>&1 &
+    pids+=($!)
+  done
+  for index in "${!pids[@]}"; do
+    if ! wait "${pids[$index]}"; then
+      echo "node $index over $transport failed:" >&2
+      cat "$work/$transport-$index.log" >&2
+      exit 1
+    fi
+  done
+  pids=()
+  grep -h "captured" "$work/$transport-"*.log | sed 's/^/    /'
+done
+
+for target in "${targets[@]}"; do
+  mkdir -p "$corpus/$target"
+  find "$corpus/$target" -type f ! -name 'regression-*' -delete
+  if [ -d "$captured/$target" ]; then
+    cp "$captured/$target"/* "$corpus/$target/"
+  fi
+  printf '%-16s %4d files %6s\n' "$target" "$(find "$corpus/$target" -type f | wc -l)" \
+    "$(du -sh "$corpus/$target" | cut -f1)"
+done
