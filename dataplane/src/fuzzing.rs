@@ -275,6 +275,13 @@ fn check_datagram(datagram: &[u8], params: &WireParams) -> Result<Option<Kind>, 
                 entry.value.len()
             );
         }
+        if let Some((_, first_zxid)) = contents.prepare_start {
+            ensure!(
+                first_zxid.checked_add(u64::from(header.count)).is_some(),
+                "a prepare of {} zxids from {first_zxid:#x} decoded",
+                header.count
+            );
+        }
         // Out-of-range indices are clamped to the last entry, never read past the body.
         let last = message.entry(usize::MAX);
         ensure!(
@@ -310,12 +317,13 @@ fn check_datagram(datagram: &[u8], params: &WireParams) -> Result<Option<Kind>, 
 // ---------------------------------------------------------------------------------------------
 // pipeline_input
 
-/// Record tags of the pipeline input format (taken modulo 8; 5 to 7 are datagrams too).
+/// Record tags of the pipeline input format (taken modulo 8; 6 and 7 are datagrams too).
 const OP_DATAGRAM: u8 = 0;
 const OP_LOCAL_WRITE: u8 = 1;
 const OP_TOGGLE_OUTBOX: u8 = 2;
 const OP_IDLE: u8 = 3;
 const OP_PEERS_KEEP_UP: u8 = 4;
+const OP_SYNTHESIZED: u8 = 5;
 
 /// One record of a pipeline input.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -875,6 +883,76 @@ impl NodeHarness {
     }
 }
 
+/// A number for a message field: small, near the first zxid, near the top of the range, or any,
+/// as the input chooses (edges are where arithmetic on untrusted fields goes wrong).
+fn field(input: &mut Unstructured<'_>) -> arbitrary::Result<u64> {
+    let choice = input.arbitrary::<u8>()?;
+    let small = u64::from(input.arbitrary::<u16>()?);
+    Ok(match choice % 4 {
+        0 => small,
+        1 => ZXID_START + small,
+        2 => u64::MAX - small,
+        _ => (small << 48) | (u64::from(input.arbitrary::<u32>()?) << 16) | small,
+    })
+}
+
+/// A well-formed message with fields the input chooses, encoded with the wire module's
+/// encoders into `out`; returns its length. Lets the fuzzer reach the state machines with any
+/// field values without first finding a valid header, tag and body length.
+fn synthesize(input: &mut Unstructured<'_>, out: &mut [u8]) -> arbitrary::Result<usize> {
+    let kind = Kind::ALL[usize::from(input.arbitrary::<u8>()?) % Kind::ALL.len()];
+    let count = if kind == Kind::Prepare || kind == Kind::Write {
+        input.int_in_range(1..=4u16)?
+    } else {
+        u16::from(input.arbitrary::<bool>()?)
+    };
+    let header = wire::Header {
+        kind,
+        from_node: input.arbitrary::<u8>()? % CAPTURE.nodes,
+        pipeline: input.arbitrary::<u8>()? % CAPTURE.pipelines,
+        count,
+        cluster_tag: wire::cluster_tag(CAPTURE.cluster),
+        value_len: u16::try_from(CAPTURE.value_len).unwrap_or(u16::MAX),
+        credits: [field(input)?, field(input)?, field(input)?],
+    };
+    wire::put_header(out, &header);
+    let value_len = CAPTURE.value_len;
+    // Not a `match`, as in `reencode`: a kind added later gets a bare header here.
+    let (len, entries_at) = if kind == Kind::Prepare {
+        wire::put_prepare_prefix(out, field(input)?, field(input)?);
+        (
+            wire::prepare_len(usize::from(count), value_len),
+            wire::HEADER_BYTES + wire::PREPARE_PREFIX,
+        )
+    } else if kind == Kind::Write {
+        (
+            wire::write_len(usize::from(count), value_len),
+            wire::HEADER_BYTES,
+        )
+    } else if kind == Kind::Ack || kind == Kind::Commit {
+        wire::put_range(out, field(input)?, field(input)?);
+        (wire::HEADER_BYTES + wire::RANGE_BODY, 0)
+    } else {
+        (wire::HEADER_BYTES, 0)
+    };
+    if entries_at > 0 {
+        let mut value = [0u8; CAPTURE.value_len];
+        for index in 0..usize::from(count) {
+            value.fill(input.arbitrary::<u8>()?);
+            let at = entries_at + index * (wire::ENTRY_FIXED + value_len);
+            wire::put_entry(
+                &mut out[at..],
+                input.arbitrary::<u8>()?,
+                input.arbitrary::<u16>()?,
+                field(input)?,
+                field(input)? % (CAPTURE.keys + 1),
+                &value,
+            );
+        }
+    }
+    Ok(len)
+}
+
 fn take<const N: usize>(input: &mut Unstructured<'_>) -> Option<[u8; N]> {
     let bytes = input.bytes(N).ok()?;
     <[u8; N]>::try_from(bytes).ok()
@@ -901,8 +979,9 @@ fn limits_from(input: &mut Unstructured<'_>) -> arbitrary::Result<Limits> {
 /// Runs one node of the capture configuration over the input (see [`encode_pipeline_input`]):
 /// byte 0 picks the node (0 leads), byte 1 the limits (0: the knobs' defaults, else chosen by
 /// the next bytes), then records: a datagram (received), a local write, closing or opening the
-/// outbox, an idle iteration, peers that keep up ([`PipelineRecord::PeersKeepUp`]); every
-/// pipeline advances after each. Checks the invariants after every record and the store at the
+/// outbox, an idle iteration, peers that keep up ([`PipelineRecord::PeersKeepUp`]), a
+/// well-formed message whose fields the input chooses (received); every pipeline advances
+/// after each. Checks the invariants after every record and the store at the
 /// end.
 pub fn pipeline_input(data: &[u8]) -> Result<PipelineOutcome, Violation> {
     let mut input = Unstructured::new(data);
@@ -938,6 +1017,13 @@ pub fn pipeline_input(data: &[u8]) -> Result<PipelineOutcome, Violation> {
             OP_TOGGLE_OUTBOX => harness.outbox.closed = !harness.outbox.closed,
             OP_IDLE => {}
             OP_PEERS_KEEP_UP => harness.peers_keep_up(),
+            OP_SYNTHESIZED => {
+                let mut datagram = vec![0u8; capture_mtu()];
+                let Ok(len) = synthesize(&mut input, &mut datagram) else {
+                    break;
+                };
+                harness.receive(&datagram[..len]);
+            }
             _ => {
                 // OP_DATAGRAM, and the spare tags.
                 let Some(len) = take::<2>(&mut input) else {

@@ -359,3 +359,55 @@ fn endpoint_and_knob_corpora_and_variants() {
     // The captured configuration is the one the seeds were made with.
     assert_eq!(CAPTURE.cluster, "fuzzcap");
 }
+
+/// The first finding of the `pipeline_input` target: a PREPARE whose zxids run past 2^64
+/// overflowed the follower's `first_zxid + index`. The decoder refuses it now.
+#[test]
+fn a_prepare_whose_zxids_wrap_is_refused() {
+    let params = fuzzing::WireParams::capture();
+    let prepare = |first_zxid: u64| {
+        let mut datagram = vec![0u8; wire::prepare_len(2, CAPTURE.value_len)];
+        wire::put_header(
+            &mut datagram,
+            &wire::Header {
+                kind: Kind::Prepare,
+                from_node: 0,
+                pipeline: 0,
+                count: 2,
+                cluster_tag: params.cluster_tag,
+                value_len: CAPTURE.value_len as u16,
+                credits: [0; 3],
+            },
+        );
+        wire::put_prepare_prefix(&mut datagram, 0, first_zxid);
+        datagram
+    };
+    let decode = |datagram: &[u8]| {
+        wire::Message::decode(
+            datagram,
+            params.cluster_tag,
+            params.value_len,
+            params.nodes,
+            params.pipelines,
+        )
+        .map(|message| message.prepare_start())
+    };
+    assert_eq!(decode(&prepare(u64::MAX)), Err(wire::WireError::ZxidRange));
+    assert_eq!(
+        decode(&prepare(u64::MAX - 1)),
+        Err(wire::WireError::ZxidRange)
+    );
+    assert_eq!(decode(&prepare(u64::MAX - 2)), Ok((0, u64::MAX - 2)));
+    for first_zxid in [u64::MAX, u64::MAX - 2] {
+        let datagram = prepare(first_zxid);
+        let records = [
+            PipelineRecord::Datagram(&datagram),
+            PipelineRecord::PeersKeepUp,
+        ];
+        let outcome = expect_ok(
+            fuzzing::pipeline_input(&encode_pipeline_input(1, records)),
+            format!("prepare from {first_zxid:#x}"),
+        );
+        assert!(outcome.applied.is_empty(), "{outcome:?}");
+    }
+}

@@ -84,6 +84,8 @@ pub enum WireError {
     },
     #[error("sender node {0} or pipeline {1} out of range")]
     BadSender(u8, u8),
+    #[error("prepare zxids run past 2^64")]
+    ZxidRange,
 }
 
 /// The decoded fixed header.
@@ -187,7 +189,8 @@ pub struct Message<'a> {
 }
 
 impl<'a> Message<'a> {
-    /// Validates a datagram: header, cluster, sender range and the exact body length.
+    /// Validates a datagram: header, cluster, sender range, the exact body length, and that a
+    /// PREPARE's zxids do not run past 2^64.
     pub fn decode(
         datagram: &'a [u8],
         cluster_tag: u32,
@@ -251,6 +254,15 @@ impl<'a> Message<'a> {
                 expected,
                 count,
             });
+        }
+        // Zxids never wrap, and the follower numbers a PREPARE's entries from its first zxid:
+        // a range past 2^64 is corrupt (found by fuzzing: it overflowed in the follower).
+        if kind == Kind::Prepare
+            && u64_at(body, 8)
+                .checked_add(u64::from(header.count))
+                .is_none()
+        {
+            return Err(WireError::ZxidRange);
         }
         Ok(Message { header, body })
     }
