@@ -21,6 +21,7 @@ fi
 
 echo "==> cargo fmt --check"
 cargo fmt --all -- --check
+rustfmt --edition 2024 --check fuzz/fuzz_targets/*.rs
 echo "==> cargo clippy (default features)"
 cargo clippy --workspace --all-targets -- -D warnings
 echo "==> cargo clippy (--features verbs)"
