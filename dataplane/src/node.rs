@@ -28,7 +28,9 @@ use crate::worker::{NodeShared, Peers, Worker};
 use crate::workload::{Sessions, Trace};
 use crate::zab::follower::LEADER_NODE;
 use crate::zab::wire::{self, cluster_tag};
-use crate::zab::{PipelineConfig, ZxidSource, follower_recv_slots, leader_recv_slots};
+use crate::zab::{
+    CatchupBoard, PipelineConfig, ZxidSource, follower_recv_slots, leader_recv_slots,
+};
 
 /// Requests pre-built per worker.
 const TRACE_LEN: usize = 1 << 18;
@@ -270,7 +272,16 @@ where
         }
     }
 
+    // The table the workers resolve now; a later generation (a restarted peer) is re-read.
+    let peers_generation = block.handshake.peers_generation.load(Ordering::Acquire);
     let tag = cluster_tag(&options.cluster);
+    // Write ids hold 32 bits of a session's sequence: a process starts its sessions in a
+    // 2^20-wide range chosen by its start time, so a restarted node's write ids are new.
+    let started_secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|elapsed| elapsed.as_secs())
+        .unwrap_or(0);
+    let first_sequence = ((started_secs & 0xfff) << 20) | 1;
     let mut workers = Vec::with_capacity(transports.len());
     for (worker, mut transport) in (0..options.workers).zip(transports) {
         let remote = |peer: u8| {
@@ -306,18 +317,18 @@ where
             sessions: options.sessions,
             window: options.window,
             mtu: transport.caps().mtu,
+            keys: options.keys,
+            instance: block.header.instance.load(Ordering::Relaxed).max(1),
+            fingerprint: options.fingerprint(),
         };
         config.validate().map_err(anyhow::Error::msg)?;
         let seed = options.seed ^ (u64::from(node) << 16) ^ (u64::from(worker) << 8);
         let trace = Trace::build(options.keys, options.key_distribution(), TRACE_LEN, seed)?;
-        let sessions = Sessions::new(node, worker, options.sessions, trace, options.value_size);
-        workers.push(Worker::new(
-            config,
-            options.fingerprint(),
-            transport,
-            sessions,
-            peers,
-        ));
+        let sessions = Sessions::new(node, worker, options.sessions, trace, options.value_size)
+            .with_first_sequence(first_sequence);
+        let mut worker = Worker::new(config, options.fingerprint(), transport, sessions, peers);
+        worker.set_peers_generation(peers_generation);
+        workers.push(worker);
     }
 
     let cores = core_affinity::get_core_ids().unwrap_or_default();
@@ -326,10 +337,15 @@ where
         "off" => false,
         _ => cores.len() >= usize::from(options.nodes) * usize::from(options.workers),
     };
+    let board = CatchupBoard::new(usize::from(options.workers));
+    let serving = AtomicUsize::new(0);
     let shared = NodeShared {
         block,
         replica,
         zxids,
+        board: &board,
+        serving: &serving,
+        pipelines: usize::from(options.workers),
         stop,
     };
     let joined = AtomicUsize::new(0);
@@ -363,7 +379,12 @@ where
                         return;
                     }
                     joined.fetch_add(1, Ordering::AcqRel);
-                    worker.run(shared);
+                    if let Err(error) = worker.run(shared) {
+                        if let Ok(mut slot) = failure.lock() {
+                            slot.get_or_insert(error.into());
+                        }
+                        shared.stop.store(true, Ordering::Relaxed);
+                    }
                     finished.fetch_add(1, Ordering::AcqRel);
                 })
                 .map(|_| ())
