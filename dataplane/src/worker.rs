@@ -247,6 +247,25 @@ impl<T: Transport> Outbox for TransportOutbox<'_, T> {
         Some(self.transport.send_buffer(self.buffers_used))
     }
 
+    fn resend(&mut self, target: Target, _kind: Kind, len: usize) {
+        // Repeats go to one peer; the pipeline counts them as retransmissions.
+        match target {
+            Target::Leader => {
+                if let Some(leader) = self.peers.leader {
+                    self.push(Destination::Unicast(leader), len);
+                }
+            }
+            Target::Follower(node) => {
+                if let Some(Some(follower)) = self.peers.followers.get(usize::from(node)) {
+                    self.push(Destination::Unicast(*follower), len);
+                }
+            }
+            Target::AllFollowers => return,
+        }
+        self.buffers_used += 1;
+        self.sent += 1;
+    }
+
     fn send(&mut self, target: Target, kind: Kind, len: usize, batch: u64) {
         let mut multicast_path = false;
         match target {

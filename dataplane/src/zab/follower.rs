@@ -470,12 +470,11 @@ impl Follower {
             len += wire::ENTRY_FIXED + self.config.value_len;
             self.sent_ns[usize::from(*session)] = now_ns;
         }
-        let batch = if flags & FLAG_RETRANSMIT == 0 {
-            sessions.len() as u64
+        if flags & FLAG_RETRANSMIT == 0 {
+            outbox.send(Target::Leader, Kind::Write, len, sessions.len() as u64);
         } else {
-            0
-        };
-        outbox.send(Target::Leader, Kind::Write, len, batch);
+            outbox.resend(Target::Leader, Kind::Write, len);
+        }
         true
     }
 

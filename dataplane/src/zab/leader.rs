@@ -500,8 +500,7 @@ impl Leader {
             wire::put_prepare_prefix(buffer, pseq, first_zxid);
             let mut len = wire::HEADER_BYTES + wire::PREPARE_PREFIX;
             len += self.pending.encode_entries(pseq, count, &mut buffer[len..]);
-            // A batch of 0: repeats stay out of the batch-size statistics.
-            outbox.send(follower_target(follower), Kind::Prepare, len, 0);
+            outbox.resend(follower_target(follower), Kind::Prepare, len);
             self.stats.retransmitted_prepares += 1;
             pseq += count;
         }
@@ -559,11 +558,10 @@ impl Leader {
                     );
                     let count = self.commit_sent - link.applied;
                     wire::put_range(buffer, link.applied, count);
-                    outbox.send(
+                    outbox.resend(
                         follower_target(follower),
                         Kind::Commit,
                         wire::HEADER_BYTES + wire::RANGE_BODY,
-                        0,
                     );
                     self.stats.retransmitted_commits += 1;
                 }
