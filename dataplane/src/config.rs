@@ -129,6 +129,15 @@ pub struct Options {
     /// Print the stats line as JSON instead of text.
     #[arg(long)]
     pub json_stats: bool,
+    /// Testing: drop this percentage of the datagrams this node sends (0-100).
+    #[arg(long, default_value_t = 0.0)]
+    pub inject_loss: f64,
+    /// Testing: send this percentage of datagrams twice (0-100).
+    #[arg(long, default_value_t = 0.0)]
+    pub inject_duplicate: f64,
+    /// Testing: hold back this percentage of datagrams so they arrive out of order (0-100).
+    #[arg(long, default_value_t = 0.0)]
+    pub inject_reorder: f64,
 }
 
 /// A configuration that cannot work.
@@ -209,6 +218,20 @@ impl Options {
         self.fabric.clone().unwrap_or_else(|| self.cluster.clone())
     }
 
+    /// The faults to inject into this node's sends, if any were asked for.
+    pub fn faults(&self) -> Option<crate::transport::fault::FaultConfig> {
+        if self.inject_loss == 0.0 && self.inject_duplicate == 0.0 && self.inject_reorder == 0.0 {
+            return None;
+        }
+        Some(crate::transport::fault::FaultConfig {
+            seed: self.seed ^ (u64::from(self.node) << 32),
+            drop: self.inject_loss / 100.0,
+            duplicate: self.inject_duplicate / 100.0,
+            reorder: self.inject_reorder / 100.0,
+            ..crate::transport::fault::FaultConfig::default()
+        })
+    }
+
     pub fn key_distribution(&self) -> KeyDistribution {
         match self.distribution {
             Distribution::Uniform => KeyDistribution::Uniform,
@@ -283,6 +306,17 @@ impl Options {
         }
         if self.keys == 0 {
             return invalid("--keys must be positive".into());
+        }
+        for (name, percent) in [
+            ("--inject-loss", self.inject_loss),
+            ("--inject-duplicate", self.inject_duplicate),
+            ("--inject-reorder", self.inject_reorder),
+        ] {
+            if !(0.0..=100.0).contains(&percent) {
+                return invalid(format!(
+                    "{name} {percent} must be a percentage within 0..=100"
+                ));
+            }
         }
         if !self.window.is_power_of_two() || self.window < 32 {
             return invalid(format!(

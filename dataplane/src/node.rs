@@ -21,6 +21,7 @@ use rzab_shared::{
 use crate::config::{Options, PeerDiscovery};
 use crate::replica::NodeReplica;
 use crate::store::StoreConfig;
+use crate::transport::fault::{FaultConfig, FaultyTransport};
 use crate::transport::shm::{ShmConfig, ShmTransport};
 use crate::transport::udp::{UdpConfig, UdpTransport};
 use crate::transport::{MulticastGroup, Transport, TransportError};
@@ -46,7 +47,10 @@ pub struct Summary {
     pub write_p50_ns: u64,
     pub write_p99_ns: u64,
     pub applied_zxid: u64,
+    /// Digest of the applied sequence (differs on a node that caught up by snapshot).
     pub digest: u64,
+    /// Digest of the store's contents: equal on every replica that applied the same prefix.
+    pub store_digest: u64,
 }
 
 /// The largest datagram the protocol needs for this value size, capped at 4 KiB (larger
@@ -114,7 +118,7 @@ pub fn run(options: &Options) -> anyhow::Result<Summary> {
             let address = |node: u8, worker: u8| EndpointAddress::Shm {
                 port: u32::from(node) * u32::from(workers) + u32::from(worker),
             };
-            run_with(options, &block, &replica, &zxids, &stop, open, address)
+            run_maybe_faulty(options, &block, &replica, &zxids, &stop, open, address)
         }
         TransportKind::Udp => {
             let workers = u16::from(options.workers);
@@ -139,7 +143,7 @@ pub fn run(options: &Options) -> anyhow::Result<Summary> {
                 ip: options.udp_host(node),
                 port: port(node, worker),
             };
-            run_with(options, &block, &replica, &zxids, &stop, open, address)
+            run_maybe_faulty(options, &block, &replica, &zxids, &stop, open, address)
         }
         TransportKind::Verbs => run_verbs(options, &block, &replica, &zxids, &stop, mtu, slots),
     }
@@ -184,6 +188,50 @@ fn run_verbs(
     bail!(
         "this rzab-dataplane was built without the verbs transport: rebuild with `cargo build --release --features verbs` (needs libibverbs-dev and librdmacm-dev), or use --transport shm or --transport udp"
     )
+}
+
+/// Runs over the transport `open` gives, wrapped in a fault injector when the options ask
+/// for injected loss, duplication or reordering.
+fn run_maybe_faulty<T, Open, Address>(
+    options: &Options,
+    block: &ControlBlock,
+    replica: &NodeReplica,
+    zxids: &ZxidSource,
+    stop: &Arc<AtomicBool>,
+    open: Open,
+    static_address: Address,
+) -> anyhow::Result<Summary>
+where
+    T: Transport + Send,
+    T::Address: Send,
+    Open: Fn(u8) -> Result<T, TransportError>,
+    Address: Fn(u8, u8) -> EndpointAddress,
+{
+    match options.faults() {
+        None => run_with(options, block, replica, zxids, stop, open, static_address),
+        Some(faults) => {
+            let open_faulty = |worker: u8| {
+                open(worker).map(|transport| {
+                    FaultyTransport::new(
+                        transport,
+                        FaultConfig {
+                            seed: faults.seed ^ u64::from(worker),
+                            ..faults
+                        },
+                    )
+                })
+            };
+            run_with(
+                options,
+                block,
+                replica,
+                zxids,
+                stop,
+                open_faulty,
+                static_address,
+            )
+        }
+    }
 }
 
 /// Waits for the control plane to publish the remote table.
@@ -528,6 +576,7 @@ fn report_until_stopped(
         write_p99_ns: histogram.quantile_upper_bound(0.99),
         applied_zxid: shared.replica.applied_zxid(),
         digest: shared.replica.digest(),
+        store_digest: shared.replica.store().digest(),
     }
 }
 

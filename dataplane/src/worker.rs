@@ -23,9 +23,9 @@ use std::time::{Duration, Instant};
 use std::sync::atomic::AtomicUsize;
 
 use rzab_shared::control_block::{ControlBlock, SyncState, WorkerBlock};
-use rzab_shared::{Counter, EndpointAddress};
 use rzab_shared::knobs::{Knob, POLL_MODE_BUSY};
 use rzab_shared::limits::MAX_NODES;
+use rzab_shared::{Counter, EndpointAddress};
 
 use crate::replica::NodeReplica;
 use crate::transport::{Destination, RecvCompletion, SendRequest, Transport};
@@ -353,7 +353,10 @@ fn publish_stats(counters: &WorkerBlock, stats: &PipelineStats, malformed: u64, 
     counters.set(Counter::RetransmitWrite, stats.retransmitted_writes);
     counters.set(Counter::GapsDetected, stats.gaps_detected);
     counters.set(Counter::CatchupEntriesSent, stats.snapshot_entries_sent);
-    counters.set(Counter::CatchupEntriesReceived, stats.snapshot_entries_installed);
+    counters.set(
+        Counter::CatchupEntriesReceived,
+        stats.snapshot_entries_installed,
+    );
 }
 
 /// Completes sessions and records write latency.
@@ -478,7 +481,8 @@ impl<T: Transport> Worker<T> {
         }
         self.peers_generation = generation;
         let resolve = |transport: &mut T, node: u8| -> Option<T::Address> {
-            let address: EndpointAddress = block.remote.get(usize::from(node))?[self.index].load()?;
+            let address: EndpointAddress =
+                block.remote.get(usize::from(node))?[self.index].load()?;
             transport.resolve(&address).ok()
         };
         if self.config.node == LEADER_NODE {
@@ -745,7 +749,10 @@ impl<T: Transport> Worker<T> {
             if epoch != knob_epoch {
                 knob_epoch = epoch;
                 settings = LiveSettings::read(shared.block);
-                counters.gauges.knob_epoch_seen.store(epoch, Ordering::Relaxed);
+                counters
+                    .gauges
+                    .knob_epoch_seen
+                    .store(epoch, Ordering::Relaxed);
             }
 
             let received = self.transport.poll_recv(&mut self.completions);

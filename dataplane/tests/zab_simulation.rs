@@ -178,7 +178,12 @@ struct Outcome {
 /// One virtual step is this many nanoseconds.
 const STEP_NS: u64 = 1_000;
 
-fn pipeline_config(scenario: &Scenario, node: usize, pipeline: usize, instance: u64) -> PipelineConfig {
+fn pipeline_config(
+    scenario: &Scenario,
+    node: usize,
+    pipeline: usize,
+    instance: u64,
+) -> PipelineConfig {
     let config = PipelineConfig {
         node: node as u8,
         nodes: scenario.nodes as u8,
@@ -197,7 +202,13 @@ fn pipeline_config(scenario: &Scenario, node: usize, pipeline: usize, instance: 
     config
 }
 
-fn new_pipeline(scenario: &Scenario, seed: u64, node: usize, pipeline: usize, instance: u64) -> Pipeline {
+fn new_pipeline(
+    scenario: &Scenario,
+    seed: u64,
+    node: usize,
+    pipeline: usize,
+    instance: u64,
+) -> Pipeline {
     let config = pipeline_config(scenario, node, pipeline, instance);
     let role = if node == 0 {
         Role::Leader(Box::new(Leader::new(config)))
@@ -213,8 +224,14 @@ fn new_pipeline(scenario: &Scenario, seed: u64, node: usize, pipeline: usize, in
     .unwrap();
     Pipeline {
         role,
-        sessions: Sessions::new(node as u8, pipeline as u8, scenario.sessions, trace, VALUE_LEN)
-            .with_first_sequence((instance << 20) | 1),
+        sessions: Sessions::new(
+            node as u8,
+            pipeline as u8,
+            scenario.sessions,
+            trace,
+            VALUE_LEN,
+        )
+        .with_first_sequence((instance << 20) | 1),
         own_writes: vec![HashMap::new(); scenario.sessions],
         in_flight: vec![HashMap::new(); scenario.sessions],
         joining: false,
@@ -267,7 +284,11 @@ impl Network {
                 self.lost += 1;
                 continue;
             }
-            let copies = if rng.random_range(0..1000) < scenario.duplicate_permille { 2 } else { 1 };
+            let copies = if rng.random_range(0..1000) < scenario.duplicate_permille {
+                2
+            } else {
+                1
+            };
             for _ in 0..copies {
                 let slots = if to_node == 0 {
                     leader_recv_slots(scenario.nodes - 1)
@@ -299,7 +320,8 @@ impl Network {
                         bytes: bytes.clone(),
                     },
                 );
-                self.queue.push(Reverse((now + delay, self.next_id as u64, self.next_id)));
+                self.queue
+                    .push(Reverse((now + delay, self.next_id as u64, self.next_id)));
                 self.next_id += 1;
             }
         }
@@ -330,7 +352,10 @@ fn dump(pipelines: &[Vec<Pipeline>], replicas: &[LoggedReplica]) {
         }
     }
     for (node, replica) in replicas.iter().enumerate() {
-        eprintln!("node {node} applied zxid {:#x}", replica.inner.applied_zxid());
+        eprintln!(
+            "node {node} applied zxid {:#x}",
+            replica.inner.applied_zxid()
+        );
     }
 }
 
@@ -338,7 +363,8 @@ fn run(scenario: &Scenario, seed: u64) -> Outcome {
     let mut rng = SmallRng::seed_from_u64(seed);
     let zxids = ZxidSource::new();
     let board = CatchupBoard::new(scenario.pipelines);
-    let mut replicas: Vec<LoggedReplica> = (0..scenario.nodes).map(|_| LoggedReplica::new()).collect();
+    let mut replicas: Vec<LoggedReplica> =
+        (0..scenario.nodes).map(|_| LoggedReplica::new()).collect();
     let mut instances: Vec<u64> = (0..scenario.nodes).map(|node| node as u64 + 1).collect();
     let mut pipelines: Vec<Vec<Pipeline>> = (0..scenario.nodes)
         .map(|node| {

@@ -168,3 +168,124 @@ pub fn assert_identical_replicas(outputs: &[NodeOutput]) {
         );
     }
 }
+
+/// Whether this process runs as root (needed to create network namespaces).
+pub fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|out| out.stdout.starts_with(b"0"))
+}
+
+/// Network namespaces joined by a bridge, torn down on drop.
+#[derive(Debug)]
+pub struct Namespaces {
+    pub names: Vec<String>,
+    bridge: String,
+    veths: Vec<String>,
+}
+
+fn ip(args: &[&str]) -> bool {
+    std::process::Command::new("ip")
+        .args(args)
+        .status()
+        .is_ok_and(|status| status.success())
+}
+
+impl Namespaces {
+    pub fn create(count: usize) -> Option<Namespaces> {
+        let id = std::process::id() % 100_000;
+        let mut namespaces = Namespaces {
+            names: Vec::new(),
+            bridge: format!("rzb{id}"),
+            veths: Vec::new(),
+        };
+        if !ip(&["link", "add", &namespaces.bridge, "type", "bridge"]) {
+            return None;
+        }
+        ip(&["link", "set", &namespaces.bridge, "up"]);
+        for node in 0..count {
+            let name = format!("rzab-{id}-{node}");
+            let veth = format!("rzv{id}x{node}");
+            let address = format!("10.78.{}.{}/24", id % 200, node + 1);
+            let ok = ip(&["netns", "add", &name])
+                && ip(&[
+                    "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &name,
+                ])
+                && ip(&["link", "set", &veth, "master", &namespaces.bridge, "up"])
+                && ip(&["-n", &name, "addr", "add", &address, "dev", "eth0"])
+                && ip(&["-n", &name, "link", "set", "eth0", "up"])
+                && ip(&["-n", &name, "link", "set", "lo", "up"]);
+            namespaces.names.push(name);
+            namespaces.veths.push(veth);
+            if !ok {
+                return None;
+            }
+        }
+        Some(namespaces)
+    }
+
+    pub fn host(&self, node: usize) -> String {
+        format!(
+            "10.78.{}.{}",
+            (std::process::id() % 100_000) % 200,
+            node + 1
+        )
+    }
+}
+
+impl Drop for Namespaces {
+    fn drop(&mut self) {
+        for (name, veth) in self.names.iter().zip(&self.veths) {
+            ip(&["netns", "del", name]);
+            ip(&["link", "del", veth]);
+        }
+        ip(&["link", "del", &self.bridge]);
+    }
+}
+
+impl NodeProcess {
+    /// Starts `rzab-dataplane --node N` behind a command prefix (for example
+    /// `ip netns exec NAME`, which execs the binary, so the pid stays the data plane's).
+    pub fn start_with_prefix(prefix: &[String], node: u8, args: &[String]) -> NodeProcess {
+        let binary = binary("rzab-dataplane");
+        let mut command = match prefix.split_first() {
+            Some((program, rest)) => {
+                let mut command = Command::new(program);
+                command.args(rest).arg(binary);
+                command
+            }
+            None => Command::new(binary),
+        };
+        let child = command
+            .arg("--node")
+            .arg(node.to_string())
+            .args(args)
+            .env("RUST_BACKTRACE", "0")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        NodeProcess {
+            node,
+            child: Some(child),
+        }
+    }
+
+    /// Kills the process at once (SIGKILL), as a crash would, and reaps it.
+    pub fn crash(mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Asks the process to stop (SIGTERM); collect it with [`NodeProcess::finish`].
+    pub fn terminate(&self) {
+        if let Some(child) = &self.child {
+            let _ = Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status();
+        }
+    }
+}

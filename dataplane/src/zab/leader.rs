@@ -446,7 +446,12 @@ impl Leader {
             words[hello_words::START_PSEQ] = link.start_pseq;
             words[hello_words::CATCH_UP] = u64::from(link.catch_up);
             wire::put_header(buffer, &self.config.header(Kind::Hello, 0, 0, words));
-            outbox.send(follower_target(follower), Kind::Hello, wire::HEADER_BYTES, 0);
+            outbox.send(
+                follower_target(follower),
+                Kind::Hello,
+                wire::HEADER_BYTES,
+                0,
+            );
             self.links[follower].hello_due = false;
         }
     }
@@ -472,7 +477,8 @@ impl Leader {
     ) -> u64 {
         let mut pseq = from.max(self.retained_from());
         let to = to.min(self.next_pseq);
-        let fitting = (self.config.prepares_fitting() as u64).min(limits.prepare_batch.max(1) as u64);
+        let fitting =
+            (self.config.prepares_fitting() as u64).min(limits.prepare_batch.max(1) as u64);
         for _ in 0..max_messages {
             if pseq >= to {
                 break;
@@ -731,10 +737,7 @@ impl Leader {
             let mut len = 0;
             if let Some(buffer) = buffer {
                 let count = usize::try_from(batch).unwrap_or(0);
-                wire::put_header(
-                    buffer,
-                    &self.config.header(Kind::Prepare, count, 0, words),
-                );
+                wire::put_header(buffer, &self.config.header(Kind::Prepare, count, 0, words));
                 wire::put_prepare_prefix(buffer, first_pseq, first_zxid);
                 len = wire::HEADER_BYTES + wire::PREPARE_PREFIX;
                 len += self
@@ -782,7 +785,12 @@ impl Leader {
             let mut words = self.broadcast_words(0);
             words[leader_words::WRITE_SEEN] = link.write_seen;
             wire::put_header(buffer, &self.config.header(Kind::Credit, 0, 0, words));
-            outbox.send(follower_target(follower), Kind::Credit, wire::HEADER_BYTES, 0);
+            outbox.send(
+                follower_target(follower),
+                Kind::Credit,
+                wire::HEADER_BYTES,
+                0,
+            );
             let link = &mut self.links[follower];
             link.write_reported = link.write_seen;
             link.credit_due = false;
@@ -804,15 +812,13 @@ impl Leader {
             let link = self.links[follower];
             let (base_zxid, mut next, installed, end, mut announced) = match link.snapshot {
                 SnapshotSend::Idle => continue,
-                SnapshotSend::WaitingForBase => {
-                    match board.base_zxid(follower, link.instance) {
-                        Some(base_zxid) => {
-                            self.links[follower].snapshot_progress_ns = now_ns;
-                            (base_zxid, range_first, range_first, range_end, false)
-                        }
-                        None => continue,
+                SnapshotSend::WaitingForBase => match board.base_zxid(follower, link.instance) {
+                    Some(base_zxid) => {
+                        self.links[follower].snapshot_progress_ns = now_ns;
+                        (base_zxid, range_first, range_first, range_end, false)
                     }
-                }
+                    None => continue,
+                },
                 SnapshotSend::Sending {
                     base_zxid,
                     next,
@@ -845,14 +851,20 @@ impl Leader {
                     break;
                 };
                 let entries = usize::try_from(count).unwrap_or(0);
-                wire::put_header(buffer, &self.config.header(Kind::Snapshot, entries, 0, words));
+                wire::put_header(
+                    buffer,
+                    &self.config.header(Kind::Snapshot, entries, 0, words),
+                );
                 wire::put_snapshot_prefix(buffer, base_zxid, next, end);
                 let entry_len = wire::SNAPSHOT_ENTRY_FIXED + self.config.value_len;
                 let mut len = wire::HEADER_BYTES + wire::SNAPSHOT_PREFIX;
                 for key in next..next + count {
                     let value_at = len + wire::SNAPSHOT_ENTRY_FIXED;
                     let zxid = replica
-                        .read_for_snapshot(key, &mut buffer[value_at..value_at + self.config.value_len])
+                        .read_for_snapshot(
+                            key,
+                            &mut buffer[value_at..value_at + self.config.value_len],
+                        )
                         .unwrap_or(0);
                     buffer[len..len + 8].copy_from_slice(&key.to_le_bytes());
                     buffer[len + 8..len + 16].copy_from_slice(&zxid.to_le_bytes());

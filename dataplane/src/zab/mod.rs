@@ -148,7 +148,9 @@ impl Limits {
     /// How long a silent follower is still waited for before the leader stops keeping
     /// prepares for it (it will catch up by snapshot when it restarts).
     pub fn follower_dead_after_ns(&self) -> u64 {
-        self.max_retransmit_timeout_ns().saturating_mul(4).max(100_000_000)
+        self.max_retransmit_timeout_ns()
+            .saturating_mul(4)
+            .max(100_000_000)
     }
 }
 
@@ -208,7 +210,8 @@ impl PipelineConfig {
 
     /// Entries one WRITE can carry within the MTU.
     pub fn writes_fitting(&self) -> usize {
-        ((self.mtu - wire::HEADER_BYTES - wire::WRITE_PREFIX) / (wire::ENTRY_FIXED + self.value_len))
+        ((self.mtu - wire::HEADER_BYTES - wire::WRITE_PREFIX)
+            / (wire::ENTRY_FIXED + self.value_len))
             .min(MAX_WRITES_PER_MSG)
     }
 
@@ -244,7 +247,9 @@ impl PipelineConfig {
                 self.window
             ));
         }
-        if self.mtu < wire::prepare_len(1, self.value_len).max(wire::snapshot_len(1, self.value_len)) {
+        if self.mtu
+            < wire::prepare_len(1, self.value_len).max(wire::snapshot_len(1, self.value_len))
+        {
             return Err(format!(
                 "value size {} does not fit the transport MTU of {} bytes (one prepare needs {})",
                 self.value_len,
@@ -258,7 +263,13 @@ impl PipelineConfig {
         Ok(())
     }
 
-    fn header(&self, kind: Kind, count: usize, flags: u16, words: [u64; wire::WORDS]) -> wire::Header {
+    fn header(
+        &self,
+        kind: Kind,
+        count: usize,
+        flags: u16,
+        words: [u64; wire::WORDS],
+    ) -> wire::Header {
         wire::Header {
             kind,
             from_node: self.node,

@@ -541,7 +541,11 @@ mod tests {
                     let _ = message.entry(index);
                     let _ = message.snapshot_entry(index);
                 }
-                let _ = (message.range(), message.snapshot_start(), message.write_seq());
+                let _ = (
+                    message.range(),
+                    message.snapshot_start(),
+                    message.write_seq(),
+                );
             }
         }
     }

@@ -1,0 +1,289 @@
+//! Reliability with real processes: 1% and 10% injected loss (with duplication and
+//! reordering) on shm and on udp, and a follower killed and restarted under load on shm, on
+//! udp over loopback and on udp between network namespaces. Every run must end with identical
+//! replicas (the restarted follower's store equal to the leader's), retransmissions and
+//! catch-up must show in the counters, and the leader's committed zxid must never stand still
+//! for longer than a second while clients are running.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::cast_possible_truncation,
+    reason = "a test fails by panicking; port arithmetic is small"
+)]
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use rzab_shared::{AttachedControlBlock, Counter, Lifecycle};
+use rzab_tests::{
+    Namespaces, NodeOutput, NodeProcess, assert_identical_replicas, cleanup, cluster_name,
+};
+
+fn common(cluster: &str) -> Vec<String> {
+    [
+        "--cluster",
+        cluster,
+        "--nodes",
+        "3",
+        "--keys",
+        "50000",
+        "--write-ratio",
+        "200",
+        "--sessions",
+        "16",
+        "--knob",
+        "stats_interval_ms=500",
+        "--join-timeout",
+        "30",
+    ]
+    .iter()
+    .map(|arg| (*arg).to_owned())
+    .collect()
+}
+
+fn strings(args: &[&str]) -> Vec<String> {
+    args.iter().map(|arg| (*arg).to_owned()).collect()
+}
+
+fn udp_args(label_offset: u16) -> Vec<String> {
+    let base = 30_000 + (std::process::id() % 1_000) as u16 * 16 + label_offset;
+    vec![
+        "--transport".into(),
+        "udp".into(),
+        "--udp-port-base".into(),
+        base.to_string(),
+        "--multicast-port".into(),
+        (base + 9).to_string(),
+    ]
+}
+
+fn attach(path: &std::path::Path) -> AttachedControlBlock {
+    for _ in 0..400 {
+        if let Ok(block) = AttachedControlBlock::attach(path) {
+            if block.lifecycle() == Lifecycle::Running {
+                return block;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    panic!("control block {} never came up", path.display());
+}
+
+fn committed(block: &AttachedControlBlock) -> u64 {
+    (0..block.worker_count() as usize)
+        .map(|worker| {
+            block
+                .worker(worker)
+                .gauges
+                .committed_zxid
+                .load(Ordering::Relaxed)
+        })
+        .max()
+        .unwrap_or(0)
+}
+
+/// Watches the leader's committed zxid while armed and reports the longest time it stood
+/// still, with the counters read at the end.
+struct ProgressWatch {
+    armed: Arc<AtomicBool>,
+    thread: JoinHandle<(Duration, AttachedControlBlock)>,
+}
+
+impl ProgressWatch {
+    fn start(leader_block: PathBuf) -> ProgressWatch {
+        let block = attach(&leader_block);
+        let armed = Arc::new(AtomicBool::new(true));
+        let flag = Arc::clone(&armed);
+        let thread = std::thread::spawn(move || {
+            let mut longest = Duration::ZERO;
+            let mut last = committed(&block);
+            let mut since = Instant::now();
+            while flag.load(Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(20));
+                let now = committed(&block);
+                if now != last {
+                    last = now;
+                    since = Instant::now();
+                } else {
+                    longest = longest.max(since.elapsed());
+                }
+            }
+            (longest, block)
+        });
+        ProgressWatch { armed, thread }
+    }
+
+    fn stop(self) -> (Duration, AttachedControlBlock) {
+        self.armed.store(false, Ordering::Relaxed);
+        self.thread.join().unwrap()
+    }
+}
+
+fn assert_no_long_stall(longest: Duration) {
+    assert!(
+        longest < Duration::from_secs(1),
+        "the leader committed nothing for {longest:?}"
+    );
+}
+
+/// Runs three nodes for a few seconds with injected faults on every node's sends.
+fn lossy_run(label: &str, transport: &[String], loss: &str, duplicate: &str, reorder: &str) {
+    let cluster = cluster_name(label);
+    cleanup(&cluster, 3);
+    let mut args = common(&cluster);
+    args.extend(transport.iter().cloned());
+    args.extend(strings(&[
+        "--duration",
+        "4",
+        "--inject-loss",
+        loss,
+        "--inject-duplicate",
+        duplicate,
+        "--inject-reorder",
+        reorder,
+    ]));
+    let processes: Vec<NodeProcess> = (0..3).map(|node| NodeProcess::start(node, &args)).collect();
+    let watch = ProgressWatch::start(PathBuf::from(format!("/dev/shm/rzab-{cluster}-n0")));
+    std::thread::sleep(Duration::from_secs(3));
+    let (longest, leader) = watch.stop();
+    let outputs: Vec<NodeOutput> = processes.into_iter().map(NodeProcess::finish).collect();
+    let retransmitted = leader.counter_total(Counter::RetransmitPrepare)
+        + leader.counter_total(Counter::RetransmitCommit);
+    drop(leader);
+    cleanup(&cluster, 3);
+    assert_identical_replicas(&outputs);
+    assert!(retransmitted > 0, "no retransmissions at {loss}% loss");
+    assert_no_long_stall(longest);
+}
+
+#[test]
+fn one_percent_loss_on_shm() {
+    lossy_run("l1shm", &[], "1", "1", "1");
+}
+
+#[test]
+fn ten_percent_loss_on_shm() {
+    lossy_run("l10shm", &[], "10", "2", "2");
+}
+
+#[test]
+fn one_percent_loss_on_udp() {
+    lossy_run("l1udp", &udp_args(0), "1", "1", "1");
+}
+
+#[test]
+fn ten_percent_loss_on_udp() {
+    lossy_run("l10udp", &udp_args(0), "10", "2", "2");
+}
+
+/// Kills follower 2 under load, restarts it as a new process, and checks it caught up.
+fn follower_restart(label: &str, prefixes: &[Vec<String>], extra: &[String]) {
+    let cluster = cluster_name(label);
+    cleanup(&cluster, 3);
+    let mut args = common(&cluster);
+    args.extend(extra.iter().cloned());
+    let mut processes: Vec<NodeProcess> = (0..3u8)
+        .map(|node| NodeProcess::start_with_prefix(&prefixes[usize::from(node)], node, &args))
+        .collect();
+    let watch = ProgressWatch::start(PathBuf::from(format!("/dev/shm/rzab-{cluster}-n0")));
+    std::thread::sleep(Duration::from_millis(1500));
+    processes.pop().unwrap().crash();
+    // With the follower dead, the leader keeps committing at a quorum.
+    std::thread::sleep(Duration::from_millis(1500));
+    processes.push(NodeProcess::start_with_prefix(&prefixes[2], 2, &args));
+    let restarted = attach(&PathBuf::from(format!("/dev/shm/rzab-{cluster}-n2")));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while rzab_shared::SyncState::from_code(
+        restarted
+            .worker(0)
+            .gauges
+            .sync_state
+            .load(Ordering::Relaxed),
+    ) != rzab_shared::SyncState::Serving
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the restarted follower never caught up"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(1500));
+    let (longest, leader) = watch.stop();
+    for process in &processes {
+        process.terminate();
+    }
+    let outputs: Vec<NodeOutput> = processes.into_iter().map(NodeProcess::finish).collect();
+    let installed = restarted.counter_total(Counter::CatchupEntriesReceived);
+    let sent = leader.counter_total(Counter::CatchupEntriesSent);
+    drop((leader, restarted));
+    cleanup(&cluster, 3);
+    for output in &outputs {
+        assert!(
+            output.success,
+            "node {} failed:\n{}\n{}",
+            output.node, output.stdout, output.stderr
+        );
+    }
+    let summary = |node: usize| outputs[node].summary.as_ref().unwrap();
+    for node in 1..3 {
+        assert_eq!(
+            summary(node)["applied_zxid"],
+            summary(0)["applied_zxid"],
+            "node {node} applied a different prefix"
+        );
+        assert_eq!(
+            summary(node)["store_digest"],
+            summary(0)["store_digest"],
+            "node {node}'s store differs from the leader's"
+        );
+    }
+    assert_eq!(summary(1)["digest"], summary(0)["digest"]);
+    assert!(
+        summary(2)["writes"].as_u64().unwrap() > 0,
+        "the restarted node served no writes"
+    );
+    assert!(
+        installed >= 50_000 && sent >= 50_000,
+        "snapshot: sent {sent}, installed {installed}"
+    );
+    assert_no_long_stall(longest);
+}
+
+#[test]
+fn follower_killed_and_restarted_on_shm() {
+    follower_restart(
+        "rshm",
+        &[vec![], vec![], vec![]],
+        &strings(&["--workers", "2"]),
+    );
+}
+
+#[test]
+fn follower_killed_and_restarted_on_udp() {
+    follower_restart("rudp", &[vec![], vec![], vec![]], &udp_args(4));
+}
+
+#[test]
+fn follower_killed_and_restarted_on_udp_between_namespaces() {
+    if !rzab_tests::is_root() {
+        eprintln!("skipped: creating network namespaces needs root");
+        return;
+    }
+    let namespaces = Namespaces::create(3).expect("creating network namespaces with `ip` failed");
+    let hosts = (0..3)
+        .map(|node| namespaces.host(node))
+        .collect::<Vec<_>>()
+        .join(",");
+    let prefixes: Vec<Vec<String>> = namespaces
+        .names
+        .iter()
+        .map(|name| strings(&["ip", "netns", "exec", name]))
+        .collect();
+    let mut extra = strings(&["--transport", "udp", "--udp-hosts", &hosts]);
+    extra.extend(strings(&["--inject-loss", "0.5"]));
+    follower_restart("rns", &prefixes, &extra);
+    drop(namespaces);
+}
