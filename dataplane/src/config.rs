@@ -129,6 +129,11 @@ pub struct Options {
     /// Print the stats line as JSON instead of text.
     #[arg(long)]
     pub json_stats: bool,
+    // history hook (see crate::history)
+    /// Record every worker's client operations and applied writes to
+    /// DIR/node{N}-worker{W}.{instance}.hist, for rzab-check-history (off by default).
+    #[arg(long, value_name = "DIR")]
+    pub history_dir: Option<PathBuf>,
 }
 
 /// A configuration that cannot work.

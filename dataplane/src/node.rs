@@ -45,6 +45,9 @@ pub struct Summary {
     pub write_p99_ns: u64,
     pub applied_zxid: u64,
     pub digest: u64,
+    // history hook: what --history-dir recorded (absent when off).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub history: Option<crate::history::HistoryReport>,
 }
 
 /// The largest datagram the protocol needs for this value size, capped at 4 KiB (larger
@@ -270,6 +273,7 @@ where
         }
     }
 
+    let mut history = crate::history::NodeHistory::start(options, block, replica)?; // history hook
     let tag = cluster_tag(&options.cluster);
     let mut workers = Vec::with_capacity(transports.len());
     for (worker, mut transport) in (0..options.workers).zip(transports) {
@@ -318,6 +322,9 @@ where
             sessions,
             peers,
         ));
+    }
+    for (index, worker) in workers.iter_mut().enumerate() {
+        worker.record_history(history.recorder(index)); // history hook
     }
 
     let cores = core_affinity::get_core_ids().unwrap_or_default();
@@ -374,12 +381,15 @@ where
         ));
     });
     block.set_lifecycle(Lifecycle::Stopping);
+    let history_report = history.finish(); // history hook: every worker has dropped its recorder
     if let Ok(mut slot) = failure.lock() {
         if let Some(error) = slot.take() {
             return Err(error);
         }
     }
-    summary.context("the node stopped before reporting")
+    let mut summary = summary.context("the node stopped before reporting")?;
+    summary.history = history_report?; // history hook
+    Ok(summary)
 }
 
 /// Totals over the node's workers, for the stats line.
@@ -507,6 +517,7 @@ fn report_until_stopped(
         write_p99_ns: histogram.quantile_upper_bound(0.99),
         applied_zxid: shared.replica.applied_zxid(),
         digest: shared.replica.digest(),
+        history: None, // history hook: filled in once the flusher is done
     }
 }
 

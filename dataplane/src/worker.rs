@@ -22,6 +22,7 @@ use rzab_shared::control_block::{ControlBlock, WorkerBlock};
 use rzab_shared::knobs::{Knob, POLL_MODE_BUSY};
 use rzab_shared::limits::MAX_NODES;
 
+use crate::history::WorkerHistory; // history hook
 use crate::replica::NodeReplica;
 use crate::transport::{Destination, RecvCompletion, SendRequest, Transport};
 use crate::workload::Sessions;
@@ -255,11 +256,13 @@ struct SessionCompletions<'a> {
     sessions: &'a mut Sessions,
     counters: &'a WorkerBlock,
     now_ns: u64,
+    history: &'a WorkerHistory, // history hook
 }
 
 impl Completions for SessionCompletions<'_> {
-    fn write_applied(&mut self, session: u16, session_seq: u64, _zxid: u64) {
+    fn write_applied(&mut self, session: u16, session_seq: u64, zxid: u64) {
         if let Some(latency) = self.sessions.complete(session, session_seq, self.now_ns) {
+            self.history.write_completed(session, session_seq, zxid); // history hook
             self.counters.write_latency_ns.record(latency);
             self.counters.add(Counter::WritesCompleted, 1);
         }
@@ -310,6 +313,7 @@ pub struct Worker<T: Transport> {
     peers: Peers<T::Address>,
     completions: Vec<RecvCompletion>,
     chain: Vec<SendRequest<T::Address>>,
+    history: WorkerHistory, // history hook
 }
 
 const _: () = assert!(
@@ -342,7 +346,14 @@ impl<T: Transport> Worker<T> {
             peers,
             completions: vec![RecvCompletion::default(); RECV_BATCH],
             chain: Vec::with_capacity(MAX_CHAIN),
+            history: WorkerHistory::disabled(), // history hook
         }
+    }
+
+    // history hook
+    /// Records this worker's operations and applies (see [`crate::history`]).
+    pub fn record_history(&mut self, history: WorkerHistory) {
+        self.history = history;
     }
 
     fn decode<'m>(
@@ -549,17 +560,25 @@ impl<T: Transport> Worker<T> {
             let issued = if drain_started_ns.is_some() {
                 crate::workload::Issued::default()
             } else {
+                let history = &self.history; // history hook
+                history.begin_issue(shared.replica); // history hook
                 self.sessions.issue(
                     now_ns,
                     settings.write_ratio_permille,
                     store,
-                    |session, seq, key, value| match pipeline {
-                        Pipeline::Leader(leader) => leader.submit_write(session, seq, key, value),
-                        Pipeline::Follower(follower) => {
-                            follower.submit_write(session, seq, key, value)
-                        }
+                    |session, seq, key, value| {
+                        let accepted = match pipeline {
+                            Pipeline::Leader(leader) => {
+                                leader.submit_write(session, seq, key, value)
+                            }
+                            Pipeline::Follower(follower) => {
+                                follower.submit_write(session, seq, key, value)
+                            }
+                        };
+                        history.write_issued(session, seq, key, value, accepted); // history hook
+                        accepted
                     },
-                    |_| {},
+                    |read| history.read_observed(&read), // history hook
                 )
             };
             counters.add(Counter::ReadsCompleted, issued.reads);
@@ -580,12 +599,14 @@ impl<T: Transport> Worker<T> {
                 sessions: &mut self.sessions,
                 counters,
                 now_ns,
+                history: &self.history, // history hook
             };
+            let replica = self.history.replica(shared.replica); // history hook
             let stats = match &mut self.pipeline {
                 Pipeline::Leader(leader) => {
                     leader.advance(
                         &mut outbox,
-                        shared.replica,
+                        &replica, // history hook
                         shared.zxids,
                         &mut completions,
                         &settings.limits,
@@ -595,7 +616,7 @@ impl<T: Transport> Worker<T> {
                 Pipeline::Follower(follower) => {
                     follower.advance(
                         &mut outbox,
-                        shared.replica,
+                        &replica, // history hook
                         &mut completions,
                         &settings.limits,
                     );
