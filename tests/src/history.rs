@@ -22,6 +22,7 @@
 // The crate allows unwrap for its test-support helpers; the checker reads untrusted input.
 #![warn(clippy::unwrap_used)]
 
+use std::collections::btree_map::Entry;
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::fs::File;
@@ -693,9 +694,10 @@ struct Gathered {
 /// The cluster's applied sequence, merged over node processes.
 #[derive(Debug, Default)]
 struct Sequence {
-    first: u64,
-    /// Indexed by zxid - first; `None` where no process applied the zxid.
-    writes: Vec<Option<(AppliedWrite, Process)>>,
+    /// By zxid: the write and the first process (in node order) that applied it. A map, not
+    /// a vector over the zxid range, so a corrupt zxid cannot make the checker allocate
+    /// without bound.
+    writes: BTreeMap<u64, (AppliedWrite, Process)>,
     coverage: Vec<Coverage>,
     /// By key: the zxids that wrote it, ascending.
     by_key: HashMap<u64, Vec<u64>>,
@@ -703,12 +705,7 @@ struct Sequence {
 
 impl Sequence {
     fn get(&self, zxid: u64) -> Option<AppliedWrite> {
-        let index = usize::try_from(zxid.checked_sub(self.first)?).ok()?;
-        self.writes
-            .get(index)
-            .copied()
-            .flatten()
-            .map(|(write, _)| write)
+        self.writes.get(&zxid).map(|(write, _)| *write)
     }
 
     fn covered_by(&self, process: Process, zxid: u64) -> bool {
@@ -917,52 +914,33 @@ fn merge_sequences(
         }
         sorted.insert(*process, unique);
     }
-    let Some(first) = sequence
-        .coverage
-        .iter()
-        .map(|coverage| coverage.first)
-        .min()
-    else {
+    let Some(last) = sequence.coverage.iter().map(|coverage| coverage.last).max() else {
         return sequence;
     };
-    let last = sequence
-        .coverage
-        .iter()
-        .map(|coverage| coverage.last)
-        .max()
-        .unwrap_or(first);
-    sequence.first = first;
-    sequence.writes = vec![None; usize::try_from(last - first + 1).unwrap_or(0)];
     for (process, applies) in &sorted {
         for (zxid, write, _) in applies {
-            let Ok(index) = usize::try_from(zxid - first) else {
-                continue;
-            };
-            match &mut sequence.writes[index] {
-                slot @ None => *slot = Some((*write, *process)),
-                Some((other_write, other)) if other_write != write => {
+            match sequence.writes.entry(*zxid) {
+                Entry::Vacant(slot) => {
+                    slot.insert((*write, *process));
+                }
+                Entry::Occupied(slot) if slot.get().0 != *write => {
+                    let (other_write, other) = *slot.get();
                     report.violation(Violation::Diverged {
                         zxid: *zxid,
                         process: *process,
                         key: write.key,
                         write_id: write.write_id,
-                        other: *other,
+                        other,
                         other_key: other_write.key,
                         other_write_id: other_write.write_id,
                     });
                 }
-                Some(_) => {}
+                Entry::Occupied(_) => {}
             }
         }
     }
-    for (offset, slot) in sequence.writes.iter().enumerate() {
-        if let Some((write, _)) = slot {
-            sequence
-                .by_key
-                .entry(write.key)
-                .or_default()
-                .push(first + offset as u64);
-        }
+    for (zxid, (write, _)) in &sequence.writes {
+        sequence.by_key.entry(write.key).or_default().push(*zxid);
     }
     check_starts_and_ends(processes, files, &sequence, last, options, report);
     sequence

@@ -502,6 +502,15 @@ fn replica_sequences_must_be_contiguous_complete_and_applied_once() {
     );
     assert_found(&run.check(), "late start");
 
+    // A corrupt zxid is a gap, not a reason to allocate the range up to it.
+    let mut run = good_run();
+    run.log(1, 1).push(Record::Apply {
+        zxid: u64::MAX,
+        key: 9,
+        write_id: 1,
+    });
+    assert_found(&run.check(), "gap");
+
     let mut run = good_run();
     run.log(1, 0).push(Record::Apply {
         zxid: Z + 3,
