@@ -138,6 +138,11 @@ pub struct Options {
     /// Testing: hold back this percentage of datagrams so they arrive out of order (0-100).
     #[arg(long, default_value_t = 0.0)]
     pub inject_reorder: f64,
+    // history hook (see crate::history)
+    /// Record every worker's client operations and applied writes to
+    /// DIR/node{N}-worker{W}.{instance}.hist, for rzab-check-history (off by default).
+    #[arg(long, value_name = "DIR")]
+    pub history_dir: Option<PathBuf>,
 }
 
 /// A configuration that cannot work.

@@ -4,6 +4,7 @@
 //! its backends (shared-memory fabric, kernel UDP, verbs) plus a fault-injecting wrapper.
 
 pub mod config;
+pub mod history;
 pub mod node;
 pub mod replica;
 pub mod store;

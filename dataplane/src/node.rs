@@ -51,6 +51,9 @@ pub struct Summary {
     pub digest: u64,
     /// Digest of the store's contents: equal on every replica that applied the same prefix.
     pub store_digest: u64,
+    // history hook: what --history-dir recorded (absent when off).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub history: Option<crate::history::HistoryReport>,
 }
 
 /// The largest datagram the protocol needs for this value size, capped at 4 KiB (larger
@@ -322,6 +325,7 @@ where
 
     // The table the workers resolve now; a later generation (a restarted peer) is re-read.
     let peers_generation = block.handshake.peers_generation.load(Ordering::Acquire);
+    let mut history = crate::history::NodeHistory::start(options, block, replica)?; // history hook
     let tag = cluster_tag(&options.cluster);
     // Write ids hold 32 bits of a session's sequence: a process starts its sessions in a
     // 2^20-wide range chosen by its start time, so a restarted node's write ids are new.
@@ -377,6 +381,9 @@ where
         let mut worker = Worker::new(config, options.fingerprint(), transport, sessions, peers);
         worker.set_peers_generation(peers_generation);
         workers.push(worker);
+    }
+    for (index, worker) in workers.iter_mut().enumerate() {
+        worker.record_history(history.recorder(index)); // history hook
     }
 
     let cores = core_affinity::get_core_ids().unwrap_or_default();
@@ -443,12 +450,15 @@ where
         ));
     });
     block.set_lifecycle(Lifecycle::Stopping);
+    let history_report = history.finish(); // history hook: every worker has dropped its recorder
     if let Ok(mut slot) = failure.lock() {
         if let Some(error) = slot.take() {
             return Err(error);
         }
     }
-    summary.context("the node stopped before reporting")
+    let mut summary = summary.context("the node stopped before reporting")?;
+    summary.history = history_report?; // history hook
+    Ok(summary)
 }
 
 /// Totals over the node's workers, for the stats line.
@@ -577,6 +587,7 @@ fn report_until_stopped(
         applied_zxid: shared.replica.applied_zxid(),
         digest: shared.replica.digest(),
         store_digest: shared.replica.store().digest(),
+        history: None, // history hook: filled in once the flusher is done
     }
 }
 

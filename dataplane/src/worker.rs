@@ -27,6 +27,7 @@ use rzab_shared::knobs::{Knob, POLL_MODE_BUSY};
 use rzab_shared::limits::MAX_NODES;
 use rzab_shared::{Counter, EndpointAddress};
 
+use crate::history::WorkerHistory; // history hook
 use crate::replica::NodeReplica;
 use crate::transport::{Destination, RecvCompletion, SendRequest, Transport};
 use crate::workload::Sessions;
@@ -364,11 +365,13 @@ struct SessionCompletions<'a> {
     sessions: &'a mut Sessions,
     counters: &'a WorkerBlock,
     now_ns: u64,
+    history: &'a WorkerHistory, // history hook
 }
 
 impl Completions for SessionCompletions<'_> {
-    fn write_applied(&mut self, session: u16, session_seq: u64, _zxid: u64) {
+    fn write_applied(&mut self, session: u16, session_seq: u64, zxid: u64) {
         if let Some(latency) = self.sessions.complete(session, session_seq, self.now_ns) {
+            self.history.write_completed(session, session_seq, zxid); // history hook
             self.counters.write_latency_ns.record(latency);
             self.counters.add(Counter::WritesCompleted, 1);
         }
@@ -427,6 +430,7 @@ pub struct Worker<T: Transport> {
     /// pipeline or a refused hello.
     malformed: u64,
     unexpected: u64,
+    history: WorkerHistory, // history hook
 }
 
 const _: () = assert!(
@@ -463,6 +467,7 @@ impl<T: Transport> Worker<T> {
             counted_serving: false,
             malformed: 0,
             unexpected: 0,
+            history: WorkerHistory::disabled(), // history hook
         }
     }
 
@@ -496,6 +501,12 @@ impl<T: Transport> Worker<T> {
         } else if let Some(address) = resolve(&mut self.transport, LEADER_NODE) {
             self.peers.leader = Some(address);
         }
+    }
+
+    // history hook
+    /// Records this worker's operations and applies (see [`crate::history`]).
+    pub fn record_history(&mut self, history: WorkerHistory) {
+        self.history = history;
     }
 
     fn decode<'m>(
@@ -794,17 +805,25 @@ impl<T: Transport> Worker<T> {
             let issued = if drain_started_ns.is_some() || !node_serving {
                 crate::workload::Issued::default()
             } else {
+                let history = &self.history; // history hook
+                history.begin_issue(shared.replica); // history hook
                 self.sessions.issue(
                     now_ns,
                     settings.write_ratio_permille,
                     store,
-                    |session, seq, key, value| match pipeline {
-                        Pipeline::Leader(leader) => leader.submit_write(session, seq, key, value),
-                        Pipeline::Follower(follower) => {
-                            follower.submit_write(session, seq, key, value)
-                        }
+                    |session, seq, key, value| {
+                        let accepted = match pipeline {
+                            Pipeline::Leader(leader) => {
+                                leader.submit_write(session, seq, key, value)
+                            }
+                            Pipeline::Follower(follower) => {
+                                follower.submit_write(session, seq, key, value)
+                            }
+                        };
+                        history.write_issued(session, seq, key, value, accepted); // history hook
+                        accepted
                     },
-                    |_| {},
+                    |read| history.read_observed(&read), // history hook
                 )
             };
             counters.add(Counter::ReadsCompleted, issued.reads);
@@ -825,12 +844,14 @@ impl<T: Transport> Worker<T> {
                 sessions: &mut self.sessions,
                 counters,
                 now_ns,
+                history: &self.history, // history hook
             };
+            let replica = self.history.replica(shared.replica); // history hook
             match &mut self.pipeline {
                 Pipeline::Leader(leader) => leader.advance(
                     now_ns,
                     &mut outbox,
-                    shared.replica,
+                    &replica, // history hook
                     shared.zxids,
                     shared.board,
                     &mut completions,
@@ -840,7 +861,7 @@ impl<T: Transport> Worker<T> {
                     follower.advance(
                         now_ns,
                         &mut outbox,
-                        shared.replica,
+                        &replica, // history hook
                         &mut completions,
                         &settings.limits,
                     );

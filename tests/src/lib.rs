@@ -1,9 +1,12 @@
 //! rzab-tests: helpers for tests that run real multi-process rzab clusters. The tests live in
 //! `tests/tests/`; this library finds (building if needed) the workspace's binaries, starts
 //! node processes, and parses what they print. It touches only the processes it starts and
-//! the control-block and fabric files of the clusters it names.
+//! the control-block and fabric files of the clusters it names. [`history`] checks the
+//! histories nodes record with `--history-dir` (also as the `rzab-check-history` binary).
 
 #![allow(clippy::unwrap_used, reason = "test support fails by panicking")]
+
+pub mod history;
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
