@@ -522,6 +522,7 @@ fn report_until_stopped(
     let mut last = Totals::read(block);
     let mut last_print = Instant::now();
     let mut start_totals = last;
+    let mut announced_serving = false;
     loop {
         std::thread::sleep(Duration::from_millis(50));
         block.dataplane_heartbeat();
@@ -537,6 +538,19 @@ fn report_until_stopped(
                 options.transport.name(),
                 options.cluster
             );
+        }
+        if let (Some(since), false) = (running_since, announced_serving) {
+            if shared.serving.load(Ordering::Acquire) >= shared.pipelines {
+                announced_serving = true;
+                let installed = block.counter_total(Counter::CatchupEntriesReceived);
+                if installed > 0 {
+                    println!(
+                        "node {} caught up: {installed} store entries installed from the leader's snapshot; serving after {} ms",
+                        options.node,
+                        since.elapsed().as_millis()
+                    );
+                }
+            }
         }
         let duration_over = running_since.is_some_and(|since| {
             options.duration > 0 && since.elapsed() >= Duration::from_secs(options.duration)
