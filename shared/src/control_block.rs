@@ -73,6 +73,59 @@ impl Lifecycle {
     }
 }
 
+/// Where the control plane is in its registry exchange; stored as a code in
+/// [`Handshake::registry_state`] so the data plane's status line (and anyone inspecting the
+/// block) can tell why the remote table is not there yet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u32)]
+pub enum RegistryState {
+    /// No control plane has reported yet (the zeroed state).
+    Unknown = 0,
+    /// Connecting to the registry.
+    Connecting = 1,
+    /// The registry could not be reached; the control plane retries with backoff.
+    Unreachable = 2,
+    /// Waiting for the data plane's endpoints, or writing this node's record.
+    Publishing = 3,
+    /// This node's record is published; not every peer's is known yet.
+    WaitingForPeers = 4,
+    /// Every node is known and the remote table is written.
+    Ready = 5,
+}
+
+impl RegistryState {
+    pub const ALL: [RegistryState; 6] = [
+        RegistryState::Unknown,
+        RegistryState::Connecting,
+        RegistryState::Unreachable,
+        RegistryState::Publishing,
+        RegistryState::WaitingForPeers,
+        RegistryState::Ready,
+    ];
+
+    pub fn from_code(code: u32) -> RegistryState {
+        RegistryState::ALL
+            .into_iter()
+            .find(|state| state.code() == code)
+            .unwrap_or(RegistryState::Unknown)
+    }
+
+    pub fn code(self) -> u32 {
+        self as u32
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            RegistryState::Unknown => "unknown",
+            RegistryState::Connecting => "connecting",
+            RegistryState::Unreachable => "unreachable",
+            RegistryState::Publishing => "publishing",
+            RegistryState::WaitingForPeers => "waiting_for_peers",
+            RegistryState::Ready => "ready",
+        }
+    }
+}
+
 /// Everything that can go wrong opening a control block.
 #[derive(Debug, thiserror::Error)]
 pub enum ControlBlockError {
@@ -299,6 +352,17 @@ impl ControlBlock {
             .store(lifecycle as u32, Ordering::Release);
     }
 
+    /// The control plane's registry state, as last reported.
+    pub fn registry_state(&self) -> RegistryState {
+        RegistryState::from_code(self.handshake.registry_state.load(Ordering::Acquire))
+    }
+
+    pub fn set_registry_state(&self, state: RegistryState) {
+        self.handshake
+            .registry_state
+            .store(state.code(), Ordering::Release);
+    }
+
     pub fn node_id(&self) -> u32 {
         self.header.node_id.load(Ordering::Relaxed)
     }
@@ -460,7 +524,7 @@ impl WorkerBlock {
 #[derive(Debug)]
 struct Mapping {
     mmap: MmapMut,
-    _file: File,
+    file: File,
     path: PathBuf,
 }
 
@@ -552,7 +616,7 @@ impl OwnedControlBlock {
         let mmap = map_file(&file, path)?;
         let mapping = Mapping {
             mmap,
-            _file: file,
+            file,
             path: path.to_owned(),
         };
         mapping.block().initialize(init);
@@ -603,7 +667,7 @@ impl AttachedControlBlock {
         let mmap = map_file(&file, path)?;
         let mapping = Mapping {
             mmap,
-            _file: file,
+            file,
             path: path.to_owned(),
         };
         let block = mapping.block();
@@ -642,6 +706,22 @@ impl AttachedControlBlock {
 
     pub fn path(&self) -> &Path {
         &self.mapping.path
+    }
+
+    /// False once the file at this handle's path is no longer the file it mapped (removed, or
+    /// replaced by a new file): the mapping then shows a block nobody writes any more, and the
+    /// caller should attach again.
+    pub fn is_file_at_path(&self) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        match (
+            std::fs::metadata(&self.mapping.path),
+            self.mapping.file.metadata(),
+        ) {
+            (Ok(at_path), Ok(mapped)) => {
+                at_path.dev() == mapped.dev() && at_path.ino() == mapped.ino()
+            }
+            _ => false,
+        }
     }
 }
 
@@ -758,6 +838,32 @@ mod tests {
             .store(LAYOUT_VERSION + 1, Ordering::Relaxed);
         let error = AttachedControlBlock::attach(&path).unwrap_err();
         assert!(error.to_string().contains("layout version"), "{error}");
+    }
+
+    #[test]
+    fn registry_state_codes_round_trip_and_replaced_files_are_noticed() {
+        for state in RegistryState::ALL {
+            assert_eq!(RegistryState::from_code(state.code()), state);
+        }
+        assert_eq!(RegistryState::from_code(99), RegistryState::Unknown);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("block");
+        let owned = OwnedControlBlock::create(&path, &init()).unwrap();
+        let attached = AttachedControlBlock::attach(&path).unwrap();
+        assert_eq!(attached.registry_state(), RegistryState::Unknown);
+        attached.set_registry_state(RegistryState::Ready);
+        assert_eq!(owned.registry_state(), RegistryState::Ready);
+        assert!(attached.is_file_at_path());
+        drop(owned);
+        std::fs::remove_file(&path).unwrap();
+        assert!(!attached.is_file_at_path());
+        let _new = OwnedControlBlock::create(&path, &init()).unwrap();
+        assert!(!attached.is_file_at_path());
+        assert!(
+            AttachedControlBlock::attach(&path)
+                .unwrap()
+                .is_file_at_path()
+        );
     }
 
     #[test]
