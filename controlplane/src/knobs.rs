@@ -109,9 +109,8 @@ pub struct KnobView {
     /// `bool`, `integer` or `choice`.
     pub kind: &'static str,
     /// The current value (boolean, number or choice name); null when not attached.
-    #[schema(value_type = Object)]
     pub value: serde_json::Value,
-    #[schema(value_type = Object)]
+    /// The default value (boolean, number or choice name).
     pub default: serde_json::Value,
     pub min: u64,
     pub max: u64,

@@ -147,8 +147,6 @@ pub struct KnobsDocument {
     pub values: serde_json::Map<String, serde_json::Value>,
     pub updated_by: u32,
     pub updated_ns: u64,
-    /// Unique per write, so a writer can tell whether its `add` won.
-    pub nonce: String,
 }
 
 /// A blocking memcached client for the registry's documents.
@@ -254,8 +252,9 @@ impl RegistryClient {
     }
 
     /// Merges `changes` into the cluster knobs document as a new version, without losing a
-    /// concurrent update: `gets` + `cas`, or `add` for the first version (whose success is
-    /// checked by reading back the nonce, because `add` does not report a lost race).
+    /// concurrent update: `gets` + `cas`. A missing document is first created empty (version
+    /// 0) with `add`; every writer adds the same nothing, so it does not matter whose `add`
+    /// wins (the memcache client does not say), and the real write is always a `cas`.
     pub fn update_knobs(
         &self,
         keys: &Keys,
@@ -263,60 +262,51 @@ impl RegistryClient {
         node: u32,
     ) -> Result<KnobsDocument, RegistryError> {
         let key = keys.knobs();
-        for attempt in 0..CAS_ATTEMPTS {
-            let nonce = format!("{node}-{}-{}-{attempt}", std::process::id(), now_ns());
+        for _ in 0..CAS_ATTEMPTS {
             let current: Option<(String, u32, Option<u64>)> =
                 self.client.get(&key).map_err(|error| self.failed(error))?;
-            match current {
-                None => {
-                    let document = KnobsDocument {
-                        schema: RECORD_SCHEMA,
-                        version: 1,
-                        values: changes.clone(),
-                        updated_by: node,
-                        updated_ns: now_ns(),
-                        nonce: nonce.clone(),
-                    };
-                    let text = encode(&key, &document)?;
-                    self.client
-                        .add(&key, text.as_str(), KNOBS_TTL_SECONDS)
-                        .map_err(|error| self.failed(error))?;
-                    if self
-                        .read_knobs(keys)?
-                        .is_some_and(|stored| stored.nonce == nonce)
-                    {
-                        return Ok(document);
-                    }
-                }
-                Some((text, _flags, cas)) => {
-                    let previous: KnobsDocument = decode(&key, &text)?;
-                    let mut values = previous.values;
-                    for (name, value) in changes {
-                        values.insert(name.clone(), value.clone());
-                    }
-                    let document = KnobsDocument {
-                        schema: RECORD_SCHEMA,
-                        version: previous.version.saturating_add(1),
-                        values,
-                        updated_by: node,
-                        updated_ns: now_ns(),
-                        nonce,
-                    };
-                    let text = encode(&key, &document)?;
-                    let Some(cas) = cas else {
-                        return Err(RegistryError::BadDocument {
-                            key,
-                            reason: "the server returned no CAS id".to_owned(),
-                        });
-                    };
-                    if self
-                        .client
-                        .cas(&key, text.as_str(), KNOBS_TTL_SECONDS, cas)
-                        .map_err(|error| self.failed(error))?
-                    {
-                        return Ok(document);
-                    }
-                }
+            let Some((text, _flags, cas)) = current else {
+                let empty = KnobsDocument {
+                    schema: RECORD_SCHEMA,
+                    version: 0,
+                    values: serde_json::Map::new(),
+                    updated_by: node,
+                    updated_ns: now_ns(),
+                };
+                self.client
+                    .add(&key, encode(&key, &empty)?.as_str(), KNOBS_TTL_SECONDS)
+                    .map_err(|error| self.failed(error))?;
+                continue;
+            };
+            let Some(cas) = cas else {
+                return Err(RegistryError::BadDocument {
+                    key,
+                    reason: "the server returned no CAS id".to_owned(),
+                });
+            };
+            let previous: KnobsDocument = decode(&key, &text)?;
+            let mut values = previous.values;
+            for (name, value) in changes {
+                values.insert(name.clone(), value.clone());
+            }
+            let document = KnobsDocument {
+                schema: RECORD_SCHEMA,
+                version: previous.version.saturating_add(1),
+                values,
+                updated_by: node,
+                updated_ns: now_ns(),
+            };
+            if self
+                .client
+                .cas(
+                    &key,
+                    encode(&key, &document)?.as_str(),
+                    KNOBS_TTL_SECONDS,
+                    cas,
+                )
+                .map_err(|error| self.failed(error))?
+            {
+                return Ok(document);
             }
         }
         Err(RegistryError::Contended {

@@ -4,10 +4,13 @@
 //! `#[repr(C)]` [`ControlBlock`] made only of atomics, so both processes can read and write it
 //! through shared references without locks. The data plane creates it and holds an exclusive
 //! `flock` on it for its lifetime, which is how a second data plane is refused while the first
-//! lives, and how a restarted one can take over a block whose owner died. The control plane
-//! attaches to an existing block and validates its magic, layout version and size.
+//! lives, and how a restarted one can take over a block whose owner died. A takeover builds the
+//! new block in a fresh file renamed over the old one (never shrinking a file someone may still
+//! map) and clears the old block's magic. The control plane attaches to an existing block and
+//! validates its magic, layout version and size.
 //!
-//! This module touches the control-block file and its mapping, nothing else.
+//! This module touches the control-block file (and, during a takeover, a temporary file beside
+//! it) and their mappings, nothing else.
 
 use std::fs::{File, OpenOptions};
 use std::ops::Deref;
@@ -552,10 +555,35 @@ fn map_file(file: &File, path: &Path) -> Result<MmapMut, ControlBlockError> {
     unsafe { MmapMut::map_mut(file) }.map_err(io_error(path))
 }
 
+/// Takes the exclusive lock of a block file, or says which live process holds it.
+fn lock_exclusive(file: &File, path: &Path) -> Result<(), ControlBlockError> {
+    // SAFETY: flock on a file descriptor we own; no memory is involved.
+    let locked = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if locked == 0 {
+        return Ok(());
+    }
+    let error = std::io::Error::last_os_error();
+    if error.raw_os_error() == Some(libc::EWOULDBLOCK) {
+        let pid = AttachedControlBlock::attach(path)
+            .map(|block| block.header.owner_pid.load(Ordering::Relaxed))
+            .unwrap_or(0);
+        return Err(ControlBlockError::HeldByLiveProcess {
+            path: path.to_owned(),
+            pid,
+        });
+    }
+    Err(ControlBlockError::Io {
+        path: path.to_owned(),
+        source: error,
+    })
+}
+
 /// The data plane's handle: creates (or takes over) the block and holds its lock.
 #[derive(Debug)]
 pub struct OwnedControlBlock {
     mapping: Mapping,
+    /// The block file this one replaced, kept locked (see [`OwnedControlBlock::create`]).
+    _previous: Option<File>,
 }
 
 impl OwnedControlBlock {
@@ -590,37 +618,74 @@ impl OwnedControlBlock {
             .mode(0o600)
             .open(path)
             .map_err(io_error(path))?;
-        // SAFETY: flock on a file descriptor we own; no memory is involved.
-        let locked = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-        if locked != 0 {
-            let error = std::io::Error::last_os_error();
-            if error.raw_os_error() == Some(libc::EWOULDBLOCK) {
-                let pid = AttachedControlBlock::attach(path)
-                    .map(|block| block.header.owner_pid.load(Ordering::Relaxed))
-                    .unwrap_or(0);
-                return Err(ControlBlockError::HeldByLiveProcess {
-                    path: path.to_owned(),
-                    pid,
-                });
-            }
-            return Err(ControlBlockError::Io {
+        lock_exclusive(&file, path)?;
+        let length = file.metadata().map_err(io_error(path))?.len();
+        if length == 0 {
+            // A new file: nobody can be attached to it (attach refuses its size).
+            file.set_len(CONTROL_BLOCK_SIZE as u64)
+                .map_err(io_error(path))?;
+            let mapping = Mapping {
+                mmap: map_file(&file, path)?,
+                file,
                 path: path.to_owned(),
-                source: error,
+            };
+            mapping.block().initialize(init);
+            return Ok(OwnedControlBlock {
+                mapping,
+                _previous: None,
             });
         }
-        // Truncating to zero first gives a zeroed block: a control plane still attached to the
-        // previous instance sees the magic vanish and re-attaches.
-        file.set_len(0).map_err(io_error(path))?;
-        file.set_len(CONTROL_BLOCK_SIZE as u64)
-            .map_err(io_error(path))?;
-        let mmap = map_file(&file, path)?;
-        let mapping = Mapping {
-            mmap,
-            file,
-            path: path.to_owned(),
+        // Taking over from an exited owner. The old file is never shrunk: a process that still
+        // maps it (an attached control plane) would fault with SIGBUS on its next access. The
+        // new block is built in a fresh file and renamed over the path; then the old block's
+        // magic is cleared, so whoever is still attached to it sees it vanish and re-attaches.
+        let file_name = path
+            .file_name()
+            .map(|name| name.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let temporary = path.with_file_name(format!(".{file_name}.{}.new", std::process::id()));
+        let built = (|| {
+            let fresh = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&temporary)
+                .map_err(io_error(&temporary))?;
+            lock_exclusive(&fresh, &temporary)?;
+            fresh
+                .set_len(CONTROL_BLOCK_SIZE as u64)
+                .map_err(io_error(&temporary))?;
+            let mapping = Mapping {
+                mmap: map_file(&fresh, &temporary)?,
+                file: fresh,
+                path: path.to_owned(),
+            };
+            mapping.block().initialize(init);
+            std::fs::rename(&temporary, path).map_err(io_error(path))?;
+            Ok(mapping)
+        })();
+        let mapping = match built {
+            Ok(mapping) => mapping,
+            Err(error) => {
+                let _ = std::fs::remove_file(&temporary);
+                return Err(error);
+            }
         };
-        mapping.block().initialize(init);
-        Ok(OwnedControlBlock { mapping })
+        let old = map_file(&file, path)?;
+        if old.len() >= std::mem::size_of::<AtomicU64>() {
+            // SAFETY: the mapping is page aligned and at least 8 bytes long; the magic is the
+            // first field of every layout, only ever accessed as an AtomicU64.
+            let magic = unsafe { &*old.as_ptr().cast::<AtomicU64>() };
+            magic.store(0, Ordering::Release);
+        }
+        // The old file stays open and locked: a process that opened it just before the rename
+        // must still find it held by a live owner.
+        Ok(OwnedControlBlock {
+            mapping,
+            _previous: Some(file),
+        })
     }
 
     pub fn path(&self) -> &Path {
@@ -864,6 +929,41 @@ mod tests {
                 .unwrap()
                 .is_file_at_path()
         );
+    }
+
+    #[test]
+    fn takeover_never_faults_a_process_still_reading_the_old_block() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("block");
+        let mut owner = OwnedControlBlock::create(&path, &init()).unwrap();
+        let attached = AttachedControlBlock::attach(&path).unwrap();
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        let owner = std::thread::scope(|scope| {
+            scope.spawn(|| {
+                // Reads every part of the old mapping while the owner is replaced: with a
+                // shrinking takeover this faults (SIGBUS) and kills the test process.
+                while !stop.load(Ordering::Relaxed) {
+                    std::hint::black_box(attached.remote[MAX_NODES - 1][MAX_WORKERS - 1].load());
+                    std::hint::black_box(attached.knob(Knob::StatsIntervalMs));
+                    attached.controlplane_heartbeat();
+                }
+            });
+            for _ in 0..20 {
+                drop(owner);
+                owner = OwnedControlBlock::create(&path, &init()).unwrap();
+            }
+            stop.store(true, Ordering::Relaxed);
+            owner
+        });
+        assert!(!attached.is_current());
+        let again = AttachedControlBlock::attach(&path).unwrap();
+        assert!(again.is_current() && again.is_file_at_path());
+        assert_eq!(
+            again.header.instance.load(Ordering::Relaxed),
+            owner.header.instance.load(Ordering::Relaxed)
+        );
+        let leftovers: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+        assert_eq!(leftovers.len(), 1, "no temporary file is left behind");
     }
 
     #[test]
