@@ -226,6 +226,7 @@ pub struct WorkerStatus {
     /// leader_zxid minus committed_zxid, 0 when not behind.
     pub replication_lag: u64,
     pub knob_epoch_seen: u64,
+    /// Seconds since the worker's last report (null unless it publishes a wall-clock stamp).
     pub heartbeat_age_seconds: Option<f64>,
 }
 
@@ -283,6 +284,7 @@ pub struct StatusResponse {
 
 fn worker_status(block: &ControlBlock) -> Vec<WorkerStatus> {
     let workers = block.worker_count();
+    let started = block.header.started_ns.load(Ordering::Relaxed);
     (0..workers)
         .map(|worker| {
             let gauges = &block.worker(worker as usize).gauges;
@@ -298,7 +300,8 @@ fn worker_status(block: &ControlBlock) -> Vec<WorkerStatus> {
                 leader_zxid,
                 replication_lag: leader_zxid.saturating_sub(committed_zxid),
                 knob_epoch_seen: gauges.knob_epoch_seen.load(Ordering::Relaxed),
-                heartbeat_age_seconds: (heartbeat != 0)
+                // Only a wall-clock stamp from this data plane's lifetime means anything.
+                heartbeat_age_seconds: (heartbeat != 0 && heartbeat >= started)
                     .then(|| now_ns().saturating_sub(heartbeat) as f64 / 1e9),
             }
         })
