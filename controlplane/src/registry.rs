@@ -12,8 +12,8 @@
 //!
 //! Cluster-scoped knobs live in `...:knobs` as `{version, values}`; every control plane polls
 //! it every poll interval and applies newer versions to its own block. Writers merge their
-//! changes with `gets`/`cas` (and `add` for the first version), so concurrent updates from
-//! different nodes never lose each other.
+//! changes with `gets`/`cas` (an absent document is first `add`ed empty, as version 0), so
+//! concurrent updates from different nodes never lose each other.
 //!
 //! The memcache crate is blocking: [`RegistryWorker`] runs on its own thread, and REST
 //! handlers call [`RegistryClient`] from `spawn_blocking`. If memcached is unreachable, at

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
 use axum::extract::{RawQuery, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -612,6 +613,7 @@ async fn confirm_nodes(
     responses(
         (status = 200, description = "Applied; says how long the workers took to pick the change up, and for scope=cluster the registry version and which nodes applied it", body = PatchResponse),
         (status = 400, description = "Malformed body, unknown knob, wrong type or unknown scope; nothing applied", body = ErrorBody),
+        (status = 413, description = "The body is too large; nothing applied", body = ErrorBody),
         (status = 422, description = "A value outside its knob's range or choices; nothing applied", body = ErrorBody),
         (status = 503, description = "Not attached (scope=node) or the registry is unreachable (scope=cluster); nothing applied", body = ErrorBody),
     )
@@ -619,9 +621,17 @@ async fn confirm_nodes(
 pub async fn patch_knobs(
     State(state): State<AppState>,
     RawQuery(query): RawQuery,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let shared = &state.shared;
+    let body = body.map_err(|rejection| {
+        ApiError::new(
+            rejection.status(),
+            rejection.body_text(),
+            Some("body"),
+            Some("a JSON object of knob name -> value".to_owned()),
+        )
+    })?;
     let scope = parse_scope(query.as_deref())?;
     let value: serde_json::Value = serde_json::from_slice(&body).map_err(|error| {
         ApiError::new(
