@@ -12,6 +12,7 @@
 mod common;
 
 use std::net::SocketAddr;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::Ordering;
@@ -35,7 +36,16 @@ impl Process {
         let port = free_port();
         let address: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
         let log = dir.join(format!("{name}.log"));
-        let child = Command::new(BINARY)
+        let mut command = Command::new(BINARY);
+        // SAFETY: only prctl (async-signal-safe) runs between fork and exec; the kernel kills
+        // the control plane if this test process dies without running Drop.
+        unsafe {
+            command.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+        let child = command
             .args(arguments)
             .args(["--listen", &address.to_string()])
             .stdout(Stdio::null())

@@ -12,6 +12,7 @@
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -69,6 +70,15 @@ impl Memcached {
         // SAFETY: geteuid has no preconditions and touches no memory.
         if unsafe { libc::geteuid() } == 0 {
             command.args(["-u", "root"]);
+        }
+        // SAFETY: the closure runs in the forked child before exec and only calls prctl, which
+        // is async-signal-safe; it makes the kernel kill memcached if this test process dies
+        // without running Drop (a crash must not leave servers behind).
+        unsafe {
+            command.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
         }
         let child = command
             .stdout(Stdio::null())
