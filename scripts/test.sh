@@ -10,6 +10,7 @@ dpkg -s librdmacm-dev >/dev/null 2>&1 || need_packages+=(librdmacm-dev)
 dpkg -s libclang-dev >/dev/null 2>&1 || need_packages+=(libclang-dev)
 dpkg -s pkg-config >/dev/null 2>&1 || need_packages+=(pkg-config)
 dpkg -s iproute2 >/dev/null 2>&1 || need_packages+=(iproute2)
+dpkg -s memcached >/dev/null 2>&1 || need_packages+=(memcached)
 if ((${#need_packages[@]})); then
   echo "==> installing ${need_packages[*]}"
   export DEBIAN_FRONTEND=noninteractive
