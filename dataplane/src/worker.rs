@@ -932,10 +932,16 @@ impl<T: Transport> Worker<T> {
             .gauges
             .committed_zxid
             .store(applied, Ordering::Relaxed);
+        // Wall-clock time, so another process can tell how fresh it is.
+        let wall_ns = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(now_ns, |elapsed| {
+                u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX)
+            });
         counters
             .gauges
             .heartbeat_ns
-            .store(now_ns, Ordering::Relaxed);
+            .store(wall_ns, Ordering::Relaxed);
     }
 
     /// A one-line summary of the pipeline, for diagnostics.
