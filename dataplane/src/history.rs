@@ -8,11 +8,14 @@
 //! `docs/history-format.md` describes them.
 //!
 //! Off the hot path: a worker's [`WorkerHistory`] encodes fixed-size records into a preallocated
-//! buffer; a full buffer goes over a bounded crossbeam channel to one flusher thread per node
-//! (not a worker), which appends it to the file and sends it back over another channel for
-//! reuse. Nothing is allocated per record and a worker never blocks: with no empty buffer at
-//! hand it counts the record as dropped, and the file's trailer, written once every worker has
-//! let go of its recorder and everything is written, carries that count.
+//! buffer; a buffer that is full, or holds records and was last handed over more than
+//! [`HAND_OVER_INTERVAL_NS`] ago (checked at the start of an issue phase, which reads the clock
+//! anyway), goes over a bounded crossbeam channel to one flusher thread per node (not a worker),
+//! which appends it to the file and sends it back over another channel for reuse. So a process
+//! killed without a clean shutdown loses only its last fraction of a second of records. Nothing
+//! is allocated per record and a worker never blocks: with no empty buffer at hand it counts
+//! the record as dropped, and the file's trailer, written once every worker has let go of its
+//! recorder and everything is written, carries that count.
 //!
 //! Timestamps are `CLOCK_MONOTONIC` nanoseconds: one clock for every process of a host, so the
 //! histories of nodes on one host compare. A recording worker reads it once per issue phase (the
@@ -48,6 +51,9 @@ pub const BUFFER_BYTES: usize = BUFFER_RECORDS * RECORD_BYTES;
 /// a quarter of a second of recording at the fastest rates seen on a loaded 2-core test
 /// machine, before a stalled flusher would make it drop records.
 pub const BUFFERS_PER_WORKER: usize = 16;
+/// A worker hands over a partly filled buffer once this long has passed since its last hand
+/// over: what a killed process loses is about this much recording.
+pub const HAND_OVER_INTERVAL_NS: u64 = 100_000_000;
 
 /// `CLOCK_MONOTONIC` now, in nanoseconds (0 if the clock cannot be read).
 pub fn monotonic_ns() -> u64 {
@@ -132,9 +138,19 @@ struct Recorder {
     pending: Vec<PendingWrite>,
     issue_started_ns: u64,
     applied_at_issue: u64,
+    /// When the worker last handed a buffer over (or started).
+    handed_over_ns: u64,
 }
 
 impl Recorder {
+    /// Hands the current buffer over if the last hand-over is [`HAND_OVER_INTERVAL_NS`] old.
+    fn hand_over_if_due(&mut self, now_ns: u64) {
+        if now_ns.saturating_sub(self.handed_over_ns) >= HAND_OVER_INTERVAL_NS {
+            self.handed_over_ns = now_ns;
+            self.hand_over();
+        }
+    }
+
     fn push(&mut self, record: &Record) {
         if self.buffer.is_none() {
             self.buffer = self.empty.try_recv().ok();
@@ -148,6 +164,8 @@ impl Recorder {
         // Within capacity (a full buffer is handed over below), so this never reallocates.
         buffer.extend_from_slice(&bytes);
         if buffer.len() + RECORD_BYTES > buffer.capacity() {
+            // The issue phase's clock reading is recent enough to time the next hand-over.
+            self.handed_over_ns = self.issue_started_ns;
             self.hand_over();
         }
     }
@@ -207,6 +225,7 @@ impl WorkerHistory {
                 pending: vec![PendingWrite::default(); sessions],
                 issue_started_ns: 0,
                 applied_at_issue: 0,
+                handed_over_ns: monotonic_ns(),
             })),
         }
     }
@@ -225,7 +244,9 @@ impl WorkerHistory {
         if let Some(recorder) = &self.recorder {
             let mut recorder = recorder.borrow_mut();
             recorder.applied_at_issue = replica.applied_zxid();
-            recorder.issue_started_ns = monotonic_ns();
+            let now_ns = monotonic_ns();
+            recorder.issue_started_ns = now_ns;
+            recorder.hand_over_if_due(now_ns);
         }
     }
 
@@ -762,6 +783,40 @@ mod tests {
                 dropped: 10
             })
         );
+    }
+
+    #[test]
+    fn a_partly_filled_buffer_is_handed_over_once_the_last_hand_over_is_old() {
+        let (empty_sender, empty) = crossbeam_channel::bounded(1);
+        let (full, full_receiver) = crossbeam_channel::bounded(4);
+        let history = WorkerHistory::new(0, 1, touched_buffer(), empty, full);
+        let _ = empty_sender.try_send(touched_buffer());
+        history.applied(1, 1, &[0; 8]);
+        let recorder = history.recorder.as_ref().unwrap();
+        let start = recorder.borrow().handed_over_ns;
+        recorder
+            .borrow_mut()
+            .hand_over_if_due(start + HAND_OVER_INTERVAL_NS - 1);
+        assert!(full_receiver.is_empty(), "not due yet");
+        recorder
+            .borrow_mut()
+            .hand_over_if_due(start + HAND_OVER_INTERVAL_NS);
+        assert!(matches!(
+            full_receiver.try_recv(),
+            Ok(FlushMessage::Filled { worker: 0, buffer }) if buffer.len() == RECORD_BYTES
+        ));
+        // Nothing recorded since: nothing to hand over, however late.
+        recorder
+            .borrow_mut()
+            .hand_over_if_due(start + 10 * HAND_OVER_INTERVAL_NS);
+        assert!(full_receiver.is_empty());
+        // The next record goes into a buffer from the pool.
+        history.applied(2, 1, &[0; 8]);
+        assert_eq!(
+            recorder.borrow().buffer.as_ref().map(Vec::len),
+            Some(RECORD_BYTES)
+        );
+        assert_eq!(recorder.borrow().dropped, 0);
     }
 
     #[test]

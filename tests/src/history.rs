@@ -3,8 +3,9 @@
 //!
 //! - every replica applied the identical sequence: per node process, the apply records of its
 //!   workers, merged by zxid, form one contiguous run (the first process of each node starting
-//!   right after the zxid it started from; a restarted process may cover only a suffix), and a
-//!   zxid applied by two processes carries the same key and write id on both;
+//!   right after the zxid it started from; a restarted process, which caught up by a snapshot,
+//!   from wherever it starts), and a zxid applied by two processes carries the same key and
+//!   write id on both;
 //! - nothing was lost: every completed write is applied at its zxid with its key and write id,
 //!   by its own node and in the leader's (node 0's) sequence, and every node's last process
 //!   reaches the cluster's last zxid (unless lagging replicas are allowed);
@@ -17,13 +18,24 @@
 //! - writes are linearizable: no write completed before another was invoked yet got a larger
 //!   zxid.
 //!
+//! A process killed without shutting down (SIGKILL) leaves files without a trailer whose last
+//! buffers were never written: it is reported as crashed, its whole records are checked like
+//! any others, and only what the lost tail makes unknowable is excused. Every worker file is a
+//! prefix, in time, of what that worker recorded, so a worker's file holds every apply the
+//! worker made up to the largest zxid any of its records shows the node had applied; the least
+//! of these over the process's files bounds the zxids up to which its applied sequence must be
+//! contiguous and must hold its completed writes. Beyond it, and for the end of its sequence,
+//! nothing is required; its writes left without a completion are not violations (no process's
+//! are); a value read whose write's invocation is missing is accepted when the write's node has
+//! a crashed process (the invocation may have been in the lost tail).
+//!
 //! Touches only the files it is pointed at, read-only.
 
 // The crate allows unwrap for its test-support helpers; the checker reads untrusted input.
 #![warn(clippy::unwrap_used)]
 
 use std::collections::btree_map::Entry;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 use std::fs::File;
 use std::io::{BufReader, Read, Seek, SeekFrom};
@@ -57,13 +69,11 @@ pub enum CheckError {
         name_instance: Option<u64>,
         header: FileHeader,
     },
-    #[error(
-        "{path}: {bytes} bytes is not a {HEADER_BYTES}-byte header plus whole {RECORD_BYTES}-byte records"
-    )]
+    #[error("{path}: {bytes} bytes is shorter than the {HEADER_BYTES}-byte header")]
     Truncated { path: PathBuf, bytes: u64 },
-    #[error(
-        "{path}: no trailer: the node did not shut down cleanly (or is still running), so the history may be incomplete"
-    )]
+    /// Only for in-memory histories ([`WorkerFile::from_records`]); a file without its trailer
+    /// is read as a crashed process's.
+    #[error("{path}: no trailer")]
     MissingTrailer { path: PathBuf },
     #[error("{path}: the trailer counts {trailer} records but the file holds {found}")]
     CountMismatch {
@@ -314,12 +324,58 @@ impl Default for CheckOptions {
     }
 }
 
+/// What was checked of one node process.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ProcessReport {
+    pub process: Process,
+    /// When it started (CLOCK_REALTIME ns, from its headers): orders a node's processes.
+    pub started_unix_ns: u64,
+    pub records: u64,
+    pub reads: u64,
+    pub writes_invoked: u64,
+    pub writes_completed: u64,
+    pub applies: u64,
+    /// The first and last zxid it applied.
+    pub zxids: Option<(u64, u64)>,
+    /// Some file of it has no trailer: the process was killed (or still runs).
+    pub crashed: bool,
+    /// For a crashed process: the zxid up to which its recorded applies are known complete.
+    pub complete_to: Option<u64>,
+}
+
+impl fmt::Display for ProcessReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}: {} records, reads {}, writes invoked {}, completed {}, applies {}",
+            self.process,
+            self.records,
+            self.reads,
+            self.writes_invoked,
+            self.writes_completed,
+            self.applies
+        )?;
+        if let Some((first, last)) = self.zxids {
+            write!(f, ", zxids {first:#x}..={last:#x}")?;
+        }
+        if self.crashed {
+            write!(f, ", crashed (no trailer)")?;
+            if let Some(complete_to) = self.complete_to {
+                write!(f, ", applies complete to {complete_to:#x}")?;
+            }
+        }
+        Ok(())
+    }
+}
+
 /// What was checked and what was found.
 #[derive(Clone, Debug, Default)]
 pub struct Report {
     pub files: usize,
     pub nodes: usize,
     pub processes: usize,
+    /// Every node process, by node and start time.
+    pub process_reports: Vec<ProcessReport>,
     pub records: u64,
     pub reads: u64,
     pub writes_invoked: u64,
@@ -342,6 +398,23 @@ impl Report {
     /// Client operations: reads and write invocations.
     pub fn operations(&self) -> u64 {
         self.reads + self.writes_invoked
+    }
+
+    /// The node processes that did not shut down cleanly (a file without its trailer).
+    pub fn crashed(&self) -> Vec<Process> {
+        self.process_reports
+            .iter()
+            .filter(|process| process.crashed)
+            .map(|process| process.process)
+            .collect()
+    }
+
+    /// `node`'s processes in start order.
+    pub fn processes_of(&self, node: u8) -> Vec<&ProcessReport> {
+        self.process_reports
+            .iter()
+            .filter(|process| process.process.node == node)
+            .collect()
     }
 
     fn violation(&mut self, violation: Violation) {
@@ -389,6 +462,9 @@ impl fmt::Display for ReportSummary<'_> {
             "history: {} files, {} nodes, {} node processes, {} records",
             report.files, report.nodes, report.processes, report.records
         )?;
+        for process in &report.process_reports {
+            writeln!(f, "  {process}")?;
+        }
         writeln!(
             f,
             "operations: {} (reads {}, writes invoked {}, writes completed {}); applies {}",
@@ -436,14 +512,17 @@ enum Source {
     Memory(Vec<Record>),
 }
 
-/// One worker's history, with its header and trailer already validated.
+/// One worker's history, with its header and trailer (if any) already validated.
 #[derive(Debug)]
 pub struct WorkerFile {
     name: String,
     header: FileHeader,
-    /// Records before the trailer.
+    /// Records before the trailer; without one, every whole record.
     records: u64,
     dropped: u64,
+    /// The file ends with its trailer: the process shut down cleanly. Without one, the file
+    /// is a prefix of what the worker recorded and its drops are unknown.
+    clean: bool,
     source: Source,
 }
 
@@ -459,7 +538,9 @@ fn parse_name(name: &str) -> Option<(u8, u8, Option<u64>)> {
 }
 
 impl WorkerFile {
-    /// Opens a history file: checks its name, header, length and trailer.
+    /// Opens a history file: checks its name, header, length and trailer. A file without a
+    /// trailer (its process was killed, or still runs) is accepted as a crashed process's: its
+    /// whole records are read and a torn last record is ignored.
     pub fn open(path: &Path) -> Result<WorkerFile, CheckError> {
         let io = |source| CheckError::Io {
             path: path.to_owned(),
@@ -475,7 +556,7 @@ impl WorkerFile {
         let bytes = file.metadata().map_err(io)?.len();
         let header_bytes = HEADER_BYTES as u64;
         let record_bytes = RECORD_BYTES as u64;
-        if bytes < header_bytes || (bytes - header_bytes) % record_bytes != 0 {
+        if bytes < header_bytes {
             return Err(CheckError::Truncated {
                 path: path.to_owned(),
                 bytes,
@@ -500,31 +581,34 @@ impl WorkerFile {
             });
         }
         let count = (bytes - header_bytes) / record_bytes;
-        let missing_trailer = || CheckError::MissingTrailer {
-            path: path.to_owned(),
-        };
-        if count == 0 {
-            return Err(missing_trailer());
+        let torn = (bytes - header_bytes) % record_bytes != 0;
+        let mut trailer = None;
+        if count > 0 && !torn {
+            file.seek(SeekFrom::End(-(RECORD_BYTES as i64)))
+                .map_err(io)?;
+            let mut last = [0u8; RECORD_BYTES];
+            file.read_exact(&mut last).map_err(io)?;
+            if let Ok(Record::Trailer { records, dropped }) = Record::decode(&last) {
+                trailer = Some((records, dropped));
+            }
         }
-        file.seek(SeekFrom::End(-(RECORD_BYTES as i64)))
-            .map_err(io)?;
-        let mut last = [0u8; RECORD_BYTES];
-        file.read_exact(&mut last).map_err(io)?;
-        let Ok(Record::Trailer { records, dropped }) = Record::decode(&last) else {
-            return Err(missing_trailer());
+        let (records, dropped, clean) = match trailer {
+            Some((records, _)) if records != count - 1 => {
+                return Err(CheckError::CountMismatch {
+                    path: path.to_owned(),
+                    trailer: records,
+                    found: count - 1,
+                });
+            }
+            Some((records, dropped)) => (records, dropped, true),
+            None => (count, 0, false),
         };
-        if records != count - 1 {
-            return Err(CheckError::CountMismatch {
-                path: path.to_owned(),
-                trailer: records,
-                found: count - 1,
-            });
-        }
         Ok(WorkerFile {
             name: path.display().to_string(),
             header,
             records,
             dropped,
+            clean,
             source: Source::File(path.to_owned()),
         })
     }
@@ -556,12 +640,34 @@ impl WorkerFile {
             header,
             records: counted,
             dropped,
+            clean: true,
             source: Source::Memory(records),
         })
     }
 
+    /// A crashed process's history held in memory (for tests): `records` without a trailer.
+    pub fn from_records_without_trailer(
+        name: &str,
+        header: FileHeader,
+        records: Vec<Record>,
+    ) -> WorkerFile {
+        WorkerFile {
+            name: name.to_owned(),
+            header,
+            records: records.len() as u64,
+            dropped: 0,
+            clean: false,
+            source: Source::Memory(records),
+        }
+    }
+
     pub fn header(&self) -> &FileHeader {
         &self.header
+    }
+
+    /// Whether the file ends with its trailer (its process shut down cleanly).
+    pub fn is_clean(&self) -> bool {
+        self.clean
     }
 
     fn process(&self) -> Process {
@@ -673,22 +779,63 @@ struct CompletedWrite {
     complete_ns: u64,
 }
 
-/// The zxids one node process applied, in order.
-#[derive(Clone, Copy, Debug)]
-struct Coverage {
-    process: Process,
-    first: u64,
-    last: u64,
+/// What the first pass gathers about one node process.
+#[derive(Debug, Default)]
+struct ProcessGathered {
+    /// (zxid, write, worker), in file order; taken by [`merge_sequences`].
+    applies: Vec<(u64, AppliedWrite, u8)>,
+    /// Some file has no trailer: the process was killed (or still runs).
+    crashed: bool,
+    /// For a crashed process: the zxid up to which every apply it made is in its files (the
+    /// least, over its files without a trailer, of the largest zxid each file shows the node
+    /// had applied).
+    complete_to: Option<u64>,
+    records: u64,
+    reads: u64,
+    writes_invoked: u64,
+    writes_completed: u64,
+    applies_recorded: u64,
 }
 
 /// What the first pass over all files gathers.
 #[derive(Debug, Default)]
 struct Gathered {
-    /// By node process: (zxid, write, worker).
-    applies: BTreeMap<Process, Vec<(u64, AppliedWrite, u8)>>,
+    /// By node process.
+    processes: BTreeMap<Process, ProcessGathered>,
     /// By write id: the earliest invocation.
     earliest_invocation: HashMap<u64, u64>,
     completed: Vec<CompletedWrite>,
+    /// Nodes with a crashed process: invocations of their writes may be in a lost tail.
+    crashed_nodes: BTreeSet<u8>,
+}
+
+/// The zxids one node process applied.
+#[derive(Debug)]
+struct Applied {
+    /// Ascending, each once.
+    zxids: Vec<u64>,
+    /// The zxid up to which the record is complete: `u64::MAX` unless the process crashed.
+    complete_to: u64,
+    crashed: bool,
+}
+
+impl Applied {
+    fn first(&self) -> Option<u64> {
+        self.zxids.first().copied()
+    }
+
+    fn last(&self) -> Option<u64> {
+        self.zxids.last().copied()
+    }
+
+    fn contains(&self, zxid: u64) -> bool {
+        self.zxids.binary_search(&zxid).is_ok()
+    }
+
+    /// Whether the record shows whether the process applied `zxid`.
+    fn knows(&self, zxid: u64) -> bool {
+        zxid <= self.complete_to
+    }
 }
 
 /// The cluster's applied sequence, merged over node processes.
@@ -698,7 +845,8 @@ struct Sequence {
     /// a vector over the zxid range, so a corrupt zxid cannot make the checker allocate
     /// without bound.
     writes: BTreeMap<u64, (AppliedWrite, Process)>,
-    coverage: Vec<Coverage>,
+    /// By node process: what it applied.
+    applied: BTreeMap<Process, Applied>,
     /// By key: the zxids that wrote it, ascending.
     by_key: HashMap<u64, Vec<u64>>,
 }
@@ -708,10 +856,12 @@ impl Sequence {
         self.writes.get(&zxid).map(|(write, _)| *write)
     }
 
-    fn covered_by(&self, process: Process, zxid: u64) -> bool {
-        self.coverage.iter().any(|coverage| {
-            coverage.process == process && coverage.first <= zxid && zxid <= coverage.last
-        })
+    /// The first and last zxid any process applied.
+    fn range(&self) -> Option<(u64, u64)> {
+        self.applied
+            .values()
+            .filter_map(|applied| Some((applied.first()?, applied.last()?)))
+            .reduce(|(first, last), (a, b)| (first.min(a), last.max(b)))
     }
 
     /// The first write to `key` with a zxid above `after`.
@@ -746,19 +896,55 @@ pub fn check(files: &[WorkerFile], options: &CheckOptions) -> Result<Report, Che
             });
         }
     }
-    let gathered = gather(files, &mut report)?;
-    let sequence = merge_sequences(&gathered, &processes, files, options, &mut report);
-    report.zxids = sequence
-        .coverage
-        .iter()
-        .map(|coverage| (coverage.first, coverage.last))
-        .reduce(|(first, last), (a, b)| (first.min(a), last.max(b)));
+    let mut gathered = gather(files, &mut report)?;
+    let sequence = merge_sequences(&mut gathered, &processes, files, options, &mut report);
+    report.zxids = sequence.range();
+    report.process_reports = process_reports(&processes, files, &gathered, &sequence);
     check_completed_writes(&gathered.completed, &sequence, &mut report);
     check_real_time_order(&gathered.completed, &mut report);
     for file in files {
         check_sessions(file, &gathered, &sequence, &mut report)?;
     }
     Ok(report)
+}
+
+/// What was checked of each process, by node and start time.
+fn process_reports(
+    processes: &BTreeMap<Process, Vec<usize>>,
+    files: &[WorkerFile],
+    gathered: &Gathered,
+    sequence: &Sequence,
+) -> Vec<ProcessReport> {
+    let mut reports: Vec<ProcessReport> = processes
+        .iter()
+        .map(|(process, indices)| {
+            let found = gathered.processes.get(process);
+            let count = |field: fn(&ProcessGathered) -> u64| found.map_or(0, field);
+            ProcessReport {
+                process: *process,
+                started_unix_ns: files[indices[0]].header.started_unix_ns,
+                records: count(|found| found.records),
+                reads: count(|found| found.reads),
+                writes_invoked: count(|found| found.writes_invoked),
+                writes_completed: count(|found| found.writes_completed),
+                applies: count(|found| found.applies_recorded),
+                zxids: sequence
+                    .applied
+                    .get(process)
+                    .and_then(|applied| Some((applied.first()?, applied.last()?))),
+                crashed: found.is_some_and(|found| found.crashed),
+                complete_to: found.and_then(|found| found.complete_to),
+            }
+        })
+        .collect();
+    reports.sort_by_key(|report| {
+        (
+            report.process.node,
+            report.started_unix_ns,
+            report.process.instance,
+        )
+    });
+    reports
 }
 
 /// The files of every node process, by worker; checks that every process has every worker.
@@ -809,15 +995,20 @@ fn group_processes(files: &[WorkerFile]) -> Result<BTreeMap<Process, Vec<usize>>
         .collect()
 }
 
-/// First pass: applies by process, earliest invocation by write id, completed writes.
+/// First pass: applies and counts by process, how far a crashed process's record is
+/// complete, earliest invocation by write id, completed writes.
 fn gather(files: &[WorkerFile], report: &mut Report) -> Result<Gathered, CheckError> {
     let mut gathered = Gathered::default();
     for file in files {
         let process = file.process();
         let worker = file.header.worker;
-        let applies = gathered.applies.entry(process).or_default();
+        let found = gathered.processes.entry(process).or_default();
         let earliest = &mut gathered.earliest_invocation;
         let completed = &mut gathered.completed;
+        found.records += file.records;
+        // The largest zxid this file shows the node had applied: the worker recorded every
+        // apply of its own up to it before this point of its file.
+        let mut horizon = file.header.initial_zxid;
         file.for_each_record(|record| match *record {
             Record::Apply {
                 zxid,
@@ -825,7 +1016,11 @@ fn gather(files: &[WorkerFile], report: &mut Report) -> Result<Gathered, CheckEr
                 write_id,
             } => {
                 report.applies += 1;
-                applies.push((zxid, AppliedWrite { key, write_id }, worker));
+                found.applies_recorded += 1;
+                found
+                    .applies
+                    .push((zxid, AppliedWrite { key, write_id }, worker));
+                horizon = horizon.max(zxid);
             }
             Record::WriteInvoke {
                 write_id,
@@ -833,6 +1028,9 @@ fn gather(files: &[WorkerFile], report: &mut Report) -> Result<Gathered, CheckEr
                 ..
             } => {
                 report.writes_invoked += 1;
+                found.writes_invoked += 1;
+                // With unique write ids per run this is the invocation; should ids repeat
+                // (an older recorder), the earliest keeps the read checks sound.
                 earliest
                     .entry(write_id)
                     .and_modify(|earliest| *earliest = (*earliest).min(invoke_ns))
@@ -848,6 +1046,7 @@ fn gather(files: &[WorkerFile], report: &mut Report) -> Result<Gathered, CheckEr
                 zxid,
             } => {
                 report.writes_completed += 1;
+                found.writes_completed += 1;
                 completed.push(CompletedWrite {
                     session: SessionId {
                         node: process.node,
@@ -862,71 +1061,75 @@ fn gather(files: &[WorkerFile], report: &mut Report) -> Result<Gathered, CheckEr
                     invoke_ns,
                     complete_ns,
                 });
+                horizon = horizon.max(zxid);
             }
-            Record::Read { .. } => report.reads += 1,
+            Record::Read { applied_zxid, .. } => {
+                report.reads += 1;
+                found.reads += 1;
+                horizon = horizon.max(applied_zxid);
+            }
             Record::Trailer { .. } => {}
         })?;
+        if !file.clean {
+            found.crashed = true;
+            found.complete_to = Some(found.complete_to.map_or(horizon, |to| to.min(horizon)));
+            gathered.crashed_nodes.insert(process.node);
+        }
     }
     Ok(gathered)
 }
 
 /// Checks each process's applied sequence and merges them into the cluster's.
 fn merge_sequences(
-    gathered: &Gathered,
+    gathered: &mut Gathered,
     processes: &BTreeMap<Process, Vec<usize>>,
     files: &[WorkerFile],
     options: &CheckOptions,
     report: &mut Report,
 ) -> Sequence {
     let mut sequence = Sequence::default();
-    let mut sorted: BTreeMap<Process, Vec<(u64, AppliedWrite, u8)>> = BTreeMap::new();
-    for (process, applies) in &gathered.applies {
-        let mut applies = applies.clone();
+    for (process, found) in &mut gathered.processes {
+        let complete_to = if found.crashed {
+            found.complete_to.unwrap_or(0)
+        } else {
+            u64::MAX
+        };
+        let mut applies = std::mem::take(&mut found.applies);
         applies.sort_by_key(|(zxid, _, _)| *zxid);
-        let mut unique: Vec<(u64, AppliedWrite, u8)> = Vec::with_capacity(applies.len());
+        let mut zxids: Vec<u64> = Vec::with_capacity(applies.len());
+        let mut previous: Option<(u64, AppliedWrite, u8)> = None;
         for apply in applies {
-            match unique.last() {
-                Some(previous) if previous.0 == apply.0 => {
+            let (zxid, write, worker) = apply;
+            if let Some((last, _, last_worker)) = previous {
+                if last == zxid {
                     report.violation(Violation::AppliedTwice {
                         process: *process,
-                        zxid: apply.0,
-                        first_worker: previous.2,
-                        second_worker: apply.2,
+                        zxid,
+                        first_worker: last_worker,
+                        second_worker: worker,
                     });
+                    continue;
                 }
-                Some(previous) if previous.0 + 1 != apply.0 => {
+                // Beyond what a crashed process's files are known to hold, a missing zxid
+                // may have been in a lost buffer.
+                if last + 1 != zxid && last < complete_to {
                     report.violation(Violation::Gap {
                         process: *process,
-                        after: previous.0,
-                        next: apply.0,
+                        after: last,
+                        next: zxid,
                     });
-                    unique.push(apply);
                 }
-                _ => unique.push(apply),
             }
-        }
-        if let (Some(first), Some(last)) = (unique.first(), unique.last()) {
-            sequence.coverage.push(Coverage {
-                process: *process,
-                first: first.0,
-                last: last.0,
-            });
-        }
-        sorted.insert(*process, unique);
-    }
-    let Some(last) = sequence.coverage.iter().map(|coverage| coverage.last).max() else {
-        return sequence;
-    };
-    for (process, applies) in &sorted {
-        for (zxid, write, _) in applies {
-            match sequence.writes.entry(*zxid) {
+            previous = Some(apply);
+            zxids.push(zxid);
+            match sequence.writes.entry(zxid) {
                 Entry::Vacant(slot) => {
-                    slot.insert((*write, *process));
+                    slot.insert((write, *process));
                 }
-                Entry::Occupied(slot) if slot.get().0 != *write => {
+                Entry::Occupied(slot) if slot.get().0 != write => {
                     let (other_write, other) = *slot.get();
                     report.violation(Violation::Diverged {
-                        zxid: *zxid,
+                        zxid,
                         process: *process,
                         key: write.key,
                         write_id: write.write_id,
@@ -938,16 +1141,26 @@ fn merge_sequences(
                 Entry::Occupied(_) => {}
             }
         }
+        sequence.applied.insert(
+            *process,
+            Applied {
+                zxids,
+                complete_to,
+                crashed: found.crashed,
+            },
+        );
     }
     for (zxid, (write, _)) in &sequence.writes {
         sequence.by_key.entry(write.key).or_default().push(*zxid);
     }
-    check_starts_and_ends(processes, files, &sequence, last, options, report);
+    if let Some((_, last)) = sequence.range() {
+        check_starts_and_ends(processes, files, &sequence, last, options, report);
+    }
     sequence
 }
 
 /// Each node's first process starts right after its initial zxid; each node's last process
-/// reaches the cluster's last zxid.
+/// reaches the cluster's last zxid, unless it crashed.
 fn check_starts_and_ends(
     processes: &BTreeMap<Process, Vec<usize>>,
     files: &[WorkerFile],
@@ -966,27 +1179,28 @@ fn check_starts_and_ends(
             header.initial_zxid,
         ));
     }
-    let coverage_of = |process: Process| {
-        sequence
-            .coverage
-            .iter()
-            .find(|coverage| coverage.process == process)
-    };
     for starts in by_node.values_mut() {
         starts.sort_unstable();
         if let Some((_, process, initial)) = starts.first() {
-            if let Some(coverage) = coverage_of(*process) {
-                if coverage.first != initial + 1 {
-                    report.violation(Violation::LateStart {
-                        process: *process,
-                        first: coverage.first,
-                        initial: *initial,
-                    });
+            let expected = initial.saturating_add(1);
+            if let Some(applied) = sequence.applied.get(process) {
+                if let Some(first) = applied.first() {
+                    if first != expected && applied.knows(expected) {
+                        report.violation(Violation::LateStart {
+                            process: *process,
+                            first,
+                            initial: *initial,
+                        });
+                    }
                 }
             }
         }
         if let Some((_, process, initial)) = starts.last() {
-            let last = coverage_of(*process).map_or(*initial, |coverage| coverage.last);
+            let applied = sequence.applied.get(process);
+            if applied.is_some_and(|applied| applied.crashed) {
+                continue;
+            }
+            let last = applied.and_then(Applied::last).unwrap_or(*initial);
             if last != cluster_last && !options.allow_lagging_replicas {
                 report.violation(Violation::ReplicaBehind {
                     process: *process,
@@ -998,20 +1212,22 @@ fn check_starts_and_ends(
     }
 }
 
-/// Every completed write is applied at its zxid, by its own process and by the leader.
+/// Every completed write is applied at its zxid, by its own process and by the leader (as
+/// far as a crashed process's record shows).
 fn check_completed_writes(completed: &[CompletedWrite], sequence: &Sequence, report: &mut Report) {
-    let leader_processes: Vec<Process> = sequence
-        .coverage
+    let leaders: Vec<&Applied> = sequence
+        .applied
         .iter()
-        .filter(|coverage| coverage.process.node == 0)
-        .map(|coverage| coverage.process)
+        .filter(|(process, _)| process.node == 0)
+        .map(|(_, applied)| applied)
         .collect();
     for write in completed {
-        let own = Process {
+        let own = sequence.applied.get(&Process {
             node: write.session.node,
             instance: write.session.instance,
-        };
-        let reason = match sequence.get(write.zxid) {
+        });
+        let zxid = write.zxid;
+        let reason = match sequence.get(zxid) {
             None => Some(LostReason::NeverApplied),
             Some(applied) if applied.key != write.key || applied.write_id != write.write_id => {
                 Some(LostReason::Replaced {
@@ -1019,11 +1235,13 @@ fn check_completed_writes(completed: &[CompletedWrite], sequence: &Sequence, rep
                     write_id: applied.write_id,
                 })
             }
-            Some(_) if !sequence.covered_by(own, write.zxid) => Some(LostReason::NotAppliedLocally),
+            Some(_) if own.is_none_or(|own| own.knows(zxid) && !own.contains(zxid)) => {
+                Some(LostReason::NotAppliedLocally)
+            }
             Some(_)
-                if !leader_processes
+                if !leaders
                     .iter()
-                    .any(|leader| sequence.covered_by(*leader, write.zxid)) =>
+                    .any(|leader| leader.contains(zxid) || !leader.knows(zxid)) =>
             {
                 Some(LostReason::NotOnLeader)
             }
@@ -1035,7 +1253,7 @@ fn check_completed_writes(completed: &[CompletedWrite], sequence: &Sequence, rep
                 seq: write.seq,
                 write_id: write.write_id,
                 key: write.key,
-                zxid: write.zxid,
+                zxid,
                 reason,
             });
         }
@@ -1214,7 +1432,12 @@ fn value_problem(
     if write_id == 0 {
         return (value_zxid != 0).then_some(BadValue::InitialWithZxid);
     }
+    // Write ids carry their node in the top byte (`workload::write_id`).
+    let writer = u8::try_from(write_id >> 56).unwrap_or(u8::MAX);
     match gathered.earliest_invocation.get(&write_id) {
+        // A crashed process's invocation may have been in its lost tail: the value is still
+        // checked against the applied sequence.
+        None if gathered.crashed_nodes.contains(&writer) => {}
         None => return Some(BadValue::NeverInvoked),
         Some(invoke_ns) if *invoke_ns > complete_ns => {
             return Some(BadValue::InvokedAfterRead {

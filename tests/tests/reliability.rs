@@ -3,7 +3,11 @@
 //! udp over loopback and on udp between network namespaces. Every run must end with identical
 //! replicas (the restarted follower's store equal to the leader's), retransmissions and
 //! catch-up must show in the counters, and the leader's committed zxid must never stand still
-//! for longer than a second while clients are running.
+//! for longer than a second while clients are running. Every node records its history
+//! (`--history-dir`, a temporary directory per run, the restarted follower's new process
+//! writing new files next to the killed one's), and the consistency checker must find no
+//! violation in it: the killed process's files have no trailer and are checked as a crashed
+//! process's, every other process ends cleanly.
 
 #![allow(
     clippy::unwrap_used,
@@ -11,13 +15,14 @@
     reason = "a test fails by panicking; port arithmetic is small"
 )]
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use rzab_shared::{AttachedControlBlock, Counter, Lifecycle};
+use rzab_tests::history::{CheckOptions, Report, check_dirs};
 use rzab_tests::{
     Namespaces, NodeOutput, NodeProcess, assert_identical_replicas, cleanup, cluster_name,
 };
@@ -42,6 +47,40 @@ fn common(cluster: &str) -> Vec<String> {
     .iter()
     .map(|arg| (*arg).to_owned())
     .collect()
+}
+
+/// `--history-dir DIR`.
+fn history_args(history: &Path) -> Vec<String> {
+    vec!["--history-dir".into(), history.to_str().unwrap().into()]
+}
+
+/// Checks the run's recorded history: no violation, and reads and writes from every node.
+fn check_history(label: &str, history: &Path, outputs: &[NodeOutput]) -> Report {
+    let report = check_dirs(&[history.to_owned()], &CheckOptions::default()).unwrap();
+    eprintln!("{label}: {report}");
+    assert!(report.is_clean(), "{label}: {report}");
+    assert!(
+        report.reads > 0 && report.writes_invoked > 0 && report.writes_completed > 0,
+        "{label}: {report}"
+    );
+    assert_eq!(report.nodes, 3, "{label}: {report}");
+    for node in 0..3 {
+        let recorded: u64 = report
+            .processes_of(node)
+            .iter()
+            .map(|process| process.reads + process.writes_completed)
+            .sum();
+        assert!(recorded > 0, "{label}: node {node} recorded no operation");
+    }
+    let applied = outputs[0].summary.as_ref().unwrap()["applied_zxid"]
+        .as_u64()
+        .unwrap();
+    assert_eq!(
+        report.zxids.map(|(_, last)| last),
+        Some(applied),
+        "{label}: the history must reach the leader's applied zxid"
+    );
+    report
 }
 
 fn strings(args: &[&str]) -> Vec<String> {
@@ -133,7 +172,9 @@ fn assert_no_long_stall(longest: Duration) {
 fn lossy_run(label: &str, transport: &[String], loss: &str, duplicate: &str, reorder: &str) {
     let cluster = cluster_name(label);
     cleanup(&cluster, 3);
+    let history = tempfile::tempdir().unwrap();
     let mut args = common(&cluster);
+    args.extend(history_args(history.path()));
     args.extend(transport.iter().cloned());
     args.extend(strings(&[
         "--duration",
@@ -157,6 +198,13 @@ fn lossy_run(label: &str, transport: &[String], loss: &str, duplicate: &str, reo
     assert_identical_replicas(&outputs);
     assert!(retransmitted > 0, "no retransmissions at {loss}% loss");
     assert_no_long_stall(longest);
+
+    let report = check_history(label, history.path(), &outputs);
+    assert_eq!(report.processes, 3, "{report}");
+    assert!(
+        report.crashed().is_empty(),
+        "every node ends cleanly, with its trailers:\n{report}"
+    );
 }
 
 #[test]
@@ -183,7 +231,9 @@ fn ten_percent_loss_on_udp() {
 fn follower_restart(label: &str, prefixes: &[Vec<String>], extra: &[String]) {
     let cluster = cluster_name(label);
     cleanup(&cluster, 3);
+    let history = tempfile::tempdir().unwrap();
     let mut args = common(&cluster);
+    args.extend(history_args(history.path()));
     args.extend(extra.iter().cloned());
     let mut processes: Vec<NodeProcess> = (0..3u8)
         .map(|node| NodeProcess::start_with_prefix(&prefixes[usize::from(node)], node, &args))
@@ -250,6 +300,23 @@ fn follower_restart(label: &str, prefixes: &[Vec<String>], extra: &[String]) {
         "snapshot: sent {sent}, installed {installed}"
     );
     assert_no_long_stall(longest);
+
+    // The killed process left files without trailers; its restart wrote new ones.
+    let report = check_history(label, history.path(), &outputs);
+    assert_eq!(report.processes, 4, "{report}");
+    let node2 = report.processes_of(2);
+    assert_eq!(node2.len(), 2, "{report}");
+    let (killed, restarted) = (node2[0], node2[1]);
+    assert_eq!(report.crashed(), [killed.process], "{report}");
+    assert!(
+        restarted.records > 0 && restarted.applies > 0 && restarted.writes_completed > 0,
+        "the restarted node recorded nothing:\n{report}"
+    );
+    assert_eq!(
+        restarted.zxids.map(|(_, last)| last),
+        report.zxids.map(|(_, last)| last),
+        "{report}"
+    );
 }
 
 #[test]

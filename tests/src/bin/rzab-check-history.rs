@@ -13,7 +13,8 @@ use rzab_tests::history::{CheckOptions, check_dirs};
 const USAGE: &str = "usage: rzab-check-history [--allow-lagging-replicas] [--show N] DIR...
 
 Checks every node<N>-worker<W>[.<instance>].hist file in the DIRs (one run of one cluster;
-several directories when the nodes recorded to different ones).
+several directories when the nodes recorded to different ones). A file without its trailer
+(a killed process) is checked as a crashed process's, as far as its records go.
   --allow-lagging-replicas  accept node processes that stopped before the last zxid
   --show N                  print up to N violations (default 10)";
 

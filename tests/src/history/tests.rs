@@ -1,7 +1,8 @@
 //! The checker on small synthetic histories: a good one passes, and each kind of violation,
-//! planted on its own, is found.
+//! planted on its own, is found; crashed (trailer-less) and restarted processes are checked as
+//! far as their records go.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
 
 use rzab_dataplane::history::file_name;
@@ -16,6 +17,7 @@ const NODES: u8 = 3;
 const WORKERS: u8 = 2;
 
 /// A synthetic run of three nodes with two workers each.
+#[derive(Clone)]
 struct Run {
     /// By (node, instance, worker).
     logs: BTreeMap<(u8, u64, u8), Vec<Record>>,
@@ -24,6 +26,8 @@ struct Run {
     /// By node: its current process.
     current: [u64; NODES as usize],
     dropped: BTreeMap<(u8, u64, u8), u64>,
+    /// (node, instance) of the processes killed without a trailer.
+    crashed: BTreeSet<(u8, u64)>,
     time: u64,
     next_zxid: u64,
 }
@@ -35,6 +39,7 @@ impl Run {
             starts: BTreeMap::new(),
             current: [0; NODES as usize],
             dropped: BTreeMap::new(),
+            crashed: BTreeSet::new(),
             time: 1_000,
             next_zxid: Z + 1,
         };
@@ -173,6 +178,14 @@ impl Run {
         }
     }
 
+    /// `node`'s current process was killed: its files get no trailer, and `worker`'s loses
+    /// all but its first `keep` records.
+    fn crash(&mut self, node: u8, worker: u8, keep: usize) {
+        let instance = self.current[usize::from(node)];
+        self.crashed.insert((node, instance));
+        self.log(node, worker).truncate(keep);
+    }
+
     fn header(&self, node: u8, instance: u64, worker: u8) -> FileHeader {
         let (order, initial_zxid) = self.starts[&(node, instance)];
         FileHeader {
@@ -187,12 +200,15 @@ impl Run {
         }
     }
 
-    /// Every log with its trailer.
+    /// Every log with its trailer (none for a crashed process).
     fn logs_with_trailers(&self) -> Vec<(FileHeader, Vec<Record>)> {
         self.logs
             .iter()
             .map(|(&(node, instance, worker), records)| {
                 let mut records = records.clone();
+                if self.crashed.contains(&(node, instance)) {
+                    return (self.header(node, instance, worker), records);
+                }
                 records.push(Record::Trailer {
                     records: records.len() as u64,
                     dropped: self
@@ -211,7 +227,11 @@ impl Run {
             .into_iter()
             .map(|(header, records)| {
                 let name = file_name(header.node, header.worker, header.instance);
-                WorkerFile::from_records(&name, header, records).unwrap()
+                if self.crashed.contains(&(header.node, header.instance)) {
+                    WorkerFile::from_records_without_trailer(&name, header, records)
+                } else {
+                    WorkerFile::from_records(&name, header, records).unwrap()
+                }
             })
             .collect()
     }
@@ -541,7 +561,8 @@ fn a_restarted_node_may_cover_a_suffix_but_its_first_process_may_not() {
     // The new process caught up by state transfer and applies from Z + 3 on.
     let c = run.write(0, 0, 0, 1, 7);
     run.read(2, 0, 0, 7, c);
-    // The new process's sessions start again at seq 1: the same write ids as before.
+    // Its sessions start again at seq 1, as an older recorder's did: repeated write ids stay
+    // harmless.
     run.write(2, 0, 0, 1, 8);
     let report = run.check();
     assert!(report.is_clean(), "{report}");
@@ -575,19 +596,47 @@ fn real_files_are_read_and_damaged_ones_refused() {
             .is_clean()
     );
 
-    // No trailer: cut the last record off.
+    // No trailer: a crashed process, checked as far as its records go.
     let path = dir.path().join(file_name(1, 1, 101));
     let bytes = std::fs::read(&path).unwrap();
     std::fs::write(&path, &bytes[..bytes.len() - RECORD_BYTES]).unwrap();
-    assert!(matches!(
-        check_dirs(&[dir.path().to_owned()], &CheckOptions::default()),
-        Err(CheckError::MissingTrailer { .. })
-    ));
-    // Half a record.
-    std::fs::write(&path, &bytes[..bytes.len() - 3]).unwrap();
+    let report = check_dirs(&[dir.path().to_owned()], &CheckOptions::default()).unwrap();
+    assert!(report.is_clean(), "{report}");
+    assert_eq!(
+        report.crashed(),
+        [Process {
+            node: 1,
+            instance: 101
+        }]
+    );
+    assert!(
+        report.to_string().contains("crashed (no trailer)"),
+        "{report}"
+    );
+    assert_eq!(report.applies, 12);
+    // A torn last record (the process was killed in the middle of a write) is ignored: node 1
+    // worker 1 keeps its apply of Z + 1 and loses that of Z + 3, which its other file shows
+    // the node had applied; what node 1 lacks beyond is excused.
+    std::fs::write(&path, &bytes[..bytes.len() - RECORD_BYTES - 3]).unwrap();
+    let report = check_dirs(&[dir.path().to_owned()], &CheckOptions::default()).unwrap();
+    assert!(report.is_clean(), "{report}");
+    assert_eq!(report.applies, 11);
+    let node1 = report.processes_of(1);
+    assert!(node1[0].crashed);
+    assert_eq!(node1[0].complete_to, Some(Z + 1));
+    // Shorter than a header.
+    std::fs::write(&path, &bytes[..HEADER_BYTES - 1]).unwrap();
     assert!(matches!(
         check_dirs(&[dir.path().to_owned()], &CheckOptions::default()),
         Err(CheckError::Truncated { .. })
+    ));
+    // A trailer that is not last.
+    let mut early = bytes.clone();
+    early.extend_from_slice(&bytes[HEADER_BYTES..HEADER_BYTES + RECORD_BYTES]);
+    std::fs::write(&path, &early).unwrap();
+    assert!(matches!(
+        check_dirs(&[dir.path().to_owned()], &CheckOptions::default()),
+        Err(CheckError::EarlyTrailer { .. })
     ));
     // A missing worker file.
     std::fs::remove_file(&path).unwrap();
@@ -642,4 +691,186 @@ fn in_memory_histories_need_their_trailer() {
         ),
         Err(CheckError::CountMismatch { .. })
     ));
+}
+
+#[test]
+fn a_crashed_process_is_checked_as_far_as_its_files_go() {
+    // Node 2 was killed: its worker-1 file lost its last record (the apply of Z + 3). That
+    // file shows the node had applied Z + 2 (a completion), so node 2's applies are known
+    // complete up to Z + 2 only: the missing Z + 3 (before Z + 4, in the other file) is
+    // excused, and so is its stopping short.
+    let mut run = good_run();
+    let kept = run.logs[&(2, 102, 1)].len() - 1;
+    run.crash(2, 1, kept);
+    // A write it invoked and never saw complete is no violation.
+    run.invoke(2, 0, 9, 1, 11);
+    let report = run.check();
+    assert!(report.is_clean(), "{report}");
+    assert_eq!(
+        report.crashed(),
+        [Process {
+            node: 2,
+            instance: 102
+        }]
+    );
+    let node2 = report.processes_of(2);
+    assert_eq!(node2.len(), 1);
+    assert_eq!(node2[0].zxids, Some((Z + 1, Z + 4)));
+
+    // Its recorded completion must be in the leader's sequence.
+    let mut run = good_run();
+    run.crash(2, 0, usize::MAX);
+    let (id, _) = run.invoke(2, 0, 4, 1, 12);
+    run.log(2, 1).push(Record::Apply {
+        zxid: Z + 5,
+        key: 12,
+        write_id: id,
+    });
+    run.complete(2, 0, 4, 1, 12, Z + 5);
+    let report = run.check();
+    assert!(
+        report.violations.iter().any(|violation| matches!(
+            violation,
+            Violation::LostWrite {
+                reason: LostReason::NotOnLeader,
+                session: SessionId { node: 2, .. },
+                zxid,
+                ..
+            } if *zxid == Z + 5
+        )),
+        "{report}"
+    );
+    // And applied at its zxid with its write.
+    let mut run = good_run();
+    run.crash(2, 0, usize::MAX);
+    run.invoke(2, 0, 4, 1, 12);
+    run.complete(2, 0, 4, 1, 12, Z + 3);
+    let report = run.check();
+    assert!(
+        report.violations.iter().any(|violation| matches!(
+            violation,
+            Violation::LostWrite {
+                reason: LostReason::Replaced { .. },
+                ..
+            }
+        )),
+        "{report}"
+    );
+
+    // Its applied sequence must be contiguous as far as its files are known complete...
+    let mut run = good_run();
+    run.crash(2, 0, usize::MAX);
+    run.remove(
+        2,
+        |record| matches!(record, Record::Apply { zxid, .. } if *zxid == Z + 2),
+    );
+    assert_found(&run.check(), "gap");
+    // ...and identical to the leader's.
+    let mut run = good_run();
+    run.crash(2, 0, usize::MAX);
+    for record in run.log(2, 1) {
+        if let Record::Apply { zxid, write_id, .. } = record {
+            if *zxid == Z + 3 {
+                *write_id ^= 1;
+            }
+        }
+    }
+    assert_found(&run.check(), "diverged");
+
+    // Its reads are checked.
+    let mut run = good_run();
+    run.crash(2, 0, usize::MAX);
+    run.read(2, 0, 7, 7, (write_id(1, 0, 0, 1), Z + 2));
+    assert_found(&run.check(), "bad value");
+    let mut run = good_run();
+    run.crash(2, 0, usize::MAX);
+    run.read_with(2, 0, 7, 7, (write_id(1, 0, 0, 1), Z + 1), Z + 3);
+    assert_found(&run.check(), "stale read");
+
+    // A value whose invocation was in the crashed writer's lost tail is accepted (it is
+    // applied at its zxid); the same value from a node that did not crash is not.
+    let mut run = good_run();
+    let (id, zxid) = run.write(2, 0, 8, 1, 13);
+    run.read(1, 1, 8, 13, (id, zxid));
+    run.remove(
+        2,
+        |record| matches!(record, Record::WriteInvoke { write_id, .. } if *write_id == id),
+    );
+    run.remove(
+        2,
+        |record| matches!(record, Record::WriteComplete { write_id, .. } if *write_id == id),
+    );
+    run.crash(2, 0, usize::MAX);
+    assert!(run.check().is_clean());
+    run.crashed.clear();
+    assert_found(&run.check(), "bad value");
+}
+
+#[test]
+fn a_restarted_process_must_follow_the_leader_from_wherever_it_starts() {
+    // Node 2's first process is killed after Z + 2 with part of its last buffer lost; its
+    // restart catches up by a snapshot (initial zxid Z, base Z + 3) and applies from Z + 4.
+    let mut run = Run::new();
+    run.write(1, 0, 0, 1, 7);
+    run.write(2, 0, 0, 1, 7);
+    let kept = run.logs[&(2, 102, 0)].len() - 1;
+    run.crash(2, 0, kept);
+    for node in [0, 1] {
+        run.log(node, 1).push(Record::Apply {
+            zxid: Z + 3,
+            key: 9,
+            write_id: write_id(0, 1, 0, 1),
+        });
+    }
+    run.log(0, 1).push(Record::WriteInvoke {
+        session: 0,
+        seq: 1,
+        invoke_ns: 1,
+        key: 9,
+        write_id: write_id(0, 1, 0, 1),
+    });
+    run.next_zxid += 1;
+    run.start_process(2, 202, Z);
+    let first_seq = (7 << 20) | 1;
+    let c = run.write(0, 0, 1, 1, 7);
+    run.read(2, 0, 0, 7, c);
+    run.write(2, 0, 0, first_seq, 8);
+    run.write(2, 1, 3, first_seq, 9);
+    let good = run;
+    let report = good.check();
+    assert!(report.is_clean(), "{report}");
+    let node2 = report.processes_of(2);
+    assert_eq!(node2.len(), 2);
+    assert!(node2[0].crashed && !node2[1].crashed);
+    assert_eq!(node2[1].zxids, Some((Z + 4, Z + 6)));
+
+    // A divergent suffix.
+    let mut run = good.clone();
+    for record in run.log(2, 0) {
+        if let Record::Apply { zxid, key, .. } = record {
+            if *zxid == Z + 6 {
+                *key += 1;
+            }
+        }
+    }
+    let report = run.check();
+    assert!(
+        matches!(
+            report.violations[..],
+            [Violation::Diverged {
+                zxid,
+                process: Process { node: 2, instance: 202 },
+                other: Process { node: 0, .. },
+                ..
+            }] if zxid == Z + 6
+        ),
+        "{report}"
+    );
+
+    // A gap in the suffix.
+    run.remove(
+        2,
+        |record| matches!(record, Record::Apply { zxid, .. } if *zxid == Z + 5),
+    );
+    assert_found(&run.check(), "gap");
 }
