@@ -51,6 +51,8 @@ pub struct Summary {
     pub digest: u64,
     /// Digest of the store's contents: equal on every replica that applied the same prefix.
     pub store_digest: u64,
+    /// Messages this node sent again (prepares, commits, forwarded writes).
+    pub retransmissions: u64,
     // history hook: what --history-dir recorded (absent when off).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub history: Option<crate::history::HistoryReport>,
@@ -601,6 +603,14 @@ fn report_until_stopped(
         applied_zxid: shared.replica.applied_zxid(),
         digest: shared.replica.digest(),
         store_digest: shared.replica.store().digest(),
+        retransmissions: [
+            Counter::RetransmitPrepare,
+            Counter::RetransmitCommit,
+            Counter::RetransmitWrite,
+        ]
+        .into_iter()
+        .map(|counter| block.counter_total(counter))
+        .sum(),
         history: None, // history hook: filled in once the flusher is done
     }
 }
