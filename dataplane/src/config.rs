@@ -376,9 +376,16 @@ impl Options {
 
     /// A hash of everything that must be equal on every node.
     pub fn fingerprint(&self) -> u64 {
+        // Sessions size the leader's exactly-once table and snapshot ranges follow the keys.
         let text = format!(
-            "{}|{}|{}|{}|{}|{}",
-            self.cluster, self.nodes, self.workers, self.value_size, self.keys, self.window
+            "{}|{}|{}|{}|{}|{}|{}",
+            self.cluster,
+            self.nodes,
+            self.workers,
+            self.value_size,
+            self.keys,
+            self.window,
+            self.sessions
         );
         text.bytes().fold(0xcbf2_9ce4_8422_2325u64, |hash, byte| {
             (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3)

@@ -130,7 +130,7 @@ pub enum WorkerError {
         seconds: u64,
     },
     #[error(
-        "pipeline {pipeline}: node {node} runs an incompatible configuration (fingerprint {theirs:#x}, ours {ours:#x}): --nodes, --workers, --value-size and --keys must match on every node"
+        "pipeline {pipeline}: node {node} runs an incompatible configuration (fingerprint {theirs:#x}, ours {ours:#x}): --nodes, --workers, --value-size, --keys, --window and --sessions must match on every node"
     )]
     Incompatible {
         pipeline: usize,
