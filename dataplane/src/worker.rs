@@ -223,6 +223,23 @@ impl<T: Transport> TransportOutbox<'_, T> {
         self.buffers_used = 0;
     }
 
+    /// Queues a send to the leader or to one follower (nothing if its address is unknown).
+    fn push_unicast(&mut self, target: Target, len: usize) {
+        let address = match target {
+            Target::Leader => self.peers.leader,
+            Target::Follower(node) => self
+                .peers
+                .followers
+                .get(usize::from(node))
+                .copied()
+                .flatten(),
+            Target::AllFollowers => None,
+        };
+        if let Some(address) = address {
+            self.push(Destination::Unicast(address), len);
+        }
+    }
+
     fn push(&mut self, destination: Destination<T::Address>, len: usize) {
         self.chain.push(SendRequest {
             destination,
@@ -250,36 +267,17 @@ impl<T: Transport> Outbox for TransportOutbox<'_, T> {
 
     fn resend(&mut self, target: Target, _kind: Kind, len: usize) {
         // Repeats go to one peer; the pipeline counts them as retransmissions.
-        match target {
-            Target::Leader => {
-                if let Some(leader) = self.peers.leader {
-                    self.push(Destination::Unicast(leader), len);
-                }
-            }
-            Target::Follower(node) => {
-                if let Some(Some(follower)) = self.peers.followers.get(usize::from(node)) {
-                    self.push(Destination::Unicast(*follower), len);
-                }
-            }
-            Target::AllFollowers => return,
+        if !matches!(target, Target::AllFollowers) {
+            self.push_unicast(target, len);
+            self.buffers_used += 1;
+            self.sent += 1;
         }
-        self.buffers_used += 1;
-        self.sent += 1;
     }
 
     fn send(&mut self, target: Target, kind: Kind, len: usize, batch: u64) {
         let mut multicast_path = false;
         match target {
-            Target::Leader => {
-                if let Some(leader) = self.peers.leader {
-                    self.push(Destination::Unicast(leader), len);
-                }
-            }
-            Target::Follower(node) => {
-                if let Some(Some(follower)) = self.peers.followers.get(usize::from(node)) {
-                    self.push(Destination::Unicast(*follower), len);
-                }
-            }
+            Target::Leader | Target::Follower(_) => self.push_unicast(target, len),
             Target::AllFollowers => match (self.multicast, self.peers.group) {
                 (true, Some(group)) => {
                     multicast_path = true;

@@ -22,7 +22,10 @@ fn sources(dir: &Path, out: &mut String) {
 #[test]
 fn every_declared_counter_is_updated_by_the_data_plane() {
     let mut text = String::new();
-    sources(&Path::new(env!("CARGO_MANIFEST_DIR")).join("src"), &mut text);
+    sources(
+        &Path::new(env!("CARGO_MANIFEST_DIR")).join("src"),
+        &mut text,
+    );
     // Counters are updated as `.add(Counter::X, ..)` or `.set(Counter::X, ..)`, or chosen by a
     // mapping (a match arm or a pair) whose result is what gets added.
     let compact: String = text.split_whitespace().collect();

@@ -83,19 +83,7 @@ impl NodeOutput {
 impl NodeProcess {
     /// Starts `rzab-dataplane --node N` with the given extra arguments.
     pub fn start(node: u8, args: &[String]) -> NodeProcess {
-        let child = Command::new(binary("rzab-dataplane"))
-            .arg("--node")
-            .arg(node.to_string())
-            .args(args)
-            .env("RUST_BACKTRACE", "0")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        NodeProcess {
-            node,
-            child: Some(child),
-        }
+        NodeProcess::start_with_prefix(&[], node, args)
     }
 
     /// Waits for the process and collects its output.
@@ -291,4 +279,36 @@ impl NodeProcess {
                 .status();
         }
     }
+}
+
+/// Attaches to a node's control block once its data plane runs (waits up to 30 s).
+pub fn attach_running(path: &std::path::Path) -> rzab_shared::AttachedControlBlock {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        if let Ok(block) = rzab_shared::AttachedControlBlock::attach(path) {
+            if block.lifecycle() == rzab_shared::Lifecycle::Running {
+                return block;
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} never ran",
+            path.display()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(25));
+    }
+}
+
+/// The highest zxid a node's workers report as applied.
+pub fn committed_zxid(block: &rzab_shared::AttachedControlBlock) -> u64 {
+    (0..block.worker_count() as usize)
+        .map(|worker| {
+            block
+                .worker(worker)
+                .gauges
+                .committed_zxid
+                .load(std::sync::atomic::Ordering::Relaxed)
+        })
+        .max()
+        .unwrap_or(0)
 }

@@ -16,7 +16,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use rzab_shared::{AttachedControlBlock, Lifecycle, SyncState};
+use rzab_shared::{AttachedControlBlock, SyncState};
 use rzab_tests::{NodeOutput, NodeProcess, cleanup, cluster_name, target_bin_dir};
 
 /// A child process killed when dropped.
@@ -103,41 +103,15 @@ fn controlplane(
     Guard(Some(child))
 }
 
-fn attach_running(path: &std::path::Path) -> AttachedControlBlock {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Ok(block) = AttachedControlBlock::attach(path) {
-            if block.lifecycle() == Lifecycle::Running {
-                return block;
-            }
-        }
-        assert!(Instant::now() < deadline, "{} never ran", path.display());
-        std::thread::sleep(Duration::from_millis(25));
-    }
-}
-
-fn committed(block: &AttachedControlBlock) -> u64 {
-    (0..block.worker_count() as usize)
-        .map(|worker| {
-            block
-                .worker(worker)
-                .gauges
-                .committed_zxid
-                .load(Ordering::Relaxed)
-        })
-        .max()
-        .unwrap_or(0)
-}
-
 /// Samples the committed zxid for `span` and returns the longest time it stood still.
 fn longest_stall(block: &AttachedControlBlock, span: Duration) -> Duration {
     let end = Instant::now() + span;
-    let mut last = committed(block);
+    let mut last = rzab_tests::committed_zxid(block);
     let mut since = Instant::now();
     let mut longest = Duration::ZERO;
     while Instant::now() < end {
         std::thread::sleep(Duration::from_millis(20));
-        let now = committed(block);
+        let now = rzab_tests::committed_zxid(block);
         if now == last {
             longest = longest.max(since.elapsed());
         } else {
@@ -181,7 +155,7 @@ fn memcached_restart_and_a_follower_rejoining_through_the_control_plane() {
     .map(|arg| (*arg).to_owned())
     .collect();
     let mut nodes: Vec<NodeProcess> = (0..3).map(|node| NodeProcess::start(node, &args)).collect();
-    let leader = attach_running(&PathBuf::from(format!("/dev/shm/rzab-{cluster}-n0")));
+    let leader = rzab_tests::attach_running(&PathBuf::from(format!("/dev/shm/rzab-{cluster}-n0")));
     std::thread::sleep(Duration::from_millis(500));
 
     // memcached goes away and comes back: the data planes never notice.
@@ -208,7 +182,8 @@ fn memcached_restart_and_a_follower_rejoining_through_the_control_plane() {
 
     // A new process of node 2 re-registers through its control plane and catches up.
     nodes.push(NodeProcess::start(2, &args));
-    let restarted = attach_running(&PathBuf::from(format!("/dev/shm/rzab-{cluster}-n2")));
+    let restarted =
+        rzab_tests::attach_running(&PathBuf::from(format!("/dev/shm/rzab-{cluster}-n2")));
     let deadline = Instant::now() + Duration::from_secs(30);
     while (0..2).any(|worker| {
         SyncState::from_code(

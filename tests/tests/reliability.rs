@@ -21,7 +21,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use rzab_shared::{AttachedControlBlock, Counter, Lifecycle};
+use rzab_shared::{AttachedControlBlock, Counter};
 use rzab_tests::history::{CheckOptions, Report, check_dirs};
 use rzab_tests::{
     Namespaces, NodeOutput, NodeProcess, assert_identical_replicas, cleanup, cluster_name,
@@ -99,31 +99,6 @@ fn udp_args(label_offset: u16) -> Vec<String> {
     ]
 }
 
-fn attach(path: &std::path::Path) -> AttachedControlBlock {
-    for _ in 0..400 {
-        if let Ok(block) = AttachedControlBlock::attach(path) {
-            if block.lifecycle() == Lifecycle::Running {
-                return block;
-            }
-        }
-        std::thread::sleep(Duration::from_millis(25));
-    }
-    panic!("control block {} never came up", path.display());
-}
-
-fn committed(block: &AttachedControlBlock) -> u64 {
-    (0..block.worker_count() as usize)
-        .map(|worker| {
-            block
-                .worker(worker)
-                .gauges
-                .committed_zxid
-                .load(Ordering::Relaxed)
-        })
-        .max()
-        .unwrap_or(0)
-}
-
 /// Watches the leader's committed zxid while armed and reports the longest time it stood
 /// still, with the counters read at the end.
 struct ProgressWatch {
@@ -133,16 +108,16 @@ struct ProgressWatch {
 
 impl ProgressWatch {
     fn start(leader_block: PathBuf) -> ProgressWatch {
-        let block = attach(&leader_block);
+        let block = rzab_tests::attach_running(&leader_block);
         let armed = Arc::new(AtomicBool::new(true));
         let flag = Arc::clone(&armed);
         let thread = std::thread::spawn(move || {
             let mut longest = Duration::ZERO;
-            let mut last = committed(&block);
+            let mut last = rzab_tests::committed_zxid(&block);
             let mut since = Instant::now();
             while flag.load(Ordering::Relaxed) {
                 std::thread::sleep(Duration::from_millis(20));
-                let now = committed(&block);
+                let now = rzab_tests::committed_zxid(&block);
                 if now != last {
                     last = now;
                     since = Instant::now();
@@ -244,7 +219,8 @@ fn follower_restart(label: &str, prefixes: &[Vec<String>], extra: &[String]) {
     // With the follower dead, the leader keeps committing at a quorum.
     std::thread::sleep(Duration::from_millis(1500));
     processes.push(NodeProcess::start_with_prefix(&prefixes[2], 2, &args));
-    let restarted = attach(&PathBuf::from(format!("/dev/shm/rzab-{cluster}-n2")));
+    let restarted =
+        rzab_tests::attach_running(&PathBuf::from(format!("/dev/shm/rzab-{cluster}-n2")));
     let deadline = Instant::now() + Duration::from_secs(30);
     while rzab_shared::SyncState::from_code(
         restarted
