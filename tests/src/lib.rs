@@ -283,10 +283,29 @@ impl NodeProcess {
 
 /// Attaches to a node's control block once its data plane runs (waits up to 30 s).
 pub fn attach_running(path: &std::path::Path) -> rzab_shared::AttachedControlBlock {
+    attach_running_instance(path, None)
+}
+
+/// The data-plane instance a control block belongs to.
+pub fn instance_of(block: &rzab_shared::AttachedControlBlock) -> u64 {
+    block
+        .header
+        .instance
+        .load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Like [`attach_running`], but for a data plane other than instance `not` (a restarted
+/// process: the block its killed predecessor left may still be at the path for a moment).
+pub fn attach_running_instance(
+    path: &std::path::Path,
+    not: Option<u64>,
+) -> rzab_shared::AttachedControlBlock {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     loop {
         if let Ok(block) = rzab_shared::AttachedControlBlock::attach(path) {
-            if block.lifecycle() == rzab_shared::Lifecycle::Running {
+            if block.lifecycle() == rzab_shared::Lifecycle::Running
+                && Some(instance_of(&block)) != not
+            {
                 return block;
             }
         }

@@ -174,6 +174,9 @@ fn memcached_restart_and_a_follower_rejoining_through_the_control_plane() {
 
     // Follower 2 dies; the leader keeps committing at a quorum.
     nodes.pop().unwrap().crash();
+    let old_instance = rzab_tests::instance_of(&rzab_tests::attach_running(&PathBuf::from(
+        format!("/dev/shm/rzab-{cluster}-n2"),
+    )));
     let stall = longest_stall(&leader, Duration::from_millis(1500));
     assert!(
         stall < Duration::from_secs(1),
@@ -182,8 +185,10 @@ fn memcached_restart_and_a_follower_rejoining_through_the_control_plane() {
 
     // A new process of node 2 re-registers through its control plane and catches up.
     nodes.push(NodeProcess::start(2, &args));
-    let restarted =
-        rzab_tests::attach_running(&PathBuf::from(format!("/dev/shm/rzab-{cluster}-n2")));
+    let restarted = rzab_tests::attach_running_instance(
+        &PathBuf::from(format!("/dev/shm/rzab-{cluster}-n2")),
+        Some(old_instance),
+    );
     let deadline = Instant::now() + Duration::from_secs(30);
     while (0..2).any(|worker| {
         SyncState::from_code(

@@ -216,11 +216,16 @@ fn follower_restart(label: &str, prefixes: &[Vec<String>], extra: &[String]) {
     let watch = ProgressWatch::start(PathBuf::from(format!("/dev/shm/rzab-{cluster}-n0")));
     std::thread::sleep(Duration::from_millis(1500));
     processes.pop().unwrap().crash();
+    let old_instance = rzab_tests::instance_of(&rzab_tests::attach_running(&PathBuf::from(
+        format!("/dev/shm/rzab-{cluster}-n2"),
+    )));
     // With the follower dead, the leader keeps committing at a quorum.
     std::thread::sleep(Duration::from_millis(1500));
     processes.push(NodeProcess::start_with_prefix(&prefixes[2], 2, &args));
-    let restarted =
-        rzab_tests::attach_running(&PathBuf::from(format!("/dev/shm/rzab-{cluster}-n2")));
+    let restarted = rzab_tests::attach_running_instance(
+        &PathBuf::from(format!("/dev/shm/rzab-{cluster}-n2")),
+        Some(old_instance),
+    );
     let deadline = Instant::now() + Duration::from_secs(30);
     while rzab_shared::SyncState::from_code(
         restarted
