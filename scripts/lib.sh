@@ -11,13 +11,16 @@ die() {
 
 # Checks that an option has a value: need_value OPTION "$@".
 need_value() {
-  (($# >= 2)) && [[ -n "$2" && "$2" != --* ]] || die "$1 needs a value (see --help)"
+  if (($# < 2)) || [[ -z "$2" || "$2" == --* ]]; then
+    die "$1 needs a value (see --help)"
+  fi
 }
 
 # Checks that a value is a non-negative integer within [min, max]: check_int NAME VALUE MIN MAX.
 check_int() {
-  [[ "$2" =~ ^[0-9]+$ ]] && (("$2" >= $3 && "$2" <= $4)) ||
+  if ! [[ "$2" =~ ^(0|[1-9][0-9]{0,8})$ ]] || (($2 < $3 || $2 > $4)); then
     die "$1 $2: expected an integer from $3 to $4"
+  fi
 }
 
 # Installs the Debian packages named (those not installed yet), saying what it does and why.
@@ -75,7 +78,9 @@ wait_listening() {
 scrape_totals() {
   local url
   for url in "$@"; do
-    curl -fsS --max-time 1 "$url/metrics" 2>/dev/null && echo "# end-of-node" || true
+    if curl -fsS --max-time 1 "$url/metrics" 2>/dev/null; then
+      echo "# end-of-node"
+    fi
   done | awk '
     function label(name,   found) {
       if (match($0, name "=\"[a-z_]+\"")) {

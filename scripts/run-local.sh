@@ -82,8 +82,9 @@ if ((prometheus)); then
 fi
 
 if [ -n "$bin_dir" ]; then
-  [ -x "$bin_dir/rzab-dataplane" ] && [ -x "$bin_dir/rzab-controlplane" ] ||
+  if [ ! -x "$bin_dir/rzab-dataplane" ] || [ ! -x "$bin_dir/rzab-controlplane" ]; then
     die "--bin-dir $bin_dir: rzab-dataplane and rzab-controlplane not found there"
+  fi
 else
   command -v cargo >/dev/null || die "cargo is needed: install Rust from https://rustup.rs" 1
   features=()
