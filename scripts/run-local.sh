@@ -200,7 +200,6 @@ for ((n = 0; n < nodes; n++)); do
   echo "    node $n ($role): REST ${urls[n]}/v1/status  ${urls[n]}/v1/knobs  metrics ${urls[n]}/metrics"
 done
 echo "    change a knob on every node: curl -X PATCH '${urls[0]}/v1/knobs?scope=cluster' -d '{\"multicast\": false}'"
-echo "    pids: data planes ${dataplanes[*]}, control planes ${controlplanes[*]}, memcached ${others[0]}"
 
 if ((prometheus)); then
   prometheus_port=$(free_port 9090)
@@ -223,6 +222,7 @@ if ((prometheus)); then
     fail_with_log "prometheus did not start" "$run_dir/prometheus.log"
   echo "    prometheus: http://127.0.0.1:$prometheus_port (import dashboards/rzab.json into Grafana with this as its data source)"
 fi
+echo "    pids: data planes ${dataplanes[*]}; control planes ${controlplanes[*]}; memcached, prometheus ${others[*]}"
 
 # --- wait for the cluster, then one live line a second -------------------------------------
 # Which data plane exited, if any (prints its node number).
