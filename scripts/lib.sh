@@ -39,9 +39,9 @@ apt_install() {
     command -v sudo >/dev/null || die "${missing[*]} missing ($why): run as root or install sudo" 1
     sudo=(sudo)
   fi
-  echo "==> installing ${missing[*]} ($why): apt-get update && apt-get install -y ${missing[*]}"
+  echo "==> installing ${missing[*]} ($why): apt-get update && apt-get install -y --no-install-recommends ${missing[*]}"
   DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -qq "${missing[@]}" >/dev/null
+  DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 }
 
 # Whether something accepts TCP connections on HOST:PORT.
