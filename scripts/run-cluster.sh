@@ -9,6 +9,9 @@
 #   --registry-host H     the host that runs memcached (started and stopped by this script)
 #   --registry-port P     memcached port (default 11211)
 #   --device NAME         RDMA device as `ibv_devinfo` shows it (hca_id), e.g. mlx5_0
+#   --transport T         verbs (default); udp (kernel UDP between the hosts, no RDMA); shm
+#                         (every host is this machine: for trying the script, e.g. with the
+#                         hosts 127.0.0.1,127.0.0.2,127.0.0.3)
 #   --ib-port N           the device's port (default 1)
 #   --gid-index N         GID index (default 0; RoCE v2 usually needs another: see show_gids)
 #   --workers W           worker threads per node (default 1)
@@ -40,7 +43,7 @@ source scripts/lib.sh
 
 usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; }
 
-hosts_list="" registry_host="" registry_port=11211 device="" ib_port=1 gid_index=0
+hosts_list="" registry_host="" registry_port=11211 device="" ib_port=1 gid_index=0 transport=verbs
 workers=1 write_ratio=50 duration=0 cluster=rdma rest_port=7100 bin_dir="$PWD/target/release"
 run_dir="" ssh_command="ssh -o BatchMode=yes -o ConnectTimeout=10" allow_no_hugepages=0
 mode=run extra=()
@@ -50,6 +53,7 @@ while (($#)); do
     --registry-host) need_value "$@"; registry_host=$2; shift 2 ;;
     --registry-port) need_value "$@"; registry_port=$2; shift 2 ;;
     --device) need_value "$@"; device=$2; shift 2 ;;
+    --transport) need_value "$@"; transport=$2; shift 2 ;;
     --ib-port) need_value "$@"; ib_port=$2; shift 2 ;;
     --gid-index) need_value "$@"; gid_index=$2; shift 2 ;;
     --workers) need_value "$@"; workers=$2; shift 2 ;;
@@ -72,7 +76,11 @@ done
 
 [ -n "$hosts_list" ] || die "--hosts is required, e.g. --hosts node0,node1,node2"
 [ -n "$registry_host" ] || die "--registry-host is required (the host that runs memcached)"
-[ -n "$device" ] || die "--device is required: the RDMA device as ibv_devinfo shows it (hca_id), e.g. mlx5_0"
+case "$transport" in
+  verbs) [ -n "$device" ] || die "--device is required: the RDMA device as ibv_devinfo shows it (hca_id), e.g. mlx5_0" ;;
+  udp|shm) device=${device:--} ;;
+  *) die "--transport $transport: expected verbs, udp or shm" ;;
+esac
 IFS=, read -r -a hosts <<<"$hosts_list"
 nodes=${#hosts[@]}
 ((nodes >= 1 && nodes <= 16)) || die "--hosts lists $nodes hosts: 1 to 16 expected"
@@ -81,6 +89,7 @@ for host in "${hosts[@]}" "$registry_host"; do
   [[ "$host" =~ $safe ]] || die "host '$host': expected a host name or address"
 done
 [[ "$device" =~ ^[A-Za-z0-9_.-]+$ ]] || die "--device $device: expected a device name such as mlx5_0"
+[ "$transport" = verbs ] || [ "$device" = - ] || die "--device is for --transport verbs only"
 check_int --registry-port "$registry_port" 1 65535
 check_int --ib-port "$ib_port" 1 255
 check_int --gid-index "$gid_index" 0 255
@@ -103,8 +112,8 @@ for arg in "${extra[@]}"; do
 done
 
 # The prerequisite checks, run on each host (sent to `bash -s` over ssh).
-# remote_checks NAME ROLES DEVICE PORT BIN_DIR ALLOW_NO_HUGEPAGES; ROLES: node, registry or
-# node+registry.
+# remote_checks NAME ROLES DEVICE PORT BIN_DIR ALLOW_NO_HUGEPAGES; ROLES: node, rdma (the RDMA
+# device), registry, joined by +.
 remote_checks() {
   local name=$1 roles=$2 device=$3 port=$4 bin_dir=$5 allow_no_hugepages=$6 failed=0 info state layer
   ok() { echo "  ok: $*"; }
@@ -119,7 +128,9 @@ remote_checks() {
     fi
   fi
   [[ "$roles" == *node* ]] || return "$failed"
-  if ! command -v ibv_devinfo >/dev/null; then
+  if [[ "$roles" != *rdma* ]]; then
+    :
+  elif ! command -v ibv_devinfo >/dev/null; then
     fail "ibv_devinfo not found: install the RDMA user-space tools (Debian/Ubuntu: apt-get install ibverbs-utils rdma-core; RHEL: dnf install libibverbs-utils rdma-core)"
   elif ! info=$(ibv_devinfo -d "$device" -i "$port" 2>&1); then
     fail "device $device port $port not found by ibv_devinfo ($(echo "$info" | head -n 1)); devices here: $(ibv_devinfo -l 2>/dev/null | tail -n +2 | xargs echo)"
@@ -154,12 +165,14 @@ remote_checks() {
   if [ "${free:-0}" -gt 0 ]; then
     ok "huge pages: $free of ${total:-0} free"
   else
-    local explain="no free 2 MiB huge pages (HugePages_Total ${total:-0}, free ${free:-0}): the store then falls back to normal pages and runs slower. Reserve some: sysctl -w vm.nr_hugepages=1024 (2 GiB; persist it in /etc/sysctl.d/), or pass --allow-no-hugepages"
-    if [ "$allow_no_hugepages" = 1 ]; then warn "$explain"; else fail "$explain"; fi
+    local explain="no free 2 MiB huge pages (HugePages_Total ${total:-0}, free ${free:-0}): the store then falls back to normal pages and runs slower. Reserve some: sysctl -w vm.nr_hugepages=1024 (2 GiB; persist it in /etc/sysctl.d/)"
+    if [ "$allow_no_hugepages" = 1 ]; then warn "$explain"; else fail "$explain, or pass --allow-no-hugepages"; fi
   fi
   local memlock
   memlock=$(ulimit -l)
-  if [ "$memlock" = unlimited ] || [ "$memlock" -ge 1048576 ]; then
+  if [[ "$roles" != *rdma* ]]; then
+    :
+  elif [ "$memlock" = unlimited ] || [ "$memlock" -ge 1048576 ]; then
     ok "locked memory limit: $memlock"
   else
     warn "locked memory limit is $memlock KiB: registering RDMA buffers may fail; raise it (ulimit -l unlimited, or memlock in /etc/security/limits.conf)"
@@ -187,7 +200,7 @@ remote() {
   if [ "$mode" = dry-run ]; then
     echo "${ssh[*]} $host $(quote "$command")"
   else
-    "${ssh[@]}" "$host" "$command"
+    "${ssh[@]}" "$host" "$command" </dev/null
   fi
 }
 
@@ -205,13 +218,15 @@ check_host() {
 run_checks() {
   local host failed=0 checked=()
   echo "==> checking the prerequisites on ${hosts[*]}$([[ " ${hosts[*]} " == *" $registry_host "* ]] || echo " and $registry_host")"
+  local node_roles=node
+  [ "$transport" != verbs ] || node_roles=node+rdma
   for host in "${hosts[@]}"; do
     [[ " ${checked[*]} " != *" $host "* ]] || continue
     checked+=("$host")
     if [ "$host" = "$registry_host" ]; then
-      check_host "$host" node+registry || failed=1
+      check_host "$host" "$node_roles+registry" || failed=1
     else
-      check_host "$host" node || failed=1
+      check_host "$host" "$node_roles" || failed=1
     fi
   done
   if [[ " ${checked[*]} " != *" $registry_host "* ]]; then
@@ -233,9 +248,24 @@ listen_of() {
   echo "\$(getent ahostsv4 $1 | awk 'NR == 1 { print \$1 }'):$rest_port"
 }
 
+# The data planes' transport options.
+case "$transport" in
+  verbs) transport_options="--transport verbs --verbs-device $device --verbs-port $ib_port --verbs-gid-index $gid_index" ;;
+  shm) transport_options="--transport shm" ;;
+  udp)
+    addresses=()
+    for host in "${hosts[@]}"; do
+      address=$(getent ahostsv4 "$host" | awk 'NR == 1 { print $1 }')
+      [ -n "$address" ] || die "--transport udp: $host has no IPv4 address here" 1
+      addresses+=("$address")
+    done
+    transport_options="--transport udp --udp-hosts $(IFS=,; echo "${addresses[*]}")"
+    ;;
+esac
+
 start_commands() {
   local n=$1 host=${hosts[$1]}
-  local dataplane="$bin_dir/rzab-dataplane --cluster $cluster --node $n --nodes $nodes --workers $workers --transport verbs --peers control-plane --verbs-device $device --verbs-port $ib_port --verbs-gid-index $gid_index --write-ratio $write_ratio --duration $duration${extra[*]:+ ${extra[*]}}"
+  local dataplane="$bin_dir/rzab-dataplane --cluster $cluster --node $n --nodes $nodes --workers $workers $transport_options --peers control-plane --write-ratio $write_ratio --duration $duration${extra[*]:+ ${extra[*]}}"
   local controlplane
   controlplane="$bin_dir/rzab-controlplane --cluster $cluster --node $n --registry $registry --generation $generation --listen $(listen_of "$host")"
   echo "mkdir -p $run_dir && cd $run_dir && (nohup $dataplane >dataplane-$n.log 2>&1 & echo \$! >dataplane-$n.pid) && (nohup $controlplane >controlplane-$n.log 2>&1 & echo \$! >controlplane-$n.pid)"
@@ -243,10 +273,11 @@ start_commands() {
 
 registry_command="mkdir -p $run_dir && cd $run_dir && (nohup \$(command -v memcached || echo /usr/bin/memcached) -l $registry_host -p $registry_port -U 0 -m 64 -t 2 \$([ \$(id -u) -ne 0 ] || echo -u root) >memcached.log 2>&1 & echo \$! >memcached.pid)"
 # stop_command "NAMES" [NODE]: SIGTERM the processes of the pid files NAMES.pid, SIGKILL what
-# is left 3 s later, and remove NODE's control block.
+# is left 3 s later, and remove NODE's control block (and the shm fabric).
 stop_command() {
   local names=$1 block=""
   (($# < 2)) || block=" /dev/shm/rzab-$cluster-n$2"
+  [ -z "$block" ] || [ "$transport" != shm ] || block+=" /dev/shm/rzab-fabric-$cluster"
   echo "cd $run_dir 2>/dev/null && for name in $names; do [ -f \$name.pid ] && kill -TERM \$(cat \$name.pid) 2>/dev/null; done; sleep 3; for name in $names; do [ -f \$name.pid ] && kill -KILL \$(cat \$name.pid) 2>/dev/null; rm -f \$name.pid$block; done; true"
 }
 
@@ -277,7 +308,10 @@ cleanup() {
   trap '' INT TERM
   echo "==> stopping"
   for n in "${started[@]}"; do
-    remote "${hosts[n]}" "$(stop_command "dataplane-$n controlplane-$n" "$n")" || true
+    remote "${hosts[n]}" "$(stop_command "dataplane-$n controlplane-$n" "$n")" &
+  done
+  wait || true
+  for n in "${started[@]}"; do
     remote "${hosts[n]}" "sed -n 's/^summary /node $n summary: /p' $run_dir/dataplane-$n.log" || true
   done
   remote "$registry_host" "$(stop_command memcached)" || true

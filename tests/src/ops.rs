@@ -91,6 +91,24 @@ pub fn process_alive(pid: u32) -> bool {
     }
 }
 
+/// The live processes whose command line contains every one of `needles`.
+pub fn processes_mentioning(needles: &[&str]) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| *pid != std::process::id())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|bytes| {
+                let line = String::from_utf8_lossy(&bytes).replace('\0', " ");
+                needles.iter().all(|needle| line.contains(needle))
+            })
+        })
+        .filter(|pid| process_alive(*pid))
+        .collect()
+}
+
 /// A child process killed (SIGKILL) and reaped on drop.
 #[derive(Debug)]
 pub struct Guarded {

@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 use rzab_shared::{AttachedControlBlock, Counter};
 use rzab_tests::ops::{
     Cluster, ClusterSpec, Guarded, Memcached, Metrics, PATIENCE, Prometheus, die_with_parent,
-    free_port, listening, process_alive, signal, wait_until, workspace_root,
+    free_port, listening, process_alive, processes_mentioning, signal, wait_until, workspace_root,
 };
 use rzab_tests::{assert_identical_replicas, binary};
 
@@ -1078,12 +1078,12 @@ fn run_cluster_dry_run_prints_every_command() {
     assert!(
         ssh_to("ib0")
             .iter()
-            .any(|line| line.contains("bash -s -- ib0 node+registry mlx5_1 2 /opt/rzab/bin"))
+            .any(|line| line.contains("bash -s -- ib0 node+rdma+registry mlx5_1 2 /opt/rzab/bin"))
     );
     assert!(
         ssh_to("ib1")
             .iter()
-            .any(|line| line.contains("bash -s -- ib1 node mlx5_1 2 /opt/rzab/bin"))
+            .any(|line| line.contains("bash -s -- ib1 node+rdma mlx5_1 2 /opt/rzab/bin"))
     );
     assert!(
         ssh_to("ib0")
@@ -1104,9 +1104,8 @@ fn run_cluster_dry_run_prints_every_command() {
         for part in [
             "/opt/rzab/bin/rzab-dataplane --cluster lab".to_owned(),
             format!("--node {node} --nodes 3 --workers 2"),
-            "--transport verbs --peers control-plane".to_owned(),
-            "--verbs-device mlx5_1 --verbs-port 2 --verbs-gid-index 3".to_owned(),
-            "--write-ratio 100 --duration 30 --keys 2000000".to_owned(),
+            "--transport verbs --verbs-device mlx5_1 --verbs-port 2 --verbs-gid-index 3".to_owned(),
+            "--peers control-plane --write-ratio 100 --duration 30 --keys 2000000".to_owned(),
             format!("/opt/rzab/bin/rzab-controlplane --cluster lab --node {node}"),
             format!("--registry ib0:11211 --generation {generation}"),
             format!("getent ahostsv4 {host}"),
@@ -1123,6 +1122,26 @@ fn run_cluster_dry_run_prints_every_command() {
         );
         assert!(text.contains(&format!("curl http://{host}:7100/v1/status")));
     }
+
+    // Kernel UDP between the hosts: each data plane learns every host's address.
+    let output = Command::new(&script)
+        .args([
+            "--dry-run",
+            "--transport",
+            "udp",
+            "--hosts",
+            "127.0.0.1,127.0.0.2",
+        ])
+        .args(["--registry-host", "127.0.0.1"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{text}");
+    assert!(
+        text.contains("--transport udp --udp-hosts 127.0.0.1,127.0.0.2 --peers control-plane"),
+        "{text}"
+    );
+    assert!(!text.contains("--verbs-device"), "{text}");
 
     for (arguments, message) in [
         (
@@ -1170,6 +1189,119 @@ fn run_cluster_dry_run_prints_every_command() {
         assert_eq!(output.status.code(), Some(2), "{arguments:?}: {stderr}");
         assert!(stderr.contains(message), "{arguments:?}: {stderr}");
     }
+}
+
+/// Kills, on drop, every process whose command line mentions one of the given texts (for
+/// processes started through the fake ssh, which are nobody's children here).
+struct KillMentioning(Vec<Vec<String>>);
+
+impl Drop for KillMentioning {
+    fn drop(&mut self) {
+        for needles in &self.0 {
+            let needles: Vec<&str> = needles.iter().map(String::as_str).collect();
+            for pid in processes_mentioning(&needles) {
+                signal(i32::try_from(pid).unwrap(), libc::SIGKILL);
+            }
+        }
+    }
+}
+
+#[test]
+fn run_cluster_runs_a_cluster_over_ssh_on_loopback_addresses() {
+    // Three "hosts" that are this machine (127.0.0.1-3), reached through the fake ssh, with
+    // the shm transport: the real start, live-line and stop paths of run-cluster.sh.
+    let _serial = serial();
+    let stubs = Stubs::new();
+    let run_dir = tempfile::tempdir().unwrap();
+    let cluster = rzab_tests::cluster_name("rc");
+    let registry_port = free_port().to_string();
+    let rest_port = loop {
+        let port = free_port();
+        if (2..=3).all(|host| !listening(SocketAddr::from(([127, 0, 0, host], port)))) {
+            break port;
+        }
+    };
+    let _guard = KillMentioning(vec![
+        vec![format!("--cluster {cluster} ")],
+        vec!["memcached".to_owned(), format!("-p {registry_port} ")],
+    ]);
+    let bin_dir = binary("rzab-controlplane").parent().unwrap().to_owned();
+    assert!(binary("rzab-dataplane").exists());
+    let mut command = Command::new(workspace_root().join("scripts/run-cluster.sh"));
+    command
+        .args([
+            "--hosts",
+            "127.0.0.1,127.0.0.2,127.0.0.3",
+            "--registry-host",
+            "127.0.0.1",
+        ])
+        .args([
+            "--registry-port",
+            &registry_port,
+            "--rest-port",
+            &rest_port.to_string(),
+        ])
+        .args([
+            "--transport",
+            "shm",
+            "--cluster",
+            &cluster,
+            "--duration",
+            "4",
+        ])
+        .arg("--ssh")
+        .arg(stubs.path().join("fake-ssh"))
+        .arg("--bin-dir")
+        .arg(&bin_dir)
+        .arg("--run-dir")
+        .arg(run_dir.path())
+        .args([
+            "--allow-no-hugepages",
+            "--",
+            "--keys",
+            "50000",
+            "--sessions",
+            "16",
+        ])
+        .env("RZAB_MEMINFO", stubs.path().join("meminfo-ok"))
+        .stdin(Stdio::null());
+    let output = die_with_parent(&mut command).output().unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(output.status.success(), "{text}");
+    for (node, host) in ["127.0.0.1", "127.0.0.2", "127.0.0.3"].iter().enumerate() {
+        assert!(
+            text.contains(&format!("REST http://{host}:{rest_port}/v1/status")),
+            "{text}"
+        );
+        assert!(text.contains(&format!("node {node} summary: {{")), "{text}");
+    }
+    assert!(
+        text.lines()
+            .any(|line| line.starts_with("cluster ") && line.contains("ops/s")),
+        "{text}"
+    );
+    assert!(text.contains("--duration 4 s is over"), "{text}");
+    // Nothing left: processes, pid files, shm files.
+    wait_until("every started process has exited", || {
+        processes_mentioning(&[&format!("--cluster {cluster} ")]).is_empty()
+            && processes_mentioning(&["memcached", &format!("-p {registry_port} ")]).is_empty()
+    });
+    let pid_files: Vec<_> = std::fs::read_dir(run_dir.path())
+        .unwrap()
+        .filter_map(|entry| {
+            let name = entry.unwrap().file_name().into_string().unwrap();
+            name.ends_with(".pid").then_some(name)
+        })
+        .collect();
+    assert!(pid_files.is_empty(), "{pid_files:?}");
+    for node in 0..3 {
+        assert!(!Path::new(&format!("/dev/shm/rzab-{cluster}-n{node}")).exists());
+    }
+    assert!(!Path::new(&format!("/dev/shm/rzab-fabric-{cluster}")).exists());
 }
 
 #[test]
