@@ -222,7 +222,7 @@ if ((prometheus)); then
     fail_with_log "prometheus did not start" "$run_dir/prometheus.log"
   echo "    prometheus: http://127.0.0.1:$prometheus_port (import dashboards/rzab.json into Grafana with this as its data source)"
 fi
-echo "    pids: data planes ${dataplanes[*]}; control planes ${controlplanes[*]}; memcached, prometheus ${others[*]}"
+echo "    pids: data planes ${dataplanes[*]}; control planes ${controlplanes[*]}; memcached$( ((prometheus)) && echo ", prometheus") ${others[*]}"
 
 # --- wait for the cluster, then one live line a second -------------------------------------
 # Which data plane exited, if any (prints its node number).
