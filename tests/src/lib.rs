@@ -2,11 +2,13 @@
 //! `tests/tests/`; this library finds (building if needed) the workspace's binaries, starts
 //! node processes, and parses what they print. It touches only the processes it starts and
 //! the control-block and fabric files of the clusters it names. [`history`] checks the
-//! histories nodes record with `--history-dir` (also as the `rzab-check-history` binary).
+//! histories nodes record with `--history-dir` (also as the `rzab-check-history` binary);
+//! [`ops`] runs clusters with their control planes, memcached and Prometheus.
 
 #![allow(clippy::unwrap_used, reason = "test support fails by panicking")]
 
 pub mod history;
+pub mod ops;
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -30,7 +32,14 @@ pub fn binary(name: &str) -> PathBuf {
     BUILD.call_once(|| {
         let release = target_bin_dir().ends_with("release");
         let mut command = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-        command.args(["build", "--bins", "-p", "rzab-dataplane"]);
+        command.args([
+            "build",
+            "--bins",
+            "-p",
+            "rzab-dataplane",
+            "-p",
+            "rzab-controlplane",
+        ]);
         if release {
             command.arg("--release");
         }
