@@ -17,7 +17,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use rzab_shared::{AttachedControlBlock, SyncState};
-use rzab_tests::{NodeOutput, NodeProcess, cleanup, cluster_name, target_bin_dir};
+use rzab_tests::{NodeOutput, NodeProcess, cleanup, cluster_name};
 
 /// A child process killed when dropped.
 struct Guard(Option<Child>);
@@ -63,16 +63,6 @@ fn memcached(port: u16) -> Guard {
         .expect("memcached must be installed (scripts/test.sh installs it)");
     std::thread::sleep(Duration::from_millis(200));
     Guard(Some(child))
-}
-
-fn controlplane_binary() -> PathBuf {
-    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-        .args(["build", "-q", "-p", "rzab-controlplane", "--bins"])
-        .args(target_bin_dir().ends_with("release").then_some("--release"))
-        .status()
-        .unwrap();
-    assert!(status.success(), "building rzab-controlplane failed");
-    target_bin_dir().join("rzab-controlplane")
 }
 
 fn controlplane(
@@ -126,7 +116,7 @@ fn longest_stall(block: &AttachedControlBlock, span: Duration) -> Duration {
 fn memcached_restart_and_a_follower_rejoining_through_the_control_plane() {
     let cluster = cluster_name("reg");
     cleanup(&cluster, 3);
-    let binary = controlplane_binary();
+    let binary = rzab_tests::binary("rzab-controlplane");
     let registry_port = free_port();
     let generation = format!("{}", std::process::id());
     let mut registry = memcached(registry_port);
