@@ -2,7 +2,10 @@
 # Measures rzab on this machine and prints markdown tables:
 #  1. the raw message rate of the transports between two processes (rzab-transport-tool bench);
 #  2. a 3-node cluster (shm, 1 worker each, adaptive polling, 1M keys, 32-byte values) at
-#     0%, 5%, 50% and 100% writes: cluster throughput and write latency p50/p99.
+#     0%, 5%, 50% and 100% writes: cluster throughput and write latency p50/p99;
+#  3. the same at 20% writes with 0%, 1% and 10% of every node's sends lost (plus 1%
+#     duplicated and 1% reordered), against the lossless run;
+#  4. how long a follower killed and restarted under load takes to catch up with 1M keys.
 #   scripts/bench.sh [--seconds 5] [--skip-transport]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -54,3 +57,72 @@ print(f"| {ratio/10:g}% | {(reads+writes)/1e6:.2f} | {reads/1e6:.2f} | {writes/1
 PY
 done
 echo "(latency columns are log2 histogram bucket upper bounds)"
+
+# Loss recovery: the same cluster (20% writes) with faults injected into every node's sends,
+# against the lossless run; then the time a restarted follower takes to catch up.
+echo
+echo "3 nodes, shm, 1 worker each, 20% writes, $seconds s per row; faults injected into every node's sends"
+echo "| injected loss | duplicated / reordered | cluster M ops/s | vs lossless | retransmissions (all nodes) | replicas identical |"
+echo "|---|---|---|---|---|---|"
+for loss in 0 1 10; do
+  rm -f /dev/shm/rzab-fabric-$cluster
+  faults=()
+  if ((loss > 0)); then faults=(--inject-loss "$loss" --inject-duplicate 1 --inject-reorder 1); fi
+  for n in 0 1 2; do
+    ./target/release/rzab-dataplane --cluster "$cluster" --node "$n" --nodes 3 --duration "$seconds" \
+      --write-ratio 200 --knob stats_interval_ms=60000 "${faults[@]}" >"$logs/$n.log" 2>&1 &
+  done
+  wait
+  python3 - "$loss" "$logs" <<'PY'
+import json, os, sys
+loss, logs = int(sys.argv[1]), sys.argv[2]
+summaries = []
+for n in range(3):
+    for line in open(f"{logs}/{n}.log"):
+        if line.startswith("summary "):
+            summaries.append(json.loads(line[8:]))
+if len(summaries) != 3:
+    print(f"| {loss}% | | failed | | | |"); sys.exit(0)
+ops = sum((s["reads"] + s["writes"]) / s["seconds"] for s in summaries)
+base_file = f"{logs}/lossless"
+if loss == 0:
+    open(base_file, "w").write(str(ops))
+base = float(open(base_file).read()) if os.path.exists(base_file) else ops
+same = len({(s["applied_zxid"], s["store_digest"]) for s in summaries}) == 1
+retransmissions = sum(s.get("retransmissions", 0) for s in summaries)
+faults = "1% / 1%" if loss else "-"
+print(f"| {loss}% | {faults} | {ops/1e6:.2f} | {100 * ops / base:.0f}% | {retransmissions} | {'yes' if same else 'NO'} |")
+PY
+done
+
+# Catch-up: 1M keys; node 2 is killed after 3 s and restarted 1 s later, under load.
+rm -f /dev/shm/rzab-fabric-$cluster
+pids=()
+for n in 0 1 2; do
+  ./target/release/rzab-dataplane --cluster "$cluster" --node "$n" --nodes 3 --keys 1000000 \
+    --write-ratio 200 --knob stats_interval_ms=60000 >"$logs/c$n.log" 2>&1 &
+  pids+=($!)
+done
+sleep 3
+kill -KILL "${pids[2]}"; wait "${pids[2]}" 2>/dev/null || true
+sleep 1
+./target/release/rzab-dataplane --cluster "$cluster" --node 2 --nodes 3 --keys 1000000 \
+  --write-ratio 200 --knob stats_interval_ms=60000 >"$logs/c2b.log" 2>&1 &
+pids[2]=$!
+for _ in $(seq 1 300); do grep -q 'caught up' "$logs/c2b.log" && break; sleep 0.1; done
+sleep 1
+kill -TERM "${pids[@]}"; wait || true
+echo
+echo "Restarted follower catching up, 1M keys, 3 nodes, shm, 20% writes continuing:"
+grep -h 'caught up' "$logs/c2b.log" || echo "did not catch up"
+python3 - "$logs" <<'PY'
+import json, sys
+logs = sys.argv[1]
+summaries = {}
+for name in ("c0", "c1", "c2b"):
+    for line in open(f"{logs}/{name}.log"):
+        if line.startswith("summary "):
+            summaries[name] = json.loads(line[8:])
+same = len({(s["applied_zxid"], s["store_digest"]) for s in summaries.values()}) == 1 and len(summaries) == 3
+print(f"stores identical after the run: {'yes' if same else 'NO'}")
+PY

@@ -1,30 +1,38 @@
 #!/usr/bin/env bash
 # The README's second command: installs what the test suite needs, then runs all of it —
-# formatting, lints (with and without the verbs feature), the verbs build, and every test.
+# formatting, lints (with and without the verbs feature), and every test with the verbs
+# feature built in (the hardware tests stay ignored without RZAB_VERBS_DEVICE).
+#
+#   scripts/test.sh
+#
+# Debian packages installed when missing (apt-get, with sudo when not root):
+#   libibverbs-dev librdmacm-dev libclang-dev pkg-config  the verbs transport's build
+#   memcached         the control planes' registry (tests start their own on loopback ports)
+#   prometheus        the dashboard test runs a real Prometheus (and promtool checks the config)
+#   curl              run-local.sh's live line, exercised by the tests
+#   iproute2          network-namespace tests (ip netns; they run only as root)
+#   ShellCheck        lints scripts/*.sh (package shellcheck)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# shellcheck source=scripts/lib.sh
+source scripts/lib.sh
 
-need_packages=()
-dpkg -s libibverbs-dev >/dev/null 2>&1 || need_packages+=(libibverbs-dev)
-dpkg -s librdmacm-dev >/dev/null 2>&1 || need_packages+=(librdmacm-dev)
-dpkg -s libclang-dev >/dev/null 2>&1 || need_packages+=(libclang-dev)
-dpkg -s pkg-config >/dev/null 2>&1 || need_packages+=(pkg-config)
-dpkg -s iproute2 >/dev/null 2>&1 || need_packages+=(iproute2)
-if ((${#need_packages[@]})); then
-  echo "==> installing ${need_packages[*]}"
-  export DEBIAN_FRONTEND=noninteractive
-  SUDO=""
-  [ "$(id -u)" -eq 0 ] || SUDO="sudo"
-  $SUDO apt-get update -qq
-  $SUDO apt-get install -y -qq "${need_packages[@]}" >/dev/null
-fi
+case "${1:-}" in
+  -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+  "") ;;
+  *) die "unknown option $1 (see --help)" ;;
+esac
+
+command -v cargo >/dev/null || die "cargo is needed: install Rust from https://rustup.rs" 1
+apt_install "the test suite" libibverbs-dev librdmacm-dev libclang-dev pkg-config \
+  memcached prometheus curl iproute2 shellcheck
 
 echo "==> cargo fmt --check"
 cargo fmt --all -- --check
 rustfmt --edition 2024 --check fuzz/fuzz_targets/*.rs
 echo "==> cargo clippy (default features)"
 cargo clippy --workspace --all-targets -- -D warnings
-echo "==> cargo clippy (--features verbs)"
+echo "==> cargo clippy (--features rzab-dataplane/verbs)"
 cargo clippy --workspace --all-targets --features rzab-dataplane/verbs -- -D warnings
 echo "==> cargo test (all features; hardware tests stay ignored without RZAB_VERBS_DEVICE)"
 cargo test --workspace --features rzab-dataplane/verbs

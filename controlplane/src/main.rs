@@ -1,49 +1,67 @@
-//! rzab-controlplane: the per-node control-plane process. At this stage it can inspect a
-//! node's control block; the registry exchange, REST API and metrics exporter build on it.
-
-use std::path::PathBuf;
+//! The `rzab-controlplane` binary: parses the options, sets up logging, and either prints
+//! something once (`--inspect`, `--openapi`) or runs the control plane until SIGINT/SIGTERM.
+//!
+//! Touches: stdout (one-shot output), stderr (logs), signals; the rest through the library.
 
 use anyhow::Context;
 use clap::Parser;
-use rzab_shared::{AttachedControlBlock, counters::COUNTERS, knobs::KNOBS};
+use rzab_controlplane::{ControlPlane, Options, inspect, openapi};
+use tracing_subscriber::EnvFilter;
 
-/// Inspect an rzab node's control block.
-#[derive(Debug, Parser)]
-#[command(version, about)]
-struct Options {
-    /// Path of the node's control block (for example /dev/shm/rzab-CLUSTER-n0).
-    #[arg(long)]
-    block: PathBuf,
+fn init_logging() {
+    // r2d2 (inside the memcache client) logs every failed connection attempt; the registry
+    // worker reports those itself, throttled.
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,r2d2=off"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+async fn stop_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut terminate = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+    let mut interrupt = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+    tokio::select! {
+        _ = terminate.recv() => {}
+        _ = interrupt.recv() => {}
+    }
+    Ok(())
 }
 
 fn main() -> anyhow::Result<()> {
     let options = Options::parse();
-    let block = AttachedControlBlock::attach(&options.block)
-        .with_context(|| format!("attaching to {}", options.block.display()))?;
-    let knobs: serde_json::Map<String, serde_json::Value> = KNOBS
-        .iter()
-        .map(|spec| (spec.name.to_owned(), spec.to_json(block.knob(spec.knob))))
-        .collect();
-    let counters: serde_json::Map<String, serde_json::Value> = COUNTERS
-        .iter()
-        .map(|spec| {
-            let name = format!("{:?}", spec.counter);
-            (
-                name,
-                serde_json::Value::from(block.counter_total(spec.counter)),
-            )
-        })
-        .collect();
-    let status = serde_json::json!({
-        "cluster": block.cluster_name(),
-        "node": block.node_id(),
-        "nodes": block.node_count(),
-        "workers": block.worker_count(),
-        "lifecycle": block.lifecycle().name(),
-        "transport": block.transport().map(|kind| kind.name()),
-        "knobs": knobs,
-        "counters": counters,
-    });
-    println!("{}", serde_json::to_string_pretty(&status)?);
-    Ok(())
+    if options.openapi {
+        print!(
+            "{}",
+            openapi::document().context("rendering the OpenAPI document")?
+        );
+        return Ok(());
+    }
+    if options.inspect {
+        let path = options.inspect_path()?;
+        let status =
+            inspect::inspect(&path).with_context(|| format!("attaching to {}", path.display()))?;
+        println!("{}", serde_json::to_string_pretty(&status)?);
+        return Ok(());
+    }
+    let config = options.config()?;
+    init_logging();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("rzab-cp")
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")?;
+    runtime.block_on(async {
+        let control_plane = ControlPlane::start(config)
+            .await
+            .context("starting rzab-controlplane")?;
+        let stopped = stop_signal().await;
+        tracing::info!("stopping");
+        control_plane.shutdown().await;
+        stopped
+    })
 }

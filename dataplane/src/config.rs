@@ -133,6 +133,20 @@ pub struct Options {
     /// directory at shutdown (see fuzz/capture-corpus.sh). Hidden: a developer's tool.
     #[arg(long, hide = true, env = "RZAB_CAPTURE_CORPUS", value_name = "DIR")]
     pub capture_corpus: Option<PathBuf>,
+    /// Testing: drop this percentage of the datagrams this node sends (0-100).
+    #[arg(long, default_value_t = 0.0)]
+    pub inject_loss: f64,
+    /// Testing: send this percentage of datagrams twice (0-100).
+    #[arg(long, default_value_t = 0.0)]
+    pub inject_duplicate: f64,
+    /// Testing: hold back this percentage of datagrams so they arrive out of order (0-100).
+    #[arg(long, default_value_t = 0.0)]
+    pub inject_reorder: f64,
+    // history hook (see crate::history)
+    /// Record every worker's client operations and applied writes to
+    /// DIR/node{N}-worker{W}.{instance}.hist, for rzab-check-history (off by default).
+    #[arg(long, value_name = "DIR")]
+    pub history_dir: Option<PathBuf>,
 }
 
 /// A configuration that cannot work.
@@ -213,6 +227,20 @@ impl Options {
         self.fabric.clone().unwrap_or_else(|| self.cluster.clone())
     }
 
+    /// The faults to inject into this node's sends, if any were asked for.
+    pub fn faults(&self) -> Option<crate::transport::fault::FaultConfig> {
+        if self.inject_loss == 0.0 && self.inject_duplicate == 0.0 && self.inject_reorder == 0.0 {
+            return None;
+        }
+        Some(crate::transport::fault::FaultConfig {
+            seed: self.seed ^ (u64::from(self.node) << 32),
+            drop: self.inject_loss / 100.0,
+            duplicate: self.inject_duplicate / 100.0,
+            reorder: self.inject_reorder / 100.0,
+            ..crate::transport::fault::FaultConfig::default()
+        })
+    }
+
     pub fn key_distribution(&self) -> KeyDistribution {
         match self.distribution {
             Distribution::Uniform => KeyDistribution::Uniform,
@@ -288,6 +316,17 @@ impl Options {
         if self.keys == 0 {
             return invalid("--keys must be positive".into());
         }
+        for (name, percent) in [
+            ("--inject-loss", self.inject_loss),
+            ("--inject-duplicate", self.inject_duplicate),
+            ("--inject-reorder", self.inject_reorder),
+        ] {
+            if !(0.0..=100.0).contains(&percent) {
+                return invalid(format!(
+                    "{name} {percent} must be a percentage within 0..=100"
+                ));
+            }
+        }
         if !self.window.is_power_of_two() || self.window < 32 {
             return invalid(format!(
                 "--window {} must be a power of two of at least 32",
@@ -341,9 +380,16 @@ impl Options {
 
     /// A hash of everything that must be equal on every node.
     pub fn fingerprint(&self) -> u64 {
+        // Sessions size the leader's exactly-once table and snapshot ranges follow the keys.
         let text = format!(
-            "{}|{}|{}|{}|{}|{}",
-            self.cluster, self.nodes, self.workers, self.value_size, self.keys, self.window
+            "{}|{}|{}|{}|{}|{}|{}",
+            self.cluster,
+            self.nodes,
+            self.workers,
+            self.value_size,
+            self.keys,
+            self.window,
+            self.sessions
         );
         text.bytes().fold(0xcbf2_9ce4_8422_2325u64, |hash, byte| {
             (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3)

@@ -35,7 +35,8 @@ use crate::zab::follower::{Follower, LEADER_NODE};
 use crate::zab::leader::Leader;
 use crate::zab::wire::{self, Kind, Message};
 use crate::zab::{
-    Completions, Limits, Outbox, PipelineConfig, Replica, Target, ZXID_START, ZxidSource,
+    CatchupBoard, Completions, FollowerWords, Limits, Outbox, PipelineConfig, Replica, Target,
+    ZXID_START, ZxidSource, hello_words, leader_words,
 };
 
 /// An invariant that did not hold, with what was seen.
@@ -169,6 +170,7 @@ struct Contents<'a> {
     header: wire::Header,
     prepare_start: Option<(u64, u64)>,
     range: Option<(u64, u64)>,
+    write_seq: Option<u64>,
     entries: Vec<wire::EntryView<'a>>,
 }
 
@@ -178,7 +180,9 @@ fn contents<'a>(message: &Message<'a>) -> Contents<'a> {
     Contents {
         header: message.header,
         prepare_start: (kind == Kind::Prepare).then(|| message.prepare_start()),
-        range: (kind == Kind::Ack || kind == Kind::Commit).then(|| message.range()),
+        range: (kind == Kind::Ack || kind == Kind::Commit || kind == Kind::Nack)
+            .then(|| message.range()),
+        write_seq: (kind == Kind::Write).then(|| message.write_seq()),
         entries: if has_entries {
             (0..usize::from(message.header.count))
                 .map(|index| message.entry(index))
@@ -202,10 +206,13 @@ fn reencode(contents: &Contents<'_>, value_len: usize) -> Option<Vec<u8>> {
             wire::HEADER_BYTES + wire::PREPARE_PREFIX,
         )
     } else if kind == Kind::Write {
-        (wire::write_len(count, value_len), wire::HEADER_BYTES)
-    } else if kind == Kind::Ack || kind == Kind::Commit {
+        (
+            wire::write_len(count, value_len),
+            wire::HEADER_BYTES + wire::WRITE_PREFIX,
+        )
+    } else if kind == Kind::Ack || kind == Kind::Commit || kind == Kind::Nack {
         (wire::HEADER_BYTES + wire::RANGE_BODY, 0)
-    } else if kind == Kind::Credit {
+    } else if kind == Kind::Credit || kind == Kind::Hello {
         (wire::HEADER_BYTES, 0)
     } else {
         return None;
@@ -217,6 +224,9 @@ fn reencode(contents: &Contents<'_>, value_len: usize) -> Option<Vec<u8>> {
     }
     if let Some((first, count)) = contents.range {
         wire::put_range(&mut out, first, count);
+    }
+    if let Some(seq) = contents.write_seq {
+        wire::put_write_prefix(&mut out, seq);
     }
     for (index, entry) in contents.entries.iter().enumerate() {
         let at = entries_at + index * (wire::ENTRY_FIXED + value_len);
@@ -521,6 +531,28 @@ impl Replica for CheckingReplica {
         }
         true
     }
+
+    fn applied_zxid(&self) -> u64 {
+        self.inner.applied_zxid()
+    }
+
+    fn read_for_snapshot(&self, key: u64, out: &mut [u8]) -> Option<u64> {
+        self.inner.read_for_snapshot(key, out)
+    }
+
+    // The harness's nodes joined at the start of the cluster: none catches up by snapshot, so
+    // a datagram that makes one install snapshot entries or move its base is a bug.
+    fn install(&self, key: u64, zxid: u64, _value: &[u8]) {
+        self.flag(format!(
+            "a snapshot entry (key {key}, zxid {zxid:#x}) was installed outside a catch-up"
+        ));
+    }
+
+    fn set_base(&self, zxid: u64) {
+        self.flag(format!(
+            "the base zxid was set to {zxid:#x} outside a catch-up"
+        ));
+    }
 }
 
 /// An outbox that accepts everything (unless closed) and checks every message sent.
@@ -574,7 +606,7 @@ impl CheckingOutbox {
             self.node,
             kind.name()
         );
-        if kind == Kind::Prepare || kind == Kind::Write {
+        if (kind == Kind::Prepare || kind == Kind::Write) && !header.is_retransmit() {
             ensure!(
                 u64::from(header.count) == batch,
                 "a {} of {} entries counted as {batch}",
@@ -645,10 +677,9 @@ impl Machine {
     }
 }
 
-/// The worker's join hello (a CREDIT whose count is 1): the worker keeps it from the pipeline.
-/// Mirrors `worker::is_hello`.
+/// A join hello: the worker handles it, not the pipeline's `handle`.
 fn is_hello(message: &Message<'_>) -> bool {
-    message.header.kind == Kind::Credit && message.header.count == 1
+    message.header.kind == Kind::Hello
 }
 
 /// One node of the capture configuration: every pipeline's state machine, the shared replica
@@ -660,10 +691,18 @@ struct NodeHarness {
     progress: Vec<Progress>,
     replica: CheckingReplica,
     zxids: ZxidSource,
+    board: CatchupBoard,
+    /// A virtual clock, moved on by every record, so timers fire.
+    now_ns: u64,
     outbox: CheckingOutbox,
     completions: CountingCompletions,
     limits: Limits,
     outcome: PipelineOutcome,
+}
+
+/// The process instance the harness gives follower `node` (as its hello would say).
+fn follower_instance(node: u8) -> u64 {
+    u64::from(node) + 1
 }
 
 /// The MTU a node of the capture configuration runs with (as `node::needed_mtu`).
@@ -689,20 +728,44 @@ impl NodeHarness {
                 sessions: CAPTURE.sessions,
                 window: CAPTURE.window,
                 mtu: capture_mtu(),
+                keys: CAPTURE.keys,
+                instance: if leader { 1 } else { follower_instance(node) },
+                fingerprint: 0,
             };
             config.validate().map_err(Violation)?;
             machines.push(if leader {
                 Machine::Leader(Box::new(Leader::new(config)))
             } else {
-                Machine::Follower(Box::new(Follower::new(config)))
+                // Joined at the start of the cluster, as the worker's handshake does.
+                let mut follower = Follower::new(config);
+                follower.start(0, false);
+                Machine::Follower(Box::new(follower))
             });
+        }
+        let replica = CheckingReplica::new(CAPTURE.keys, CAPTURE.value_len)?;
+        let board = CatchupBoard::new(usize::from(CAPTURE.pipelines));
+        for machine in &mut machines {
+            if let Machine::Leader(leader) = machine {
+                for follower in (0..CAPTURE.nodes).filter(|node| *node != LEADER_NODE) {
+                    leader.accept_hello(
+                        follower,
+                        follower_instance(follower),
+                        0,
+                        false,
+                        &board,
+                        &replica,
+                    );
+                }
+            }
         }
         Ok(NodeHarness {
             params,
             progress: machines.iter().map(Machine::progress).collect(),
             machines,
-            replica: CheckingReplica::new(CAPTURE.keys, CAPTURE.value_len)?,
+            replica,
             zxids: ZxidSource::new(),
+            board,
+            now_ns: 0,
             outbox: CheckingOutbox {
                 buffer: vec![0; capture_mtu()],
                 params,
@@ -733,14 +796,30 @@ impl NodeHarness {
                     self.outcome.foreign += 1;
                 }
             }
-            Ok(message) if is_hello(&message) => self.outcome.hellos += 1,
+            Ok(message) if is_hello(&message) => {
+                self.outcome.hellos += 1;
+                // As the running worker: a leader takes a follower's hello (a restarted
+                // process, to catch up); a follower ignores repeated answers.
+                if let Some(Machine::Leader(leader)) =
+                    self.machines.get_mut(usize::from(message.header.pipeline))
+                {
+                    leader.accept_hello(
+                        message.header.from_node,
+                        message.header.words[hello_words::INSTANCE],
+                        self.now_ns,
+                        true,
+                        &self.board,
+                        &self.replica,
+                    );
+                }
+            }
             Ok(message) => {
                 // The decoder bounds the pipeline by the configuration's pipeline count.
                 if let Some(machine) = self.machines.get_mut(usize::from(message.header.pipeline)) {
                     self.outcome.handled += 1;
                     match machine {
-                        Machine::Leader(leader) => leader.handle(&message),
-                        Machine::Follower(follower) => follower.handle(&message),
+                        Machine::Leader(leader) => leader.handle(&message, self.now_ns),
+                        Machine::Follower(follower) => follower.handle(&message, &self.replica),
                     }
                 }
             }
@@ -752,33 +831,47 @@ impl NodeHarness {
         let mut datagram = [0u8; wire::HEADER_BYTES + wire::RANGE_BODY];
         let cluster_tag = self.params.cluster_tag;
         for pipeline in 0..CAPTURE.pipelines {
-            let header = |kind, from_node, credits| wire::Header {
+            let header = |kind, from_node, words| wire::Header {
                 kind,
                 from_node,
                 pipeline,
                 count: 0,
                 cluster_tag,
                 value_len: u16::try_from(CAPTURE.value_len).unwrap_or(u16::MAX),
-                credits,
+                flags: 0,
+                words,
             };
             match self.machines.get(usize::from(pipeline)) {
                 Some(Machine::Leader(leader)) => {
                     let prepared = leader.prepared();
                     for follower in (0..CAPTURE.nodes).filter(|node| *node != LEADER_NODE) {
                         // The leader clamps the counters to what it has sent.
+                        let words = FollowerWords {
+                            prepare_seen: u64::MAX,
+                            commit_seen: u64::MAX,
+                            received: u64::MAX,
+                            applied: u64::MAX,
+                            snapshot_installed: 0,
+                            instance: follower_instance(follower),
+                        };
                         wire::put_header(
                             &mut datagram,
-                            &header(Kind::Ack, follower, [u64::MAX; 3]),
+                            &header(Kind::Ack, follower, words.to_words()),
                         );
                         wire::put_range(&mut datagram, 0, prepared);
                         self.receive(&datagram);
                     }
                 }
                 Some(Machine::Follower(_)) => {
-                    wire::put_header(&mut datagram, &header(Kind::Commit, LEADER_NODE, [0; 3]));
+                    wire::put_header(
+                        &mut datagram,
+                        &header(Kind::Commit, LEADER_NODE, [0; wire::WORDS]),
+                    );
                     wire::put_range(&mut datagram, 0, u64::MAX / 2);
                     self.receive(&datagram);
-                    let credit = header(Kind::Credit, LEADER_NODE, [u64::MAX, 0, 0]);
+                    let mut words = [0; wire::WORDS];
+                    words[leader_words::WRITE_SEEN] = u64::MAX;
+                    let credit = header(Kind::Credit, LEADER_NODE, words);
                     wire::put_header(&mut datagram, &credit);
                     self.receive(&datagram[..wire::HEADER_BYTES]);
                 }
@@ -805,17 +898,22 @@ impl NodeHarness {
 
     /// One iteration of every worker: commit, apply, send.
     fn advance(&mut self) {
+        // Each step is 100 us of virtual time: retransmission timers fire within a few dozen.
+        self.now_ns += 100_000;
         for (pipeline, machine) in self.machines.iter_mut().enumerate() {
             self.outbox.pipeline = u8::try_from(pipeline).unwrap_or(u8::MAX);
             match machine {
                 Machine::Leader(leader) => leader.advance(
+                    self.now_ns,
                     &mut self.outbox,
                     &self.replica,
                     &self.zxids,
+                    &self.board,
                     &mut self.completions,
                     &self.limits,
                 ),
                 Machine::Follower(follower) => follower.advance(
+                    self.now_ns,
                     &mut self.outbox,
                     &self.replica,
                     &mut self.completions,
@@ -913,7 +1011,20 @@ fn synthesize(input: &mut Unstructured<'_>, out: &mut [u8]) -> arbitrary::Result
         count,
         cluster_tag: wire::cluster_tag(CAPTURE.cluster),
         value_len: u16::try_from(CAPTURE.value_len).unwrap_or(u16::MAX),
-        credits: [field(input)?, field(input)?, field(input)?],
+        flags: u16::from(input.arbitrary::<bool>()?),
+        words: [
+            field(input)?,
+            field(input)?,
+            field(input)?,
+            field(input)?,
+            field(input)?,
+            // Mostly the sender's real instance, so a leader takes its messages.
+            if input.arbitrary::<bool>()? {
+                field(input)?
+            } else {
+                follower_instance(input.arbitrary::<u8>()? % CAPTURE.nodes)
+            },
+        ],
     };
     wire::put_header(out, &header);
     let value_len = CAPTURE.value_len;
@@ -925,11 +1036,12 @@ fn synthesize(input: &mut Unstructured<'_>, out: &mut [u8]) -> arbitrary::Result
             wire::HEADER_BYTES + wire::PREPARE_PREFIX,
         )
     } else if kind == Kind::Write {
+        wire::put_write_prefix(out, field(input)?);
         (
             wire::write_len(usize::from(count), value_len),
-            wire::HEADER_BYTES,
+            wire::HEADER_BYTES + wire::WRITE_PREFIX,
         )
-    } else if kind == Kind::Ack || kind == Kind::Commit {
+    } else if kind == Kind::Ack || kind == Kind::Commit || kind == Kind::Nack {
         wire::put_range(out, field(input)?, field(input)?);
         (wire::HEADER_BYTES + wire::RANGE_BODY, 0)
     } else {
@@ -973,6 +1085,8 @@ fn limits_from(input: &mut Unstructured<'_>) -> arbitrary::Result<Limits> {
         prepare_credits: knob(Knob::PrepareCredits)?,
         write_credits: knob(Knob::WriteCredits)?,
         commit_credits: knob(Knob::CommitCredits)?,
+        retransmit_timeout_ns: knob(Knob::RetransmitTimeoutUs)?.saturating_mul(1000),
+        slow_follower_grace_ns: knob(Knob::SlowFollowerGraceUs)?.saturating_mul(1000),
     })
 }
 

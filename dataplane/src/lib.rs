@@ -6,6 +6,7 @@
 pub mod config;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod history;
 pub mod node;
 pub mod replica;
 pub mod store;

@@ -23,6 +23,7 @@ use crate::config::{Options, PeerDiscovery};
 use crate::replica::NodeReplica;
 use crate::store::StoreConfig;
 use crate::transport::capture::{CaptureSink, CapturingTransport};
+use crate::transport::fault::{FaultConfig, FaultyTransport};
 use crate::transport::shm::{ShmConfig, ShmTransport};
 use crate::transport::udp::{UdpConfig, UdpTransport};
 use crate::transport::{MulticastGroup, Transport, TransportError};
@@ -30,7 +31,9 @@ use crate::worker::{NodeShared, Peers, Worker};
 use crate::workload::{Sessions, Trace};
 use crate::zab::follower::LEADER_NODE;
 use crate::zab::wire::{self, cluster_tag};
-use crate::zab::{PipelineConfig, ZxidSource, follower_recv_slots, leader_recv_slots};
+use crate::zab::{
+    CatchupBoard, PipelineConfig, ZxidSource, follower_recv_slots, leader_recv_slots,
+};
 
 /// Requests pre-built per worker.
 const TRACE_LEN: usize = 1 << 18;
@@ -46,7 +49,15 @@ pub struct Summary {
     pub write_p50_ns: u64,
     pub write_p99_ns: u64,
     pub applied_zxid: u64,
+    /// Digest of the applied sequence (differs on a node that caught up by snapshot).
     pub digest: u64,
+    /// Digest of the store's contents: equal on every replica that applied the same prefix.
+    pub store_digest: u64,
+    /// Messages this node sent again (prepares, commits, forwarded writes).
+    pub retransmissions: u64,
+    // history hook: what --history-dir recorded (absent when off).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub history: Option<crate::history::HistoryReport>,
 }
 
 /// The largest datagram the protocol needs for this value size, capped at 4 KiB (larger
@@ -114,7 +125,7 @@ pub fn run(options: &Options) -> anyhow::Result<Summary> {
             let address = |node: u8, worker: u8| EndpointAddress::Shm {
                 port: u32::from(node) * u32::from(workers) + u32::from(worker),
             };
-            run_with(options, &block, &replica, &zxids, &stop, open, address)
+            run_maybe_faulty(options, &block, &replica, &zxids, &stop, open, address)
         }
         TransportKind::Udp => {
             let workers = u16::from(options.workers);
@@ -139,7 +150,7 @@ pub fn run(options: &Options) -> anyhow::Result<Summary> {
                 ip: options.udp_host(node),
                 port: port(node, worker),
             };
-            run_with(options, &block, &replica, &zxids, &stop, open, address)
+            run_maybe_faulty(options, &block, &replica, &zxids, &stop, open, address)
         }
         TransportKind::Verbs => run_verbs(options, &block, &replica, &zxids, &stop, mtu, slots),
     }
@@ -184,6 +195,50 @@ fn run_verbs(
     bail!(
         "this rzab-dataplane was built without the verbs transport: rebuild with `cargo build --release --features verbs` (needs libibverbs-dev and librdmacm-dev), or use --transport shm or --transport udp"
     )
+}
+
+/// Runs over the transport `open` gives, wrapped in a fault injector when the options ask
+/// for injected loss, duplication or reordering.
+fn run_maybe_faulty<T, Open, Address>(
+    options: &Options,
+    block: &ControlBlock,
+    replica: &NodeReplica,
+    zxids: &ZxidSource,
+    stop: &Arc<AtomicBool>,
+    open: Open,
+    static_address: Address,
+) -> anyhow::Result<Summary>
+where
+    T: Transport + Send,
+    T::Address: Send,
+    Open: Fn(u8) -> Result<T, TransportError>,
+    Address: Fn(u8, u8) -> EndpointAddress,
+{
+    match options.faults() {
+        None => run_with(options, block, replica, zxids, stop, open, static_address),
+        Some(faults) => {
+            let open_faulty = |worker: u8| {
+                open(worker).map(|transport| {
+                    FaultyTransport::new(
+                        transport,
+                        FaultConfig {
+                            seed: faults.seed ^ u64::from(worker),
+                            ..faults
+                        },
+                    )
+                })
+            };
+            run_with(
+                options,
+                block,
+                replica,
+                zxids,
+                stop,
+                open_faulty,
+                static_address,
+            )
+        }
+    }
 }
 
 /// Waits for the control plane to publish the remote table.
@@ -274,7 +329,17 @@ where
         }
     }
 
+    // The table the workers resolve now; a later generation (a restarted peer) is re-read.
+    let peers_generation = block.handshake.peers_generation.load(Ordering::Acquire);
+    let mut history = crate::history::NodeHistory::start(options, block, replica)?; // history hook
     let tag = cluster_tag(&options.cluster);
+    // Write ids hold 32 bits of a session's sequence: a process starts its sessions in a
+    // 2^20-wide range chosen by its start time, so a restarted node's write ids are new.
+    let started_secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|elapsed| elapsed.as_secs())
+        .unwrap_or(0);
+    let first_sequence = ((started_secs & 0xfff) << 20) | 1;
     let mut workers = Vec::with_capacity(transports.len());
     for (worker, mut transport) in (0..options.workers).zip(transports) {
         let remote = |peer: u8| {
@@ -310,18 +375,21 @@ where
             sessions: options.sessions,
             window: options.window,
             mtu: transport.caps().mtu,
+            keys: options.keys,
+            instance: block.header.instance.load(Ordering::Relaxed).max(1),
+            fingerprint: options.fingerprint(),
         };
         config.validate().map_err(anyhow::Error::msg)?;
         let seed = options.seed ^ (u64::from(node) << 16) ^ (u64::from(worker) << 8);
         let trace = Trace::build(options.keys, options.key_distribution(), TRACE_LEN, seed)?;
-        let sessions = Sessions::new(node, worker, options.sessions, trace, options.value_size);
-        workers.push(Worker::new(
-            config,
-            options.fingerprint(),
-            transport,
-            sessions,
-            peers,
-        ));
+        let sessions = Sessions::new(node, worker, options.sessions, trace, options.value_size)
+            .with_first_sequence(first_sequence);
+        let mut worker = Worker::new(config, options.fingerprint(), transport, sessions, peers);
+        worker.set_peers_generation(peers_generation);
+        workers.push(worker);
+    }
+    for (index, worker) in workers.iter_mut().enumerate() {
+        worker.record_history(history.recorder(index)); // history hook
     }
 
     let cores = core_affinity::get_core_ids().unwrap_or_default();
@@ -330,10 +398,15 @@ where
         "off" => false,
         _ => cores.len() >= usize::from(options.nodes) * usize::from(options.workers),
     };
+    let board = CatchupBoard::new(usize::from(options.workers));
+    let serving = AtomicUsize::new(0);
     let shared = NodeShared {
         block,
         replica,
         zxids,
+        board: &board,
+        serving: &serving,
+        pipelines: usize::from(options.workers),
         stop,
     };
     let joined = AtomicUsize::new(0);
@@ -367,7 +440,12 @@ where
                         return;
                     }
                     joined.fetch_add(1, Ordering::AcqRel);
-                    worker.run(shared);
+                    if let Err(error) = worker.run(shared) {
+                        if let Ok(mut slot) = failure.lock() {
+                            slot.get_or_insert(error.into());
+                        }
+                        shared.stop.store(true, Ordering::Relaxed);
+                    }
                     finished.fetch_add(1, Ordering::AcqRel);
                 })
                 .map(|_| ())
@@ -378,12 +456,15 @@ where
         ));
     });
     block.set_lifecycle(Lifecycle::Stopping);
+    let history_report = history.finish(); // history hook: every worker has dropped its recorder
     if let Ok(mut slot) = failure.lock() {
         if let Some(error) = slot.take() {
             return Err(error);
         }
     }
-    summary.context("the node stopped before reporting")
+    let mut summary = summary.context("the node stopped before reporting")?;
+    summary.history = history_report?; // history hook
+    Ok(summary)
 }
 
 /// Totals over the node's workers, for the stats line.
@@ -447,6 +528,7 @@ fn report_until_stopped(
     let mut last = Totals::read(block);
     let mut last_print = Instant::now();
     let mut start_totals = last;
+    let mut announced_serving = false;
     loop {
         std::thread::sleep(Duration::from_millis(50));
         block.dataplane_heartbeat();
@@ -462,6 +544,19 @@ fn report_until_stopped(
                 options.transport.name(),
                 options.cluster
             );
+        }
+        if let (Some(since), false) = (running_since, announced_serving) {
+            if shared.serving.load(Ordering::Acquire) >= shared.pipelines {
+                announced_serving = true;
+                let installed = block.counter_total(Counter::CatchupEntriesReceived);
+                if installed > 0 {
+                    println!(
+                        "node {} caught up: {installed} store entries installed from the leader's snapshot; serving after {} ms",
+                        options.node,
+                        since.elapsed().as_millis()
+                    );
+                }
+            }
         }
         let duration_over = running_since.is_some_and(|since| {
             options.duration > 0 && since.elapsed() >= Duration::from_secs(options.duration)
@@ -511,6 +606,16 @@ fn report_until_stopped(
         write_p99_ns: histogram.quantile_upper_bound(0.99),
         applied_zxid: shared.replica.applied_zxid(),
         digest: shared.replica.digest(),
+        store_digest: shared.replica.store().digest(),
+        retransmissions: [
+            Counter::RetransmitPrepare,
+            Counter::RetransmitCommit,
+            Counter::RetransmitWrite,
+        ]
+        .into_iter()
+        .map(|counter| block.counter_total(counter))
+        .sum(),
+        history: None, // history hook: filled in once the flusher is done
     }
 }
 

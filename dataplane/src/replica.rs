@@ -1,11 +1,12 @@
 //! A node's replica: the store plus the node-wide apply order. Every worker of a node applies
 //! committed writes through it; a write is applied only when its zxid is the next one, so the
 //! node applies one total order whichever worker holds which write. It also keeps an
-//! order-sensitive digest of everything applied, so replicas can be compared cheaply.
+//! order-sensitive digest of everything applied, so replicas can be compared cheaply (a node
+//! that caught up by snapshot has applied only a suffix: compare its store digest instead).
 //!
 //! Touches only the store and its own atomics.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use crate::store::{Store, StoreConfig, StoreError};
 use crate::zab::{Replica, ZXID_START};
@@ -16,6 +17,7 @@ pub struct NodeReplica {
     store: Store,
     applied: AtomicU64,
     digest: AtomicU64,
+    base_set: AtomicBool,
 }
 
 /// One step of the digest: an FNV-style fold of zxid, key and value.
@@ -36,6 +38,7 @@ impl NodeReplica {
             store: Store::new(config)?,
             applied: AtomicU64::new(ZXID_START),
             digest: AtomicU64::new(0xcbf2_9ce4_8422_2325),
+            base_set: AtomicBool::new(false),
         })
     }
 
@@ -61,13 +64,32 @@ impl Replica for NodeReplica {
         if self.applied.load(Ordering::Acquire) != zxid.wrapping_sub(1) {
             return false;
         }
-        // Only the holder of the next zxid gets here, so there is one writer at a time; a
-        // write to a key outside the store cannot happen (keys come from the workload), and
-        // would only leave the value unchanged.
-        let _ = self.store.write(key, value, zxid);
+        // Only the holder of the next zxid gets here, so applies come one at a time; snapshot
+        // installs may run at once on a catching-up node, so the newer zxid wins per key. A
+        // write to a key outside the store would only leave the store unchanged.
+        let _ = self.store.write_if_newer(key, value, zxid);
         let digest = fold(self.digest.load(Ordering::Relaxed), zxid, key, value);
         self.digest.store(digest, Ordering::Relaxed);
         self.applied.store(zxid, Ordering::Release);
         true
+    }
+
+    fn applied_zxid(&self) -> u64 {
+        NodeReplica::applied_zxid(self)
+    }
+
+    fn read_for_snapshot(&self, key: u64, out: &mut [u8]) -> Option<u64> {
+        self.store.read(key, out)
+    }
+
+    fn install(&self, key: u64, zxid: u64, value: &[u8]) {
+        // A key the store does not hold (a foreign snapshot) changes nothing.
+        let _ = self.store.write_if_newer(key, value, zxid);
+    }
+
+    fn set_base(&self, zxid: u64) {
+        if !self.base_set.swap(true, Ordering::AcqRel) {
+            self.applied.store(zxid, Ordering::Release);
+        }
     }
 }

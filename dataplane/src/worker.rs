@@ -9,26 +9,35 @@
 //! relaxed single-writer stores; knobs are re-read only when the knob epoch changes.
 //!
 //! Before the loop, a join handshake makes sure every peer of the pipeline has its receives
-//! posted and runs a compatible configuration: followers send CREDIT "hellos" carrying a
-//! configuration fingerprint until the leader answers.
+//! posted and runs a compatible configuration: followers send HELLOs carrying a configuration
+//! fingerprint and their process instance until the leader answers with the pseq to start at.
+//! A follower that says hello to a running leader (a restarted process) is brought up to date
+//! by snapshot; its node serves reads only once every pipeline has caught up.
 //!
-//! Touches: its transport, the node replica (through the pipeline), its control-block block.
+//! Touches: its transport, the node replica (through the pipeline), its control-block block
+//! and the remote endpoint table (re-read when the control plane publishes a new one).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use rzab_shared::Counter;
-use rzab_shared::control_block::{ControlBlock, WorkerBlock};
+use std::sync::atomic::AtomicUsize;
+
+use rzab_shared::control_block::{ControlBlock, SyncState, WorkerBlock};
 use rzab_shared::knobs::{Knob, POLL_MODE_BUSY};
 use rzab_shared::limits::MAX_NODES;
+use rzab_shared::{Counter, EndpointAddress};
 
+use crate::history::WorkerHistory; // history hook
 use crate::replica::NodeReplica;
 use crate::transport::{Destination, RecvCompletion, SendRequest, Transport};
 use crate::workload::Sessions;
-use crate::zab::follower::{Follower, LEADER_NODE};
+use crate::zab::follower::{Follower, LEADER_NODE, Phase};
 use crate::zab::leader::Leader;
 use crate::zab::wire::{self, Kind, Message};
-use crate::zab::{Completions, Limits, Outbox, PipelineConfig, Target, ZxidSource};
+use crate::zab::{
+    CatchupBoard, Completions, Limits, Outbox, PipelineConfig, PipelineStats, Target, ZxidSource,
+    hello_words,
+};
 
 /// Completions polled per iteration.
 const RECV_BATCH: usize = 64;
@@ -55,11 +64,36 @@ pub enum Pipeline {
 }
 
 impl Pipeline {
-    /// Hands a decoded message to the state machine.
-    pub fn handle(&mut self, message: &Message<'_>) {
+    /// Hands a decoded message (not a hello) to the state machine.
+    pub fn handle(&mut self, message: &Message<'_>, now_ns: u64, replica: &NodeReplica) {
         match self {
-            Pipeline::Leader(leader) => leader.handle(message),
-            Pipeline::Follower(follower) => follower.handle(message),
+            Pipeline::Leader(leader) => leader.handle(message, now_ns),
+            Pipeline::Follower(follower) => follower.handle(message, replica),
+        }
+    }
+
+    fn stats(&self) -> PipelineStats {
+        match self {
+            Pipeline::Leader(leader) => leader.stats(),
+            Pipeline::Follower(follower) => follower.stats(),
+        }
+    }
+
+    fn serving(&self) -> bool {
+        match self {
+            Pipeline::Leader(_) => true,
+            Pipeline::Follower(follower) => follower.phase() == Phase::Serving,
+        }
+    }
+
+    fn sync_state(&self) -> SyncState {
+        match self {
+            Pipeline::Leader(_) => SyncState::Serving,
+            Pipeline::Follower(follower) => match follower.phase() {
+                Phase::Joining => SyncState::Starting,
+                Phase::CatchingUp | Phase::FellBehind => SyncState::CatchingUp,
+                Phase::Serving => SyncState::Serving,
+            },
         }
     }
 }
@@ -70,6 +104,10 @@ pub struct NodeShared<'a> {
     pub block: &'a ControlBlock,
     pub replica: &'a NodeReplica,
     pub zxids: &'a ZxidSource,
+    pub board: &'a CatchupBoard,
+    /// Pipelines of this node that serve (caught up); sessions run only when all do.
+    pub serving: &'a AtomicUsize,
+    pub pipelines: usize,
     /// Set to end the run: workers stop issuing requests, finish what is in flight, and
     /// return once their pipeline has been quiet for [`DRAIN_QUIET`] (or after [`DRAIN_MAX`]).
     pub stop: &'a AtomicBool,
@@ -92,7 +130,7 @@ pub enum WorkerError {
         seconds: u64,
     },
     #[error(
-        "pipeline {pipeline}: node {node} runs an incompatible configuration (fingerprint {theirs:#x}, ours {ours:#x}): --nodes, --workers, --value-size and --keys must match on every node"
+        "pipeline {pipeline}: node {node} runs an incompatible configuration (fingerprint {theirs:#x}, ours {ours:#x}): --nodes, --workers, --value-size, --keys, --window and --sessions must match on every node"
     )]
     Incompatible {
         pipeline: usize,
@@ -102,18 +140,14 @@ pub enum WorkerError {
     },
     #[error("pipeline {0}: stopped before the cluster was joined")]
     Stopped(usize),
+    #[error(
+        "pipeline {0}: this follower fell further behind the leader than the leader keeps prepares for; restart this node: it will catch up by snapshot"
+    )]
+    FellBehind(usize),
 }
 
 fn duration_ns(duration: Duration) -> u64 {
     u64::try_from(duration.as_nanos()).unwrap_or(u64::MAX)
-}
-
-/// The `count` field that marks a CREDIT as a join hello (ordinary CREDITs carry 0).
-const HELLO_COUNT: u16 = 1;
-
-/// A join hello: its counters are not flow-control counters and must not reach a pipeline.
-fn is_hello(message: &Message<'_>) -> bool {
-    message.header.kind == Kind::Credit && message.header.count == HELLO_COUNT
 }
 
 /// The counter for messages of `kind` sent by `multicast` or not.
@@ -128,7 +162,11 @@ fn sent_counters(kind: Kind, multicast: bool) -> (Counter, Counter) {
         (Kind::Ack, _) => (Counter::SentAckUnicast, Counter::BytesAckUnicast),
         (Kind::Commit, false) => (Counter::SentCommitUnicast, Counter::BytesCommitUnicast),
         (Kind::Commit, true) => (Counter::SentCommitMulticast, Counter::BytesCommitMulticast),
-        (Kind::Credit, _) => (Counter::SentCreditUnicast, Counter::BytesCreditUnicast),
+        (Kind::Credit | Kind::Hello, _) => {
+            (Counter::SentCreditUnicast, Counter::BytesCreditUnicast)
+        }
+        (Kind::Nack, _) => (Counter::SentNackUnicast, Counter::BytesNackUnicast),
+        (Kind::Snapshot, _) => (Counter::SentSnapshotUnicast, Counter::BytesSnapshotUnicast),
     }
 }
 
@@ -138,7 +176,7 @@ fn batch_counters(kind: Kind) -> Option<(Counter, Counter)> {
         Kind::Prepare => Some((Counter::BatchEntriesPrepare, Counter::BatchMessagesPrepare)),
         Kind::Ack => Some((Counter::BatchEntriesAck, Counter::BatchMessagesAck)),
         Kind::Commit => Some((Counter::BatchEntriesCommit, Counter::BatchMessagesCommit)),
-        Kind::Credit => None,
+        Kind::Credit | Kind::Nack | Kind::Hello | Kind::Snapshot => None,
     }
 }
 
@@ -148,7 +186,9 @@ fn received_counter(kind: Kind) -> Counter {
         Kind::Prepare => Counter::ReceivedPrepare,
         Kind::Ack => Counter::ReceivedAck,
         Kind::Commit => Counter::ReceivedCommit,
-        Kind::Credit => Counter::ReceivedCredit,
+        Kind::Credit | Kind::Hello => Counter::ReceivedCredit,
+        Kind::Nack => Counter::ReceivedNack,
+        Kind::Snapshot => Counter::ReceivedSnapshot,
     }
 }
 
@@ -183,6 +223,23 @@ impl<T: Transport> TransportOutbox<'_, T> {
         self.buffers_used = 0;
     }
 
+    /// Queues a send to the leader or to one follower (nothing if its address is unknown).
+    fn push_unicast(&mut self, target: Target, len: usize) {
+        let address = match target {
+            Target::Leader => self.peers.leader,
+            Target::Follower(node) => self
+                .peers
+                .followers
+                .get(usize::from(node))
+                .copied()
+                .flatten(),
+            Target::AllFollowers => None,
+        };
+        if let Some(address) = address {
+            self.push(Destination::Unicast(address), len);
+        }
+    }
+
     fn push(&mut self, destination: Destination<T::Address>, len: usize) {
         self.chain.push(SendRequest {
             destination,
@@ -208,19 +265,19 @@ impl<T: Transport> Outbox for TransportOutbox<'_, T> {
         Some(self.transport.send_buffer(self.buffers_used))
     }
 
+    fn resend(&mut self, target: Target, _kind: Kind, len: usize) {
+        // Repeats go to one peer; the pipeline counts them as retransmissions.
+        if !matches!(target, Target::AllFollowers) {
+            self.push_unicast(target, len);
+            self.buffers_used += 1;
+            self.sent += 1;
+        }
+    }
+
     fn send(&mut self, target: Target, kind: Kind, len: usize, batch: u64) {
         let mut multicast_path = false;
         match target {
-            Target::Leader => {
-                if let Some(leader) = self.peers.leader {
-                    self.push(Destination::Unicast(leader), len);
-                }
-            }
-            Target::Follower(node) => {
-                if let Some(Some(follower)) = self.peers.followers.get(usize::from(node)) {
-                    self.push(Destination::Unicast(*follower), len);
-                }
-            }
+            Target::Leader | Target::Follower(_) => self.push_unicast(target, len),
             Target::AllFollowers => match (self.multicast, self.peers.group) {
                 (true, Some(group)) => {
                     multicast_path = true;
@@ -241,7 +298,7 @@ impl<T: Transport> Outbox for TransportOutbox<'_, T> {
         let (messages, bytes) = sent_counters(kind, multicast_path);
         self.counters.add(messages, copies);
         self.counters.add(bytes, copies * len as u64);
-        if let Some((entries, logical)) = batch_counters(kind) {
+        if let (Some((entries, logical)), true) = (batch_counters(kind), batch > 0) {
             self.counters.add(entries, batch);
             self.counters.add(logical, 1);
         }
@@ -250,16 +307,69 @@ impl<T: Transport> Outbox for TransportOutbox<'_, T> {
     }
 }
 
+impl<'a, T: Transport> TransportOutbox<'a, T> {
+    /// An outbox for a few control messages, sent on their own.
+    fn single(
+        transport: &'a mut T,
+        peers: &'a Peers<T::Address>,
+        counters: &'a WorkerBlock,
+        chain: &'a mut Vec<SendRequest<T::Address>>,
+    ) -> Self {
+        let max_buffers = transport.caps().max_chain.min(MAX_CHAIN);
+        TransportOutbox {
+            transport,
+            peers,
+            counters,
+            chain,
+            buffers_used: 0,
+            max_buffers,
+            doorbell: MAX_CHAIN,
+            multicast: false,
+            fan_out: 1,
+            sent: 0,
+        }
+    }
+}
+
+fn node_id(node: usize) -> u8 {
+    u8::try_from(node).unwrap_or(u8::MAX)
+}
+
+/// Copies a pipeline's own statistics into its counters (single writer, relaxed).
+fn publish_stats(counters: &WorkerBlock, stats: &PipelineStats, malformed: u64, unexpected: u64) {
+    counters.set(Counter::CreditStalls, stats.credit_stalls);
+    counters.set(Counter::OrderingStalls, stats.ordering_stalls);
+    counters.set(Counter::WindowStalls, stats.window_stalls);
+    counters.set(Counter::WritesApplied, stats.writes_applied);
+    counters.set(Counter::DropsMalformed, malformed);
+    counters.set(
+        Counter::DropsUnexpected,
+        stats.dropped_unexpected + unexpected,
+    );
+    counters.set(Counter::DropsDuplicate, stats.duplicates_dropped);
+    counters.set(Counter::RetransmitPrepare, stats.retransmitted_prepares);
+    counters.set(Counter::RetransmitCommit, stats.retransmitted_commits);
+    counters.set(Counter::RetransmitWrite, stats.retransmitted_writes);
+    counters.set(Counter::GapsDetected, stats.gaps_detected);
+    counters.set(Counter::CatchupEntriesSent, stats.snapshot_entries_sent);
+    counters.set(
+        Counter::CatchupEntriesReceived,
+        stats.snapshot_entries_installed,
+    );
+}
+
 /// Completes sessions and records write latency.
 struct SessionCompletions<'a> {
     sessions: &'a mut Sessions,
     counters: &'a WorkerBlock,
     now_ns: u64,
+    history: &'a WorkerHistory, // history hook
 }
 
 impl Completions for SessionCompletions<'_> {
-    fn write_applied(&mut self, session: u16, session_seq: u64, _zxid: u64) {
+    fn write_applied(&mut self, session: u16, session_seq: u64, zxid: u64) {
         if let Some(latency) = self.sessions.complete(session, session_seq, self.now_ns) {
+            self.history.write_completed(session, session_seq, zxid); // history hook
             self.counters.write_latency_ns.record(latency);
             self.counters.add(Counter::WritesCompleted, 1);
         }
@@ -289,6 +399,8 @@ impl LiveSettings {
                 prepare_credits: knob(Knob::PrepareCredits),
                 write_credits: knob(Knob::WriteCredits),
                 commit_credits: knob(Knob::CommitCredits),
+                retransmit_timeout_ns: knob(Knob::RetransmitTimeoutUs).saturating_mul(1000),
+                slow_follower_grace_ns: knob(Knob::SlowFollowerGraceUs).saturating_mul(1000),
             },
             doorbell: as_usize(knob(Knob::DoorbellBatch)).clamp(1, MAX_CHAIN),
             multicast: knob(Knob::Multicast) != 0,
@@ -310,6 +422,13 @@ pub struct Worker<T: Transport> {
     peers: Peers<T::Address>,
     completions: Vec<RecvCompletion>,
     chain: Vec<SendRequest<T::Address>>,
+    peers_generation: u64,
+    counted_serving: bool,
+    /// Datagrams dropped here rather than by the pipeline: undecodable, or for another
+    /// pipeline or a refused hello.
+    malformed: u64,
+    unexpected: u64,
+    history: WorkerHistory, // history hook
 }
 
 const _: () = assert!(
@@ -342,7 +461,50 @@ impl<T: Transport> Worker<T> {
             peers,
             completions: vec![RecvCompletion::default(); RECV_BATCH],
             chain: Vec::with_capacity(MAX_CHAIN),
+            peers_generation: 0,
+            counted_serving: false,
+            malformed: 0,
+            unexpected: 0,
+            history: WorkerHistory::disabled(), // history hook
         }
+    }
+
+    /// Remembers which remote table the peers were resolved from.
+    pub fn set_peers_generation(&mut self, generation: u64) {
+        self.peers_generation = generation;
+    }
+
+    /// Re-resolves the peers when the control plane has published a new remote table (a
+    /// restarted peer has new endpoints). Resolution may allocate (address handles): this
+    /// happens once per change, never in steady state.
+    fn refresh_peers(&mut self, block: &ControlBlock) {
+        let generation = block.handshake.peers_generation.load(Ordering::Acquire);
+        if generation == self.peers_generation || generation == 0 {
+            return;
+        }
+        self.peers_generation = generation;
+        let resolve = |transport: &mut T, node: u8| -> Option<T::Address> {
+            let address: EndpointAddress =
+                block.remote.get(usize::from(node))?[self.index].load()?;
+            transport.resolve(&address).ok()
+        };
+        if self.config.node == LEADER_NODE {
+            for node in 0..self.config.nodes {
+                if node != self.config.node {
+                    if let Some(address) = resolve(&mut self.transport, node) {
+                        self.peers.followers[usize::from(node)] = Some(address);
+                    }
+                }
+            }
+        } else if let Some(address) = resolve(&mut self.transport, LEADER_NODE) {
+            self.peers.leader = Some(address);
+        }
+    }
+
+    // history hook
+    /// Records this worker's operations and applies (see [`crate::history`]).
+    pub fn record_history(&mut self, history: WorkerHistory) {
+        self.history = history;
     }
 
     fn decode<'m>(
@@ -360,7 +522,8 @@ impl<T: Transport> Worker<T> {
 
     /// Runs the join handshake: returns once every peer of this pipeline has answered.
     pub fn join(&mut self, shared: &NodeShared<'_>, timeout: Duration) -> Result<(), WorkerError> {
-        let deadline = Instant::now() + timeout;
+        let started = Instant::now();
+        let deadline = started + timeout;
         let counters = shared.block.worker(self.index);
         let is_leader = self.config.node == LEADER_NODE;
         let mut joined = [false; MAX_NODES];
@@ -390,6 +553,7 @@ impl<T: Transport> Worker<T> {
                 return Ok(());
             }
             let now = Instant::now();
+            let now_ns = duration_ns(now - started);
             if now > deadline {
                 if let Some((node, theirs)) = mismatch {
                     return Err(WorkerError::Incompatible {
@@ -409,54 +573,90 @@ impl<T: Transport> Worker<T> {
                     seconds: timeout.as_secs(),
                 });
             }
-            if !is_leader && last_hello.is_none_or(|sent| now - sent >= Duration::from_millis(10)) {
-                self.send_hello(Target::Leader, counters);
-                last_hello = Some(now);
+            if let Pipeline::Follower(follower) = &self.pipeline {
+                if last_hello.is_none_or(|sent| now - sent >= Duration::from_millis(10)) {
+                    let words = follower.hello_words();
+                    self.send_hello(Target::Leader, words, counters);
+                    last_hello = Some(now);
+                }
             }
             let received = self.transport.poll_recv(&mut self.completions);
-            let mut replies = [false; MAX_NODES];
+            let mut refused = [false; MAX_NODES];
             for index in 0..received {
                 let completion = self.completions[index];
                 let payload = self.transport.recv_payload(&completion);
                 let Ok(message) = Self::decode(&self.config, payload) else {
-                    counters.add(Counter::DropsMalformed, 1);
+                    self.malformed += 1;
                     continue;
                 };
                 let from = message.header.from_node;
                 if usize::from(message.header.pipeline) != self.index {
-                    counters.add(Counter::DropsUnexpected, 1);
-                } else if is_hello(&message) {
-                    let theirs = message.header.credits[2];
-                    // The leader answers even a mismatched hello, so the follower learns of it
-                    // and stops with a clear error instead of waiting out its timeout.
-                    replies[usize::from(from)] = is_leader;
-                    if theirs != self.fingerprint {
-                        if !is_leader {
-                            return Err(WorkerError::Incompatible {
-                                pipeline: self.index,
-                                node: from,
-                                theirs,
-                                ours: self.fingerprint,
-                            });
-                        }
-                        mismatch = Some((from, theirs));
-                        continue;
-                    }
-                    joined[usize::from(from)] = true;
-                } else {
+                    self.unexpected += 1;
+                    continue;
+                }
+                counters.add(received_counter(message.header.kind), 1);
+                if message.header.kind != Kind::Hello {
                     // A peer that joined first may already be sending real traffic.
-                    counters.add(received_counter(message.header.kind), 1);
-                    self.pipeline.handle(&message)
+                    self.pipeline.handle(&message, now_ns, shared.replica);
+                    continue;
+                }
+                let words = message.header.words;
+                let theirs = words[hello_words::FINGERPRINT];
+                if theirs != self.fingerprint {
+                    if !is_leader {
+                        return Err(WorkerError::Incompatible {
+                            pipeline: self.index,
+                            node: from,
+                            theirs,
+                            ours: self.fingerprint,
+                        });
+                    }
+                    // Answered, so the follower learns of it and stops with a clear error
+                    // instead of waiting out its timeout.
+                    mismatch = Some((from, theirs));
+                    refused[usize::from(from)] = true;
+                    continue;
+                }
+                match &mut self.pipeline {
+                    Pipeline::Leader(leader) => {
+                        leader.accept_hello(
+                            from,
+                            words[hello_words::INSTANCE],
+                            now_ns,
+                            false,
+                            shared.board,
+                            shared.replica,
+                        );
+                        joined[usize::from(from)] = true;
+                    }
+                    Pipeline::Follower(follower) => {
+                        if from == LEADER_NODE && follower.phase() == Phase::Joining {
+                            follower.start(
+                                words[hello_words::START_PSEQ],
+                                words[hello_words::CATCH_UP] != 0,
+                            );
+                            joined[usize::from(from)] = true;
+                        }
+                    }
                 }
             }
             self.transport.post_recv(received);
-            for (node, reply) in replies.iter().enumerate() {
-                if *reply {
-                    self.send_hello(
-                        Target::Follower(u8::try_from(node).unwrap_or(u8::MAX)),
-                        counters,
-                    );
+            for (node, refuse) in refused.iter().enumerate() {
+                if *refuse {
+                    let mut words = [0u64; wire::WORDS];
+                    words[hello_words::FINGERPRINT] = self.fingerprint;
+                    self.send_hello(Target::Follower(node_id(node)), words, counters);
                 }
+            }
+            if let Pipeline::Leader(leader) = &mut self.pipeline {
+                let mut outbox = TransportOutbox::single(
+                    &mut self.transport,
+                    &self.peers,
+                    counters,
+                    &mut self.chain,
+                );
+                leader.send_hello_replies(&mut outbox);
+                outbox.flush();
             }
             if received == 0 {
                 std::thread::sleep(Duration::from_micros(200));
@@ -464,59 +664,93 @@ impl<T: Transport> Worker<T> {
         }
     }
 
-    /// A CREDIT marked as a hello, carrying the configuration fingerprint in its third counter.
-    fn send_hello(&mut self, target: Target, counters: &WorkerBlock) {
+    /// Sends one HELLO with `words` (fingerprint, instance, ...) on its own.
+    fn send_hello(&mut self, target: Target, words: [u64; wire::WORDS], counters: &WorkerBlock) {
         let header = wire::Header {
-            kind: Kind::Credit,
+            kind: Kind::Hello,
             from_node: self.config.node,
             pipeline: self.config.pipeline,
-            count: HELLO_COUNT,
+            count: 0,
             cluster_tag: self.config.cluster_tag,
             value_len: u16::try_from(self.config.value_len).unwrap_or(u16::MAX),
-            credits: [0, 0, self.fingerprint],
+            flags: 0,
+            words,
         };
-        let max_chain = self.transport.caps().max_chain;
-        let mut outbox = TransportOutbox {
-            transport: &mut self.transport,
-            peers: &self.peers,
-            counters,
-            chain: &mut self.chain,
-            buffers_used: 0,
-            max_buffers: max_chain,
-            doorbell: 1,
-            multicast: false,
-            fan_out: 1,
-            sent: 0,
-        };
+        let mut outbox =
+            TransportOutbox::single(&mut self.transport, &self.peers, counters, &mut self.chain);
         if let Some(buffer) = outbox.buffer() {
             wire::put_header(buffer, &header);
-            outbox.send(target, Kind::Credit, wire::HEADER_BYTES, 0);
+            outbox.send(target, Kind::Hello, wire::HEADER_BYTES, 0);
         }
         outbox.flush();
     }
 
+    /// A hello from a follower while running: a restarted process to bring up to date, or a
+    /// repeat whose answer was lost.
+    fn accept_hello_while_running(
+        &mut self,
+        from: u8,
+        words: [u64; wire::WORDS],
+        shared: &NodeShared<'_>,
+        counters: &WorkerBlock,
+        now_ns: u64,
+    ) {
+        match &mut self.pipeline {
+            Pipeline::Leader(leader) => {
+                if words[hello_words::FINGERPRINT] != self.fingerprint {
+                    self.unexpected += 1;
+                    let mut reply = [0u64; wire::WORDS];
+                    reply[hello_words::FINGERPRINT] = self.fingerprint;
+                    self.send_hello(Target::Follower(from), reply, counters);
+                    return;
+                }
+                leader.accept_hello(
+                    from,
+                    words[hello_words::INSTANCE],
+                    now_ns,
+                    true,
+                    shared.board,
+                    shared.replica,
+                );
+            }
+            // A repeated answer to this follower's hello: nothing new.
+            Pipeline::Follower(_) => {}
+        }
+    }
+
     /// The poll loop; once `shared.stop` is set it drains (see [`NodeShared::stop`]) and returns.
-    pub fn run(&mut self, shared: &NodeShared<'_>) {
+    pub fn run(&mut self, shared: &NodeShared<'_>) -> Result<(), WorkerError> {
         let counters = shared.block.worker(self.index);
         let store = shared.replica.store();
         let clock = Instant::now();
         let mut settings = LiveSettings::read(shared.block);
         let mut knob_epoch = shared.block.knob_epoch();
+        counters
+            .gauges
+            .knob_epoch_seen
+            .store(knob_epoch, Ordering::Relaxed);
         let max_buffers = self.transport.caps().max_chain.min(MAX_CHAIN);
         let fan_out = self.peers.followers.iter().flatten().count();
         let mut idle_spins = 0u32;
         let mut iteration = 0u64;
-        let mut malformed = 0u64;
         let mut drain_started_ns: Option<u64> = None;
-        let mut last_traffic_ns = 0u64;
+        let mut last_received_ns = 0u64;
+        let mut fell_behind = false;
         loop {
             iteration += 1;
             let now_ns = u64::try_from(clock.elapsed().as_nanos()).unwrap_or(u64::MAX);
-            if shared.stop.load(Ordering::Relaxed) {
+            if shared.stop.load(Ordering::Relaxed) || fell_behind {
                 let started = *drain_started_ns.get_or_insert(now_ns);
-                let quiet = now_ns.saturating_sub(last_traffic_ns) >= duration_ns(DRAIN_QUIET)
+                let quiet = now_ns.saturating_sub(last_received_ns) >= duration_ns(DRAIN_QUIET)
                     && self.sessions.writing() == 0;
-                if quiet || now_ns.saturating_sub(started) >= duration_ns(DRAIN_MAX) {
+                let settled = match &self.pipeline {
+                    Pipeline::Leader(leader) => leader.settled(now_ns, duration_ns(DRAIN_QUIET)),
+                    Pipeline::Follower(follower) => follower.settled(),
+                };
+                if (quiet && settled)
+                    || fell_behind
+                    || now_ns.saturating_sub(started) >= duration_ns(DRAIN_MAX)
+                {
                     break;
                 }
             }
@@ -524,42 +758,70 @@ impl<T: Transport> Worker<T> {
             if epoch != knob_epoch {
                 knob_epoch = epoch;
                 settings = LiveSettings::read(shared.block);
+                counters
+                    .gauges
+                    .knob_epoch_seen
+                    .store(epoch, Ordering::Relaxed);
             }
 
             let received = self.transport.poll_recv(&mut self.completions);
+            let mut hellos = [None; MAX_NODES];
             for index in 0..received {
                 let completion = self.completions[index];
                 let payload = self.transport.recv_payload(&completion);
                 match Self::decode(&self.config, payload) {
-                    Ok(message) if is_hello(&message) => {}
                     Ok(message) if usize::from(message.header.pipeline) == self.index => {
                         counters.add(received_counter(message.header.kind), 1);
                         counters.add(Counter::BytesReceived, payload.len() as u64);
-                        self.pipeline.handle(&message)
+                        let from = usize::from(message.header.from_node);
+                        if message.header.kind == Kind::Hello && from < MAX_NODES {
+                            // Answering needs the transport, which this payload borrows.
+                            hellos[from] = Some(message.header.words);
+                        } else {
+                            self.pipeline.handle(&message, now_ns, shared.replica);
+                        }
                     }
-                    Ok(_) => counters.add(Counter::DropsUnexpected, 1),
-                    Err(_) => malformed += 1,
+                    Ok(_) => self.unexpected += 1,
+                    Err(_) => self.malformed += 1,
                 }
             }
             // Receives go back before anything that can make peers send more.
             self.transport.post_recv(received);
+            for (from, words) in hellos.iter_mut().enumerate() {
+                if let Some(words) = words.take() {
+                    self.accept_hello_while_running(node_id(from), words, shared, counters, now_ns);
+                }
+            }
 
+            if !self.counted_serving && self.pipeline.serving() {
+                self.counted_serving = true;
+                shared.serving.fetch_add(1, Ordering::AcqRel);
+            }
+            let node_serving = shared.serving.load(Ordering::Relaxed) >= shared.pipelines;
             let pipeline = &mut self.pipeline;
-            // A draining worker issues nothing new: a write ratio of zero and no reads.
-            let issued = if drain_started_ns.is_some() {
+            // A draining worker issues nothing new; a node catching up serves nothing yet.
+            let issued = if drain_started_ns.is_some() || !node_serving {
                 crate::workload::Issued::default()
             } else {
+                let history = &self.history; // history hook
+                history.begin_issue(shared.replica); // history hook
                 self.sessions.issue(
                     now_ns,
                     settings.write_ratio_permille,
                     store,
-                    |session, seq, key, value| match pipeline {
-                        Pipeline::Leader(leader) => leader.submit_write(session, seq, key, value),
-                        Pipeline::Follower(follower) => {
-                            follower.submit_write(session, seq, key, value)
-                        }
+                    |session, seq, key, value| {
+                        let accepted = match pipeline {
+                            Pipeline::Leader(leader) => {
+                                leader.submit_write(session, seq, key, value)
+                            }
+                            Pipeline::Follower(follower) => {
+                                follower.submit_write(session, seq, key, value)
+                            }
+                        };
+                        history.write_issued(session, seq, key, value, accepted); // history hook
+                        accepted
                     },
-                    |_| {},
+                    |read| history.read_observed(&read), // history hook
                 )
             };
             counters.add(Counter::ReadsCompleted, issued.reads);
@@ -580,43 +842,41 @@ impl<T: Transport> Worker<T> {
                 sessions: &mut self.sessions,
                 counters,
                 now_ns,
+                history: &self.history, // history hook
             };
-            let stats = match &mut self.pipeline {
-                Pipeline::Leader(leader) => {
-                    leader.advance(
-                        &mut outbox,
-                        shared.replica,
-                        shared.zxids,
-                        &mut completions,
-                        &settings.limits,
-                    );
-                    leader.stats()
-                }
+            let replica = self.history.replica(shared.replica); // history hook
+            match &mut self.pipeline {
+                Pipeline::Leader(leader) => leader.advance(
+                    now_ns,
+                    &mut outbox,
+                    &replica, // history hook
+                    shared.zxids,
+                    shared.board,
+                    &mut completions,
+                    &settings.limits,
+                ),
                 Pipeline::Follower(follower) => {
                     follower.advance(
+                        now_ns,
                         &mut outbox,
-                        shared.replica,
+                        &replica, // history hook
                         &mut completions,
                         &settings.limits,
                     );
-                    follower.stats()
+                    fell_behind = follower.phase() == Phase::FellBehind;
                 }
-            };
+            }
             outbox.flush();
             let sent = outbox.sent;
-
-            counters.set(Counter::CreditStalls, stats.credit_stalls);
-            counters.set(Counter::OrderingStalls, stats.ordering_stalls);
-            counters.set(Counter::WindowStalls, stats.window_stalls);
-            counters.set(Counter::WritesApplied, stats.writes_applied);
-            counters.set(Counter::DropsMalformed, malformed);
-            counters.set(Counter::DropsUnexpected, stats.dropped_unexpected);
+            let stats = self.pipeline.stats();
+            publish_stats(counters, &stats, self.malformed, self.unexpected);
             if iteration % 1024 == 0 {
-                self.publish_gauges(counters, shared.replica, now_ns);
+                self.publish_gauges(counters, shared.replica, &stats, now_ns);
+                self.refresh_peers(shared.block);
             }
 
-            if received > 0 || sent > 0 {
-                last_traffic_ns = now_ns;
+            if received > 0 {
+                last_received_ns = now_ns;
             }
             if received == 0 && sent == 0 && issued.writes == 0 && !settings.busy_poll {
                 idle_spins += 1;
@@ -629,7 +889,8 @@ impl<T: Transport> Worker<T> {
             }
         }
         let now_ns = u64::try_from(clock.elapsed().as_nanos()).unwrap_or(u64::MAX);
-        self.publish_gauges(counters, shared.replica, now_ns);
+        let stats = self.pipeline.stats();
+        self.publish_gauges(counters, shared.replica, &stats, now_ns);
         if std::env::var_os("RZAB_DEBUG_SUMMARY").is_some() {
             eprintln!(
                 "{} | transport {:?}",
@@ -637,11 +898,30 @@ impl<T: Transport> Worker<T> {
                 self.transport.stats()
             );
         }
+        if fell_behind {
+            return Err(WorkerError::FellBehind(self.index));
+        }
+        Ok(())
     }
 
     /// Publishes what changes too slowly to be worth a store every iteration: the transport's
     /// drop count, the committed zxid and the heartbeat.
-    fn publish_gauges(&self, counters: &WorkerBlock, replica: &NodeReplica, now_ns: u64) {
+    fn publish_gauges(
+        &self,
+        counters: &WorkerBlock,
+        replica: &NodeReplica,
+        stats: &PipelineStats,
+        now_ns: u64,
+    ) {
+        let applied = replica.applied_zxid();
+        counters
+            .gauges
+            .leader_zxid
+            .store(stats.leader_zxid.max(applied), Ordering::Relaxed);
+        counters
+            .gauges
+            .sync_state
+            .store(self.pipeline.sync_state() as u64, Ordering::Relaxed);
         counters.set(
             Counter::TransportDropsNoReceive,
             self.transport.stats().dropped_no_recv,
@@ -649,11 +929,17 @@ impl<T: Transport> Worker<T> {
         counters
             .gauges
             .committed_zxid
-            .store(replica.applied_zxid(), Ordering::Relaxed);
+            .store(applied, Ordering::Relaxed);
+        // Wall-clock time, so another process can tell how fresh it is.
+        let wall_ns = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(now_ns, |elapsed| {
+                u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX)
+            });
         counters
             .gauges
             .heartbeat_ns
-            .store(now_ns, Ordering::Relaxed);
+            .store(wall_ns, Ordering::Relaxed);
     }
 
     /// A one-line summary of the pipeline, for diagnostics.

@@ -128,8 +128,12 @@ fn wire_decode_corpus_and_variants() {
         "only {decoded} of {} wire_decode seeds decode under the capture configuration: was the corpus captured with fuzzing::CAPTURE?",
         files.len()
     );
+    // A lossless capture run has no gaps and no restarted follower, so no NACK or SNAPSHOT:
+    // the pipeline target synthesizes those.
     for kind in Kind::ALL {
-        assert!(kinds.contains(&kind), "no captured {} seed", kind.name());
+        if kind != Kind::Nack && kind != Kind::Snapshot {
+            assert!(kinds.contains(&kind), "no captured {} seed", kind.name());
+        }
     }
 
     let mut rng = SmallRng::seed_from_u64(0x5eed_0001);
@@ -376,7 +380,8 @@ fn a_prepare_whose_zxids_wrap_is_refused() {
                 count: 2,
                 cluster_tag: params.cluster_tag,
                 value_len: CAPTURE.value_len as u16,
-                credits: [0; 3],
+                flags: 0,
+                words: [0; wire::WORDS],
             },
         );
         wire::put_prepare_prefix(&mut datagram, 0, first_zxid);

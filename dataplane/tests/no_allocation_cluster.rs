@@ -1,6 +1,8 @@
 //! After start-up, a running multi-node cluster allocates nothing: three nodes run in this
-//! process (each with its own control block, worker threads and shm ports), and a counting
-//! global allocator sees no allocation in any thread during a steady-state window.
+//! process (each with its own control block, worker threads and shm ports), recording their
+//! histories (`--history-dir`: workers fill recycled buffers, a flusher thread per node writes
+//! them), and a counting global allocator sees no allocation in any thread during a
+//! steady-state window.
 
 #![allow(clippy::unwrap_used, reason = "a test fails by panicking")]
 
@@ -42,6 +44,7 @@ static GLOBAL: CountingAllocator = CountingAllocator;
 fn running_cluster_allocates_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let cluster = format!("alloc{}", std::process::id() % 100_000);
+    let history = dir.path().join("history");
     let nodes: Vec<_> = (0..3u8)
         .map(|node| {
             let args: Vec<String> = [
@@ -66,6 +69,8 @@ fn running_cluster_allocates_nothing() {
                 dir.path().join(format!("block{node}")).to_str().unwrap(),
                 "--knob",
                 "stats_interval_ms=60000",
+                "--history-dir",
+                history.to_str().unwrap(),
             ]
             .iter()
             .map(|arg| (*arg).to_owned())
@@ -102,4 +107,12 @@ fn running_cluster_allocates_nothing() {
             .all(|summary| summary.digest == summaries[0].digest
                 && summary.applied_zxid == summaries[0].applied_zxid)
     );
+    for summary in &summaries {
+        let recorded = summary.history.unwrap();
+        assert!(
+            recorded.records > 1000 && recorded.dropped == 0,
+            "node {}: {recorded:?}",
+            summary.node
+        );
+    }
 }

@@ -5,7 +5,10 @@
 //! Checked for every seed: every node applies the identical zxid sequence (digests equal);
 //! zxids strictly increase per node (the replica applies only the next one, and we record the
 //! order); every read returns a value some write produced; every session reads its own writes;
-//! no receiver ever has more messages in flight than it has receive slots (credits work).
+//! every write completes; without loss, no receiver ever has more messages in flight than it
+//! has receive slots (credits work). With seeded loss, duplication, a slow follower or a
+//! follower that dies and restarts (catching up by snapshot), the same must hold, and the
+//! restarted node must apply the leader's sequence from its base on and end with the same store.
 
 #![allow(
     clippy::unwrap_used,
@@ -22,12 +25,12 @@ use rand::{Rng, SeedableRng};
 use rzab_dataplane::replica::NodeReplica;
 use rzab_dataplane::store::StoreConfig;
 use rzab_dataplane::workload::{KeyDistribution, Sessions, Trace};
-use rzab_dataplane::zab::follower::Follower;
+use rzab_dataplane::zab::follower::{Follower, Phase};
 use rzab_dataplane::zab::leader::Leader;
 use rzab_dataplane::zab::wire::{self, Message};
 use rzab_dataplane::zab::{
-    Completions, Kind, Limits, Outbox, PipelineConfig, Replica, Target, ZXID_START, ZxidSource,
-    follower_recv_slots, leader_recv_slots,
+    CatchupBoard, Completions, Kind, Limits, Outbox, PipelineConfig, PipelineStats, Replica,
+    Target, ZXID_START, ZxidSource, follower_recv_slots, hello_words, leader_recv_slots,
 };
 
 const VALUE_LEN: usize = 16;
@@ -55,9 +58,11 @@ impl Outbox for SimOutbox {
 
     fn send(&mut self, target: Target, kind: Kind, len: usize, batch: u64) {
         self.sent.push((target, self.buffer[..len].to_vec()));
-        let entry = self.batches.entry(kind).or_default();
-        entry.0 += batch;
-        entry.1 += 1;
+        if batch > 0 {
+            let entry = self.batches.entry(kind).or_default();
+            entry.0 += batch;
+            entry.1 += 1;
+        }
     }
 }
 
@@ -76,6 +81,20 @@ struct LoggedReplica {
     log: RefCell<Vec<u64>>,
 }
 
+impl LoggedReplica {
+    fn new() -> Self {
+        LoggedReplica {
+            inner: NodeReplica::new(&StoreConfig {
+                keys: KEYS,
+                value_size: VALUE_LEN,
+                hugepages: false,
+            })
+            .unwrap(),
+            log: RefCell::new(Vec::new()),
+        }
+    }
+}
+
 impl Replica for LoggedReplica {
     fn try_apply(&self, zxid: u64, key: u64, value: &[u8]) -> bool {
         let applied = self.inner.try_apply(zxid, key, value);
@@ -83,6 +102,22 @@ impl Replica for LoggedReplica {
             self.log.borrow_mut().push(zxid);
         }
         applied
+    }
+
+    fn applied_zxid(&self) -> u64 {
+        self.inner.applied_zxid()
+    }
+
+    fn read_for_snapshot(&self, key: u64, out: &mut [u8]) -> Option<u64> {
+        self.inner.read_for_snapshot(key, out)
+    }
+
+    fn install(&self, key: u64, zxid: u64, value: &[u8]) {
+        self.inner.install(key, zxid, value)
+    }
+
+    fn set_base(&self, zxid: u64) {
+        self.inner.set_base(zxid)
     }
 }
 
@@ -98,8 +133,19 @@ struct Pipeline {
     own_writes: Vec<HashMap<u64, u64>>,
     /// Per session: seq -> key of its in-flight write.
     in_flight: Vec<HashMap<u64, u64>>,
+    /// A restarted follower says hello until the leader answers.
+    joining: bool,
 }
 
+/// A follower process that dies and, later, starts again as a new process.
+#[derive(Clone, Copy)]
+struct Crash {
+    node: usize,
+    at_step: u64,
+    down_steps: u64,
+}
+
+#[derive(Clone, Copy)]
 struct Scenario {
     nodes: usize,
     pipelines: usize,
@@ -107,6 +153,13 @@ struct Scenario {
     operations: u64,
     write_permille: u64,
     max_delay: u64,
+    /// Datagrams lost, duplicated, per mille.
+    loss_permille: u32,
+    duplicate_permille: u32,
+    /// A follower whose messages take `slow_factor` times longer.
+    slow_node: Option<(usize, u64)>,
+    crash: Option<Crash>,
+    window: usize,
     limits: Limits,
 }
 
@@ -114,117 +167,296 @@ struct Outcome {
     completed: u64,
     applied: u64,
     batches: HashMap<Kind, (u64, u64)>,
+    stats: Vec<PipelineStats>,
+    dropped: u64,
+    /// Steps until the emulated clients had completed their operations.
+    steps: u64,
+    /// zxids the leader applied while the crashed follower was down.
+    applied_while_down: u64,
+}
+
+/// One virtual step is this many nanoseconds.
+const STEP_NS: u64 = 1_000;
+
+fn pipeline_config(
+    scenario: &Scenario,
+    node: usize,
+    pipeline: usize,
+    instance: u64,
+) -> PipelineConfig {
+    let config = PipelineConfig {
+        node: node as u8,
+        nodes: scenario.nodes as u8,
+        pipeline: pipeline as u8,
+        pipelines: scenario.pipelines as u8,
+        value_len: VALUE_LEN,
+        cluster_tag: TAG,
+        sessions: scenario.sessions,
+        window: scenario.window,
+        mtu: MTU,
+        keys: KEYS,
+        instance,
+        fingerprint: 77,
+    };
+    config.validate().unwrap();
+    config
+}
+
+fn new_pipeline(
+    scenario: &Scenario,
+    seed: u64,
+    node: usize,
+    pipeline: usize,
+    instance: u64,
+) -> Pipeline {
+    let config = pipeline_config(scenario, node, pipeline, instance);
+    let role = if node == 0 {
+        Role::Leader(Box::new(Leader::new(config)))
+    } else {
+        Role::Follower(Box::new(Follower::new(config)))
+    };
+    let trace = Trace::build(
+        KEYS,
+        KeyDistribution::Zipf { theta: 0.9 },
+        4096,
+        seed * 1000 + (node * 10 + pipeline) as u64 + instance * 7,
+    )
+    .unwrap();
+    Pipeline {
+        role,
+        sessions: Sessions::new(
+            node as u8,
+            pipeline as u8,
+            scenario.sessions,
+            trace,
+            VALUE_LEN,
+        )
+        .with_first_sequence((instance << 20) | 1),
+        own_writes: vec![HashMap::new(); scenario.sessions],
+        in_flight: vec![HashMap::new(); scenario.sessions],
+        joining: false,
+    }
+}
+
+fn hello(node: usize, pipeline: usize, words: [u64; wire::WORDS]) -> Vec<u8> {
+    let mut bytes = vec![0u8; wire::HEADER_BYTES];
+    wire::put_header(
+        &mut bytes,
+        &wire::Header {
+            kind: Kind::Hello,
+            from_node: node as u8,
+            pipeline: pipeline as u8,
+            count: 0,
+            cluster_tag: TAG,
+            value_len: VALUE_LEN as u16,
+            flags: 0,
+            words,
+        },
+    );
+    bytes
+}
+
+/// The network: datagrams in flight, by due step, with seeded loss, duplication and delay.
+struct Network {
+    queue: BinaryHeap<Reverse<(u64, u64, usize)>>,
+    datagrams: HashMap<usize, Datagram>,
+    next_id: usize,
+    in_flight_to: HashMap<(usize, usize), usize>,
+    lost: u64,
+}
+
+impl Network {
+    fn send(
+        &mut self,
+        scenario: &Scenario,
+        rng: &mut SmallRng,
+        now: u64,
+        (from_node, pipeline, target, bytes): (usize, usize, Target, Vec<u8>),
+        strict_slots: bool,
+    ) {
+        let destinations: Vec<usize> = match target {
+            Target::Leader => vec![0],
+            Target::Follower(follower) => vec![usize::from(follower)],
+            Target::AllFollowers => (1..scenario.nodes).collect(),
+        };
+        for to_node in destinations {
+            if rng.random_range(0..1000) < scenario.loss_permille {
+                self.lost += 1;
+                continue;
+            }
+            let copies = if rng.random_range(0..1000) < scenario.duplicate_permille {
+                2
+            } else {
+                1
+            };
+            for _ in 0..copies {
+                let slots = if to_node == 0 {
+                    leader_recv_slots(scenario.nodes - 1)
+                } else {
+                    follower_recv_slots()
+                };
+                let queued = self.in_flight_to.entry((to_node, pipeline)).or_default();
+                if *queued >= slots {
+                    // No posted receive: the datagram is dropped, as a NIC would.
+                    assert!(
+                        !strict_slots,
+                        "{queued} messages in flight to node {to_node} pipeline {pipeline}, which has {slots} receive slots"
+                    );
+                    self.lost += 1;
+                    continue;
+                }
+                *queued += 1;
+                let mut delay = rng.random_range(1..=scenario.max_delay);
+                if let Some((slow, factor)) = scenario.slow_node {
+                    if slow == to_node || slow == from_node {
+                        delay *= factor;
+                    }
+                }
+                self.datagrams.insert(
+                    self.next_id,
+                    Datagram {
+                        to_node,
+                        pipeline,
+                        bytes: bytes.clone(),
+                    },
+                );
+                self.queue
+                    .push(Reverse((now + delay, self.next_id as u64, self.next_id)));
+                self.next_id += 1;
+            }
+        }
+    }
+
+    fn due(&mut self, now: u64) -> Option<Datagram> {
+        let Reverse((due, _, id)) = self.queue.peek().copied()?;
+        if due > now {
+            return None;
+        }
+        self.queue.pop();
+        let datagram = self.datagrams.remove(&id).unwrap();
+        *self
+            .in_flight_to
+            .get_mut(&(datagram.to_node, datagram.pipeline))
+            .unwrap() -= 1;
+        Some(datagram)
+    }
+}
+
+fn dump(pipelines: &[Vec<Pipeline>], replicas: &[LoggedReplica]) {
+    for node in pipelines {
+        for pipeline in node {
+            match &pipeline.role {
+                Role::Leader(leader) => eprintln!("{}", leader.summary()),
+                Role::Follower(follower) => eprintln!("{}", follower.summary()),
+            }
+        }
+    }
+    for (node, replica) in replicas.iter().enumerate() {
+        eprintln!(
+            "node {node} applied zxid {:#x}",
+            replica.inner.applied_zxid()
+        );
+    }
 }
 
 fn run(scenario: &Scenario, seed: u64) -> Outcome {
     let mut rng = SmallRng::seed_from_u64(seed);
     let zxids = ZxidSource::new();
-    let replicas: Vec<LoggedReplica> = (0..scenario.nodes)
-        .map(|_| LoggedReplica {
-            inner: NodeReplica::new(&StoreConfig {
-                keys: KEYS,
-                value_size: VALUE_LEN,
-                hugepages: false,
-            })
-            .unwrap(),
-            log: RefCell::new(Vec::new()),
-        })
-        .collect();
+    let board = CatchupBoard::new(scenario.pipelines);
+    let mut replicas: Vec<LoggedReplica> =
+        (0..scenario.nodes).map(|_| LoggedReplica::new()).collect();
+    let mut instances: Vec<u64> = (0..scenario.nodes).map(|node| node as u64 + 1).collect();
     let mut pipelines: Vec<Vec<Pipeline>> = (0..scenario.nodes)
         .map(|node| {
             (0..scenario.pipelines)
-                .map(|pipeline| {
-                    let config = PipelineConfig {
-                        node: node as u8,
-                        nodes: scenario.nodes as u8,
-                        pipeline: pipeline as u8,
-                        pipelines: scenario.pipelines as u8,
-                        value_len: VALUE_LEN,
-                        cluster_tag: TAG,
-                        sessions: scenario.sessions,
-                        window: 256,
-                        mtu: MTU,
-                    };
-                    config.validate().unwrap();
-                    let role = if node == 0 {
-                        Role::Leader(Box::new(Leader::new(config)))
-                    } else {
-                        Role::Follower(Box::new(Follower::new(config)))
-                    };
-                    let trace = Trace::build(
-                        KEYS,
-                        KeyDistribution::Zipf { theta: 0.9 },
-                        4096,
-                        seed * 1000 + (node * 10 + pipeline) as u64,
-                    )
-                    .unwrap();
-                    Pipeline {
-                        role,
-                        sessions: Sessions::new(
-                            node as u8,
-                            pipeline as u8,
-                            scenario.sessions,
-                            trace,
-                            VALUE_LEN,
-                        ),
-                        own_writes: vec![HashMap::new(); scenario.sessions],
-                        in_flight: vec![HashMap::new(); scenario.sessions],
-                    }
-                })
+                .map(|pipeline| new_pipeline(scenario, seed, node, pipeline, instances[node]))
                 .collect()
         })
         .collect();
-
-    let mut network: BinaryHeap<Reverse<(u64, u64, usize)>> = BinaryHeap::new();
-    let mut datagrams: HashMap<usize, Datagram> = HashMap::new();
-    let mut next_id = 0usize;
-    let mut in_flight_to: HashMap<(usize, usize), usize> = HashMap::new();
-    let mut produced: HashSet<u64> = HashSet::new();
-    produced.insert(0);
     let mut outbox = SimOutbox {
         buffer: vec![0; MTU],
         sent: Vec::new(),
         batches: HashMap::new(),
     };
+    // The join handshake at cluster start, as the workers run it (its answers were sent by
+    // the workers, so they are dropped here).
+    for node in 1..scenario.nodes {
+        for pipeline in 0..scenario.pipelines {
+            let Role::Leader(leader) = &mut pipelines[0][pipeline].role else {
+                unreachable!()
+            };
+            let (start, catch_up) =
+                leader.accept_hello(node as u8, instances[node], 0, false, &board, &replicas[0]);
+            leader.send_hello_replies(&mut outbox);
+            if let Role::Follower(follower) = &mut pipelines[node][pipeline].role {
+                follower.start(start, catch_up);
+            }
+        }
+    }
+    outbox.sent.clear();
+    outbox.batches.clear();
+
+    let strict_slots = scenario.loss_permille == 0
+        && scenario.duplicate_permille == 0
+        && scenario.slow_node.is_none()
+        && scenario.crash.is_none();
+    let mut network = Network {
+        queue: BinaryHeap::new(),
+        datagrams: HashMap::new(),
+        next_id: 0,
+        in_flight_to: HashMap::new(),
+        lost: 0,
+    };
+    let mut produced: HashSet<u64> = HashSet::new();
+    produced.insert(0);
     let mut completed = 0u64;
     let mut now = 0u64;
     let mut order: Vec<(usize, usize)> = (0..scenario.nodes)
         .flat_map(|n| (0..scenario.pipelines).map(move |p| (n, p)))
         .collect();
-    let mut quiet_steps = 0;
+    let mut down: Option<usize> = None;
+    let mut crash_done = false;
+    let mut restarted: Option<usize> = None;
+    let mut last_hello = 0u64;
+    let mut applied_at_crash = 0u64;
+    let mut steps_to_complete = 0u64;
+    let mut applied_while_down = 0u64;
 
     loop {
         now += 1;
-        if now >= 5_000_000 {
-            for node in &pipelines {
-                for pipeline in node {
-                    match &pipeline.role {
-                        Role::Leader(leader) => eprintln!("{}", leader.summary()),
-                        Role::Follower(follower) => eprintln!("{}", follower.summary()),
-                    }
-                }
-            }
-            for (node, replica) in replicas.iter().enumerate() {
-                eprintln!(
-                    "node {node} applied zxid {:#x}",
-                    replica.inner.applied_zxid()
-                );
-            }
+        let now_ns = now * STEP_NS;
+        if now >= 20_000_000 {
+            dump(&pipelines, &replicas);
             panic!(
                 "simulation did not finish by step {now}: a stall (completed {completed}, in flight {})",
-                network.len()
+                network.queue.len()
             );
         }
-        // Deliver what is due.
-        while let Some(Reverse((due, _, id))) = network.peek().copied() {
-            if due > now {
-                break;
+        if let Some(crash) = scenario.crash {
+            if !crash_done && down.is_none() && now == crash.at_step {
+                // The follower process dies: its state, sessions and store are gone.
+                down = Some(crash.node);
+                applied_at_crash = replicas[0].inner.applied_zxid();
             }
-            network.pop();
-            let datagram = datagrams.remove(&id).unwrap();
-            *in_flight_to
-                .get_mut(&(datagram.to_node, datagram.pipeline))
-                .unwrap() -= 1;
+            if down == Some(crash.node) && now == crash.at_step + crash.down_steps {
+                applied_while_down = replicas[0].inner.applied_zxid() - applied_at_crash;
+                down = None;
+                crash_done = true;
+                restarted = Some(crash.node);
+                instances[crash.node] += 100;
+                replicas[crash.node] = LoggedReplica::new();
+                for pipeline in 0..scenario.pipelines {
+                    let mut state =
+                        new_pipeline(scenario, seed, crash.node, pipeline, instances[crash.node]);
+                    state.joining = true;
+                    pipelines[crash.node][pipeline] = state;
+                }
+            }
+        }
+        while let Some(datagram) = network.due(now) {
+            if down == Some(datagram.to_node) {
+                continue;
+            }
             let message = Message::decode(
                 &datagram.bytes,
                 TAG,
@@ -233,29 +465,82 @@ fn run(scenario: &Scenario, seed: u64) -> Outcome {
                 scenario.pipelines,
             )
             .unwrap();
-            match &mut pipelines[datagram.to_node][datagram.pipeline].role {
-                Role::Leader(leader) => leader.handle(&message),
-                Role::Follower(follower) => follower.handle(&message),
+            let state = &mut pipelines[datagram.to_node][datagram.pipeline];
+            match (&mut state.role, message.header.kind) {
+                (Role::Leader(leader), Kind::Hello) => {
+                    leader.accept_hello(
+                        message.header.from_node,
+                        message.header.words[hello_words::INSTANCE],
+                        now_ns,
+                        true,
+                        &board,
+                        &replicas[0],
+                    );
+                }
+                (Role::Leader(leader), _) => leader.handle(&message, now_ns),
+                (Role::Follower(follower), Kind::Hello) if state.joining => {
+                    let words = message.header.words;
+                    follower.start(
+                        words[hello_words::START_PSEQ],
+                        words[hello_words::CATCH_UP] != 0,
+                    );
+                    state.joining = false;
+                }
+                (Role::Follower(follower), _) => {
+                    follower.handle(&message, &replicas[datagram.to_node])
+                }
             }
         }
-        // Step every pipeline, in a random order.
+        let mut sends: Vec<(usize, usize, Target, Vec<u8>)> = Vec::new();
+        // A restarting follower's workers say hello every 10 ms until answered.
+        if now - last_hello >= 10_000 {
+            last_hello = now;
+            for (node, node_pipelines) in pipelines.iter().enumerate() {
+                for (pipeline, state) in node_pipelines.iter().enumerate() {
+                    if let (true, Role::Follower(follower)) = (state.joining, &state.role) {
+                        let bytes = hello(node, pipeline, follower.hello_words());
+                        sends.push((node, pipeline, Target::Leader, bytes));
+                    }
+                }
+            }
+        }
         for index in (1..order.len()).rev() {
             order.swap(index, rng.random_range(0..=index));
         }
         let issuing = completed < scenario.operations;
-        let mut busy = false;
+        if issuing {
+            steps_to_complete = now;
+        }
         for &(node, pipeline) in &order {
+            if down == Some(node) || pipelines[node][pipeline].joining {
+                continue;
+            }
+            let node_serving = pipelines[node].iter().all(|state| match &state.role {
+                Role::Leader(_) => true,
+                Role::Follower(follower) => follower.phase() == Phase::Serving,
+            });
             let replica = &replicas[node];
             let state = &mut pipelines[node][pipeline];
             let mut done = Done(Vec::new());
             match &mut state.role {
-                Role::Leader(leader) => {
-                    leader.advance(&mut outbox, replica, &zxids, &mut done, &scenario.limits)
-                }
+                Role::Leader(leader) => leader.advance(
+                    now_ns,
+                    &mut outbox,
+                    replica,
+                    &zxids,
+                    &board,
+                    &mut done,
+                    &scenario.limits,
+                ),
                 Role::Follower(follower) => {
-                    follower.advance(&mut outbox, replica, &mut done, &scenario.limits)
+                    follower.advance(now_ns, &mut outbox, replica, &mut done, &scenario.limits);
+                    if follower.phase() == Phase::FellBehind {
+                        dump(&pipelines, &replicas);
+                        panic!("node {node} fell behind");
+                    }
                 }
             }
+            let state = &mut pipelines[node][pipeline];
             for (session, seq, zxid) in done.0 {
                 let key = state.in_flight[usize::from(session)]
                     .remove(&seq)
@@ -264,12 +549,13 @@ fn run(scenario: &Scenario, seed: u64) -> Outcome {
                 assert!(state.sessions.complete(session, seq, now).is_some());
                 completed += 1;
             }
-            if issuing {
+            if issuing && node_serving {
                 let Pipeline {
                     role,
                     sessions,
                     own_writes,
                     in_flight,
+                    ..
                 } = state;
                 let mut submissions = Vec::new();
                 let issued = sessions.issue(now, scenario.write_permille, replica.inner.store(), |session, seq, key, value| {
@@ -295,49 +581,28 @@ fn run(scenario: &Scenario, seed: u64) -> Outcome {
                 completed += issued.reads;
             }
             for (target, bytes) in outbox.sent.drain(..) {
-                busy = true;
-                let destinations: Vec<usize> = match target {
-                    Target::Leader => vec![0],
-                    Target::Follower(follower) => vec![usize::from(follower)],
-                    Target::AllFollowers => (1..scenario.nodes).collect(),
-                };
-                for to_node in destinations {
-                    let slots = if to_node == 0 {
-                        leader_recv_slots(scenario.nodes - 1)
-                    } else {
-                        follower_recv_slots()
-                    };
-                    let queued = in_flight_to.entry((to_node, pipeline)).or_default();
-                    *queued += 1;
-                    assert!(
-                        *queued <= slots,
-                        "{queued} messages in flight to node {to_node} pipeline {pipeline}, which has {slots} receive slots"
-                    );
-                    let delay = rng.random_range(1..=scenario.max_delay);
-                    datagrams.insert(
-                        next_id,
-                        Datagram {
-                            to_node,
-                            pipeline,
-                            bytes: bytes.clone(),
-                        },
-                    );
-                    network.push(Reverse((now + delay, next_id as u64, next_id)));
-                    next_id += 1;
-                }
+                sends.push((node, pipeline, target, bytes));
             }
         }
-        if !issuing && network.is_empty() && !busy {
-            quiet_steps += 1;
-            if quiet_steps > 3 {
+        let busy = !sends.is_empty();
+        for send in sends {
+            network.send(scenario, &mut rng, now, send, strict_slots);
+        }
+        if !issuing && !busy && down.is_none() && network.queue.is_empty() {
+            let everyone_applied = replicas
+                .iter()
+                .all(|replica| replica.inner.applied_zxid() == zxids.last_issued());
+            let settled = pipelines.iter().flatten().all(|state| match &state.role {
+                Role::Leader(leader) => leader.settled(now_ns, u64::MAX),
+                Role::Follower(follower) => follower.settled(),
+            });
+            if everyone_applied && settled {
                 break;
             }
-        } else {
-            quiet_steps = 0;
         }
     }
 
-    // Every node applied the same sequence.
+    // Every node applied the same sequence; a restarted node, the same suffix.
     let first_log = replicas[0].log.borrow().clone();
     assert!(
         first_log.windows(2).all(|pair| pair[1] == pair[0] + 1),
@@ -348,16 +613,22 @@ fn run(scenario: &Scenario, seed: u64) -> Outcome {
         ZXID_START + 1
     );
     for (node, replica) in replicas.iter().enumerate() {
-        assert_eq!(
-            *replica.log.borrow(),
-            first_log,
-            "node {node} applied a different sequence"
-        );
-        assert_eq!(
-            replica.inner.digest(),
-            replicas[0].inner.digest(),
-            "node {node} digest differs"
-        );
+        let log = replica.log.borrow();
+        if restarted == Some(node) {
+            let skipped = first_log.len() - log.len();
+            assert_eq!(
+                *log,
+                first_log[skipped..],
+                "restarted node {node} applied a different suffix"
+            );
+        } else {
+            assert_eq!(*log, first_log, "node {node} applied a different sequence");
+            assert_eq!(
+                replica.inner.digest(),
+                replicas[0].inner.digest(),
+                "node {node} digest differs"
+            );
+        }
         assert_eq!(
             replica.inner.store().digest(),
             replicas[0].inner.store().digest(),
@@ -374,10 +645,22 @@ fn run(scenario: &Scenario, seed: u64) -> Outcome {
             assert_eq!(pipeline.sessions.writing(), 0, "a write never completed");
         }
     }
+    let stats = pipelines
+        .iter()
+        .flatten()
+        .map(|state| match &state.role {
+            Role::Leader(leader) => leader.stats(),
+            Role::Follower(follower) => follower.stats(),
+        })
+        .collect();
     Outcome {
         completed,
         applied: first_log.len() as u64,
         batches: outbox.batches,
+        stats,
+        dropped: network.lost,
+        steps: steps_to_complete,
+        applied_while_down,
     }
 }
 
@@ -389,6 +672,11 @@ fn scenario(nodes: usize, operations: u64) -> Scenario {
         operations,
         write_permille: 300,
         max_delay: 40,
+        loss_permille: 0,
+        duplicate_permille: 0,
+        slow_node: None,
+        crash: None,
+        window: 256,
         limits: Limits::default(),
     }
 }
@@ -429,6 +717,7 @@ fn tight_credits_and_small_batches_still_converge() {
         prepare_credits: 1,
         write_credits: 1,
         commit_credits: 1,
+        ..Limits::default()
     };
     tight.max_delay = 200;
     let outcome = run(&tight, 9);
@@ -473,4 +762,98 @@ fn batching_coalesces_under_load() {
         "at most one ack per prepare message per follower"
     );
     let _ = wire::HEADER_BYTES;
+}
+
+fn lossy(loss_permille: u32, duplicate_permille: u32) -> Scenario {
+    Scenario {
+        loss_permille,
+        duplicate_permille,
+        max_delay: 60,
+        ..scenario(3, 60_000)
+    }
+}
+
+fn total(outcome: &Outcome, field: fn(&PipelineStats) -> u64) -> u64 {
+    outcome.stats.iter().map(field).sum()
+}
+
+#[test]
+fn one_percent_loss_with_duplicates_and_reordering() {
+    for seed in 21..=23 {
+        let outcome = run(&lossy(10, 10), seed);
+        assert!(outcome.dropped > 0);
+        assert!(total(&outcome, |stats| stats.retransmitted_prepares) > 0);
+        assert!(total(&outcome, |stats| stats.duplicates_dropped) > 0);
+        assert!(total(&outcome, |stats| stats.gaps_detected) > 0);
+    }
+}
+
+#[test]
+fn ten_percent_loss_with_duplicates_and_reordering() {
+    for seed in 31..=32 {
+        let outcome = run(&lossy(100, 50), seed);
+        assert!(total(&outcome, |stats| stats.retransmitted_writes) > 0);
+        assert!(total(&outcome, |stats| stats.retransmitted_prepares) > 0);
+    }
+}
+
+#[test]
+fn five_nodes_with_loss() {
+    let outcome = run(
+        &Scenario {
+            nodes: 5,
+            ..lossy(30, 10)
+        },
+        41,
+    );
+    assert!(outcome.applied > 1_000);
+}
+
+#[test]
+fn a_slow_follower_does_not_hold_the_quorum_back() {
+    // Node 2's datagrams take 20 times longer: the leader and node 1 form the quorum, and
+    // node 2 stays within the prepares the leader keeps.
+    let slow = Scenario {
+        slow_node: Some((2, 20)),
+        window: 1024,
+        ..scenario(3, 40_000)
+    };
+    let outcome = run(&slow, 51);
+    let normal = run(
+        &Scenario {
+            window: 1024,
+            ..scenario(3, 40_000)
+        },
+        51,
+    );
+    assert!(outcome.applied > 1_000);
+    // Waiting for the slow follower on every round would take ~10 times the virtual time.
+    assert!(
+        outcome.steps < normal.steps * 2,
+        "the slow follower held the cluster back: {} steps against {}",
+        outcome.steps,
+        normal.steps
+    );
+}
+
+#[test]
+fn a_follower_killed_and_restarted_catches_up_by_snapshot() {
+    for seed in 61..=62 {
+        let crash = Scenario {
+            crash: Some(Crash {
+                node: 2,
+                at_step: 50_000,
+                down_steps: 100_000,
+            }),
+            loss_permille: 5,
+            ..scenario(3, 120_000)
+        };
+        let outcome = run(&crash, seed);
+        assert!(
+            outcome.applied_while_down > 1_000,
+            "the leader must keep committing at a quorum while a follower is dead"
+        );
+        assert!(total(&outcome, |stats| stats.snapshot_entries_sent) >= KEYS);
+        assert!(total(&outcome, |stats| stats.snapshot_entries_installed) >= KEYS);
+    }
 }

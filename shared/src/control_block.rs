@@ -4,10 +4,13 @@
 //! `#[repr(C)]` [`ControlBlock`] made only of atomics, so both processes can read and write it
 //! through shared references without locks. The data plane creates it and holds an exclusive
 //! `flock` on it for its lifetime, which is how a second data plane is refused while the first
-//! lives, and how a restarted one can take over a block whose owner died. The control plane
-//! attaches to an existing block and validates its magic, layout version and size.
+//! lives, and how a restarted one can take over a block whose owner died. A takeover builds the
+//! new block in a fresh file renamed over the old one (never shrinking a file someone may still
+//! map) and clears the old block's magic. The control plane attaches to an existing block and
+//! validates its magic, layout version and size.
 //!
-//! This module touches the control-block file and its mapping, nothing else.
+//! This module touches the control-block file (and, during a takeover, a temporary file beside
+//! it) and their mappings, nothing else.
 
 use std::fs::{File, OpenOptions};
 use std::ops::Deref;
@@ -69,6 +72,59 @@ impl Lifecycle {
             Lifecycle::Running => "running",
             Lifecycle::Stopping => "stopping",
             Lifecycle::Stopped => "stopped",
+        }
+    }
+}
+
+/// Where the control plane is in its registry exchange; stored as a code in
+/// [`Handshake::registry_state`] so the data plane's status line (and anyone inspecting the
+/// block) can tell why the remote table is not there yet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u32)]
+pub enum RegistryState {
+    /// No control plane has reported yet (the zeroed state).
+    Unknown = 0,
+    /// Connecting to the registry.
+    Connecting = 1,
+    /// The registry could not be reached; the control plane retries with backoff.
+    Unreachable = 2,
+    /// Waiting for the data plane's endpoints, or writing this node's record.
+    Publishing = 3,
+    /// This node's record is published; not every peer's is known yet.
+    WaitingForPeers = 4,
+    /// Every node is known and the remote table is written.
+    Ready = 5,
+}
+
+impl RegistryState {
+    pub const ALL: [RegistryState; 6] = [
+        RegistryState::Unknown,
+        RegistryState::Connecting,
+        RegistryState::Unreachable,
+        RegistryState::Publishing,
+        RegistryState::WaitingForPeers,
+        RegistryState::Ready,
+    ];
+
+    pub fn from_code(code: u32) -> RegistryState {
+        RegistryState::ALL
+            .into_iter()
+            .find(|state| state.code() == code)
+            .unwrap_or(RegistryState::Unknown)
+    }
+
+    pub fn code(self) -> u32 {
+        self as u32
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            RegistryState::Unknown => "unknown",
+            RegistryState::Connecting => "connecting",
+            RegistryState::Unreachable => "unreachable",
+            RegistryState::Publishing => "publishing",
+            RegistryState::WaitingForPeers => "waiting_for_peers",
+            RegistryState::Ready => "ready",
         }
     }
 }
@@ -299,6 +355,17 @@ impl ControlBlock {
             .store(lifecycle as u32, Ordering::Release);
     }
 
+    /// The control plane's registry state, as last reported.
+    pub fn registry_state(&self) -> RegistryState {
+        RegistryState::from_code(self.handshake.registry_state.load(Ordering::Acquire))
+    }
+
+    pub fn set_registry_state(&self, state: RegistryState) {
+        self.handshake
+            .registry_state
+            .store(state.code(), Ordering::Release);
+    }
+
     pub fn node_id(&self) -> u32 {
         self.header.node_id.load(Ordering::Relaxed)
     }
@@ -460,7 +527,7 @@ impl WorkerBlock {
 #[derive(Debug)]
 struct Mapping {
     mmap: MmapMut,
-    _file: File,
+    file: File,
     path: PathBuf,
 }
 
@@ -488,10 +555,35 @@ fn map_file(file: &File, path: &Path) -> Result<MmapMut, ControlBlockError> {
     unsafe { MmapMut::map_mut(file) }.map_err(io_error(path))
 }
 
+/// Takes the exclusive lock of a block file, or says which live process holds it.
+fn lock_exclusive(file: &File, path: &Path) -> Result<(), ControlBlockError> {
+    // SAFETY: flock on a file descriptor we own; no memory is involved.
+    let locked = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if locked == 0 {
+        return Ok(());
+    }
+    let error = std::io::Error::last_os_error();
+    if error.raw_os_error() == Some(libc::EWOULDBLOCK) {
+        let pid = AttachedControlBlock::attach(path)
+            .map(|block| block.header.owner_pid.load(Ordering::Relaxed))
+            .unwrap_or(0);
+        return Err(ControlBlockError::HeldByLiveProcess {
+            path: path.to_owned(),
+            pid,
+        });
+    }
+    Err(ControlBlockError::Io {
+        path: path.to_owned(),
+        source: error,
+    })
+}
+
 /// The data plane's handle: creates (or takes over) the block and holds its lock.
 #[derive(Debug)]
 pub struct OwnedControlBlock {
     mapping: Mapping,
+    /// The block file this one replaced, kept locked (see [`OwnedControlBlock::create`]).
+    _previous: Option<File>,
 }
 
 impl OwnedControlBlock {
@@ -526,37 +618,74 @@ impl OwnedControlBlock {
             .mode(0o600)
             .open(path)
             .map_err(io_error(path))?;
-        // SAFETY: flock on a file descriptor we own; no memory is involved.
-        let locked = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-        if locked != 0 {
-            let error = std::io::Error::last_os_error();
-            if error.raw_os_error() == Some(libc::EWOULDBLOCK) {
-                let pid = AttachedControlBlock::attach(path)
-                    .map(|block| block.header.owner_pid.load(Ordering::Relaxed))
-                    .unwrap_or(0);
-                return Err(ControlBlockError::HeldByLiveProcess {
-                    path: path.to_owned(),
-                    pid,
-                });
-            }
-            return Err(ControlBlockError::Io {
+        lock_exclusive(&file, path)?;
+        let length = file.metadata().map_err(io_error(path))?.len();
+        if length == 0 {
+            // A new file: nobody can be attached to it (attach refuses its size).
+            file.set_len(CONTROL_BLOCK_SIZE as u64)
+                .map_err(io_error(path))?;
+            let mapping = Mapping {
+                mmap: map_file(&file, path)?,
+                file,
                 path: path.to_owned(),
-                source: error,
+            };
+            mapping.block().initialize(init);
+            return Ok(OwnedControlBlock {
+                mapping,
+                _previous: None,
             });
         }
-        // Truncating to zero first gives a zeroed block: a control plane still attached to the
-        // previous instance sees the magic vanish and re-attaches.
-        file.set_len(0).map_err(io_error(path))?;
-        file.set_len(CONTROL_BLOCK_SIZE as u64)
-            .map_err(io_error(path))?;
-        let mmap = map_file(&file, path)?;
-        let mapping = Mapping {
-            mmap,
-            _file: file,
-            path: path.to_owned(),
+        // Taking over from an exited owner. The old file is never shrunk: a process that still
+        // maps it (an attached control plane) would fault with SIGBUS on its next access. The
+        // new block is built in a fresh file and renamed over the path; then the old block's
+        // magic is cleared, so whoever is still attached to it sees it vanish and re-attaches.
+        let file_name = path
+            .file_name()
+            .map(|name| name.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let temporary = path.with_file_name(format!(".{file_name}.{}.new", std::process::id()));
+        let built = (|| {
+            let fresh = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&temporary)
+                .map_err(io_error(&temporary))?;
+            lock_exclusive(&fresh, &temporary)?;
+            fresh
+                .set_len(CONTROL_BLOCK_SIZE as u64)
+                .map_err(io_error(&temporary))?;
+            let mapping = Mapping {
+                mmap: map_file(&fresh, &temporary)?,
+                file: fresh,
+                path: path.to_owned(),
+            };
+            mapping.block().initialize(init);
+            std::fs::rename(&temporary, path).map_err(io_error(path))?;
+            Ok(mapping)
+        })();
+        let mapping = match built {
+            Ok(mapping) => mapping,
+            Err(error) => {
+                let _ = std::fs::remove_file(&temporary);
+                return Err(error);
+            }
         };
-        mapping.block().initialize(init);
-        Ok(OwnedControlBlock { mapping })
+        let old = map_file(&file, path)?;
+        if old.len() >= std::mem::size_of::<AtomicU64>() {
+            // SAFETY: the mapping is page aligned and at least 8 bytes long; the magic is the
+            // first field of every layout, only ever accessed as an AtomicU64.
+            let magic = unsafe { &*old.as_ptr().cast::<AtomicU64>() };
+            magic.store(0, Ordering::Release);
+        }
+        // The old file stays open and locked: a process that opened it just before the rename
+        // must still find it held by a live owner.
+        Ok(OwnedControlBlock {
+            mapping,
+            _previous: Some(file),
+        })
     }
 
     pub fn path(&self) -> &Path {
@@ -603,7 +732,7 @@ impl AttachedControlBlock {
         let mmap = map_file(&file, path)?;
         let mapping = Mapping {
             mmap,
-            _file: file,
+            file,
             path: path.to_owned(),
         };
         let block = mapping.block();
@@ -642,6 +771,22 @@ impl AttachedControlBlock {
 
     pub fn path(&self) -> &Path {
         &self.mapping.path
+    }
+
+    /// False once the file at this handle's path is no longer the file it mapped (removed, or
+    /// replaced by a new file): the mapping then shows a block nobody writes any more, and the
+    /// caller should attach again.
+    pub fn is_file_at_path(&self) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        match (
+            std::fs::metadata(&self.mapping.path),
+            self.mapping.file.metadata(),
+        ) {
+            (Ok(at_path), Ok(mapped)) => {
+                at_path.dev() == mapped.dev() && at_path.ino() == mapped.ino()
+            }
+            _ => false,
+        }
     }
 }
 
@@ -758,6 +903,67 @@ mod tests {
             .store(LAYOUT_VERSION + 1, Ordering::Relaxed);
         let error = AttachedControlBlock::attach(&path).unwrap_err();
         assert!(error.to_string().contains("layout version"), "{error}");
+    }
+
+    #[test]
+    fn registry_state_codes_round_trip_and_replaced_files_are_noticed() {
+        for state in RegistryState::ALL {
+            assert_eq!(RegistryState::from_code(state.code()), state);
+        }
+        assert_eq!(RegistryState::from_code(99), RegistryState::Unknown);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("block");
+        let owned = OwnedControlBlock::create(&path, &init()).unwrap();
+        let attached = AttachedControlBlock::attach(&path).unwrap();
+        assert_eq!(attached.registry_state(), RegistryState::Unknown);
+        attached.set_registry_state(RegistryState::Ready);
+        assert_eq!(owned.registry_state(), RegistryState::Ready);
+        assert!(attached.is_file_at_path());
+        drop(owned);
+        std::fs::remove_file(&path).unwrap();
+        assert!(!attached.is_file_at_path());
+        let _new = OwnedControlBlock::create(&path, &init()).unwrap();
+        assert!(!attached.is_file_at_path());
+        assert!(
+            AttachedControlBlock::attach(&path)
+                .unwrap()
+                .is_file_at_path()
+        );
+    }
+
+    #[test]
+    fn takeover_never_faults_a_process_still_reading_the_old_block() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("block");
+        let mut owner = OwnedControlBlock::create(&path, &init()).unwrap();
+        let attached = AttachedControlBlock::attach(&path).unwrap();
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        let owner = std::thread::scope(|scope| {
+            scope.spawn(|| {
+                // Reads every part of the old mapping while the owner is replaced: with a
+                // shrinking takeover this faults (SIGBUS) and kills the test process.
+                while !stop.load(Ordering::Relaxed) {
+                    std::hint::black_box(attached.remote[MAX_NODES - 1][MAX_WORKERS - 1].load());
+                    std::hint::black_box(attached.knob(Knob::StatsIntervalMs));
+                    attached.controlplane_heartbeat();
+                }
+            });
+            for _ in 0..20 {
+                drop(owner);
+                owner = OwnedControlBlock::create(&path, &init()).unwrap();
+            }
+            stop.store(true, Ordering::Relaxed);
+            owner
+        });
+        assert!(!attached.is_current());
+        let again = AttachedControlBlock::attach(&path).unwrap();
+        assert!(again.is_current() && again.is_file_at_path());
+        assert_eq!(
+            again.header.instance.load(Ordering::Relaxed),
+            owner.header.instance.load(Ordering::Relaxed)
+        );
+        let leftovers: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+        assert_eq!(leftovers.len(), 1, "no temporary file is left behind");
     }
 
     #[test]

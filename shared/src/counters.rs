@@ -37,15 +37,15 @@ counters! {
     ReadsCompleted { "operations_total", ["kind" = "read"], "Reads completed by emulated clients." }
     WritesCompleted { "operations_total", ["kind" = "write"], "Writes completed (applied locally) for emulated clients." }
     WritesApplied { "writes_applied_total", [], "Committed writes applied to the local store, from any node." }
-    SentWriteUnicast { "messages_sent_total", ["type" = "write", "path" = "unicast"], "Messages sent, by type and path." }
-    SentPrepareUnicast { "messages_sent_total", ["type" = "prepare", "path" = "unicast"], "Messages sent, by type and path." }
-    SentPrepareMulticast { "messages_sent_total", ["type" = "prepare", "path" = "multicast"], "Messages sent, by type and path." }
-    SentAckUnicast { "messages_sent_total", ["type" = "ack", "path" = "unicast"], "Messages sent, by type and path." }
-    SentCommitUnicast { "messages_sent_total", ["type" = "commit", "path" = "unicast"], "Messages sent, by type and path." }
-    SentCommitMulticast { "messages_sent_total", ["type" = "commit", "path" = "multicast"], "Messages sent, by type and path." }
-    SentCreditUnicast { "messages_sent_total", ["type" = "credit", "path" = "unicast"], "Messages sent, by type and path." }
-    SentNackUnicast { "messages_sent_total", ["type" = "nack", "path" = "unicast"], "Messages sent, by type and path." }
-    SentSnapshotUnicast { "messages_sent_total", ["type" = "snapshot", "path" = "unicast"], "Messages sent, by type and path." }
+    SentWriteUnicast { "messages_sent_total", ["type" = "write", "path" = "unicast"], "Messages sent, by type and path (repeats are counted in retransmissions_total)." }
+    SentPrepareUnicast { "messages_sent_total", ["type" = "prepare", "path" = "unicast"], "Messages sent, by type and path (repeats are counted in retransmissions_total)." }
+    SentPrepareMulticast { "messages_sent_total", ["type" = "prepare", "path" = "multicast"], "Messages sent, by type and path (repeats are counted in retransmissions_total)." }
+    SentAckUnicast { "messages_sent_total", ["type" = "ack", "path" = "unicast"], "Messages sent, by type and path (repeats are counted in retransmissions_total)." }
+    SentCommitUnicast { "messages_sent_total", ["type" = "commit", "path" = "unicast"], "Messages sent, by type and path (repeats are counted in retransmissions_total)." }
+    SentCommitMulticast { "messages_sent_total", ["type" = "commit", "path" = "multicast"], "Messages sent, by type and path (repeats are counted in retransmissions_total)." }
+    SentCreditUnicast { "messages_sent_total", ["type" = "credit", "path" = "unicast"], "Messages sent, by type and path (repeats are counted in retransmissions_total)." }
+    SentNackUnicast { "messages_sent_total", ["type" = "nack", "path" = "unicast"], "Messages sent, by type and path (repeats are counted in retransmissions_total)." }
+    SentSnapshotUnicast { "messages_sent_total", ["type" = "snapshot", "path" = "unicast"], "Messages sent, by type and path (repeats are counted in retransmissions_total)." }
     BytesWriteUnicast { "bytes_sent_total", ["type" = "write", "path" = "unicast"], "Bytes sent, by type and path." }
     BytesPrepareUnicast { "bytes_sent_total", ["type" = "prepare", "path" = "unicast"], "Bytes sent, by type and path." }
     BytesPrepareMulticast { "bytes_sent_total", ["type" = "prepare", "path" = "multicast"], "Bytes sent, by type and path." }

@@ -14,7 +14,7 @@ pub mod limits;
 
 pub use control_block::{
     AttachedControlBlock, ControlBlock, ControlBlockError, ControlBlockInit, Lifecycle,
-    OwnedControlBlock, SyncState,
+    OwnedControlBlock, RegistryState, SyncState,
 };
 pub use counters::{Counter, Histogram};
 pub use endpoint::{EndpointAddress, EndpointDecodeError, EndpointRecord, TransportKind};

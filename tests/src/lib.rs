@@ -1,9 +1,14 @@
 //! rzab-tests: helpers for tests that run real multi-process rzab clusters. The tests live in
 //! `tests/tests/`; this library finds (building if needed) the workspace's binaries, starts
 //! node processes, and parses what they print. It touches only the processes it starts and
-//! the control-block and fabric files of the clusters it names.
+//! the control-block and fabric files of the clusters it names. [`history`] checks the
+//! histories nodes record with `--history-dir` (also as the `rzab-check-history` binary);
+//! [`ops`] runs clusters with their control planes, memcached and Prometheus.
 
 #![allow(clippy::unwrap_used, reason = "test support fails by panicking")]
+
+pub mod history;
+pub mod ops;
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -27,7 +32,14 @@ pub fn binary(name: &str) -> PathBuf {
     BUILD.call_once(|| {
         let release = target_bin_dir().ends_with("release");
         let mut command = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-        command.args(["build", "--bins", "-p", "rzab-dataplane"]);
+        command.args([
+            "build",
+            "--bins",
+            "-p",
+            "rzab-dataplane",
+            "-p",
+            "rzab-controlplane",
+        ]);
         if release {
             command.arg("--release");
         }
@@ -80,19 +92,7 @@ impl NodeOutput {
 impl NodeProcess {
     /// Starts `rzab-dataplane --node N` with the given extra arguments.
     pub fn start(node: u8, args: &[String]) -> NodeProcess {
-        let child = Command::new(binary("rzab-dataplane"))
-            .arg("--node")
-            .arg(node.to_string())
-            .args(args)
-            .env("RUST_BACKTRACE", "0")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        NodeProcess {
-            node,
-            child: Some(child),
-        }
+        NodeProcess::start_with_prefix(&[], node, args)
     }
 
     /// Waits for the process and collects its output.
@@ -167,4 +167,176 @@ pub fn assert_identical_replicas(outputs: &[NodeOutput]) {
             output.node
         );
     }
+}
+
+/// Whether this process runs as root (needed to create network namespaces).
+pub fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|out| out.stdout.starts_with(b"0"))
+}
+
+/// Network namespaces joined by a bridge, torn down on drop.
+#[derive(Debug)]
+pub struct Namespaces {
+    pub names: Vec<String>,
+    bridge: String,
+    veths: Vec<String>,
+}
+
+fn ip(args: &[&str]) -> bool {
+    std::process::Command::new("ip")
+        .args(args)
+        .status()
+        .is_ok_and(|status| status.success())
+}
+
+impl Namespaces {
+    pub fn create(count: usize) -> Option<Namespaces> {
+        let id = std::process::id() % 100_000;
+        let mut namespaces = Namespaces {
+            names: Vec::new(),
+            bridge: format!("rzb{id}"),
+            veths: Vec::new(),
+        };
+        if !ip(&["link", "add", &namespaces.bridge, "type", "bridge"]) {
+            return None;
+        }
+        ip(&["link", "set", &namespaces.bridge, "up"]);
+        for node in 0..count {
+            let name = format!("rzab-{id}-{node}");
+            let veth = format!("rzv{id}x{node}");
+            let address = format!("10.78.{}.{}/24", id % 200, node + 1);
+            let ok = ip(&["netns", "add", &name])
+                && ip(&[
+                    "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &name,
+                ])
+                && ip(&["link", "set", &veth, "master", &namespaces.bridge, "up"])
+                && ip(&["-n", &name, "addr", "add", &address, "dev", "eth0"])
+                && ip(&["-n", &name, "link", "set", "eth0", "up"])
+                && ip(&["-n", &name, "link", "set", "lo", "up"]);
+            namespaces.names.push(name);
+            namespaces.veths.push(veth);
+            if !ok {
+                return None;
+            }
+        }
+        Some(namespaces)
+    }
+
+    pub fn host(&self, node: usize) -> String {
+        format!(
+            "10.78.{}.{}",
+            (std::process::id() % 100_000) % 200,
+            node + 1
+        )
+    }
+}
+
+impl Drop for Namespaces {
+    fn drop(&mut self) {
+        for (name, veth) in self.names.iter().zip(&self.veths) {
+            ip(&["netns", "del", name]);
+            ip(&["link", "del", veth]);
+        }
+        ip(&["link", "del", &self.bridge]);
+    }
+}
+
+impl NodeProcess {
+    /// Starts `rzab-dataplane --node N` behind a command prefix (for example
+    /// `ip netns exec NAME`, which execs the binary, so the pid stays the data plane's).
+    pub fn start_with_prefix(prefix: &[String], node: u8, args: &[String]) -> NodeProcess {
+        let binary = binary("rzab-dataplane");
+        let mut command = match prefix.split_first() {
+            Some((program, rest)) => {
+                let mut command = Command::new(program);
+                command.args(rest).arg(binary);
+                command
+            }
+            None => Command::new(binary),
+        };
+        let child = command
+            .arg("--node")
+            .arg(node.to_string())
+            .args(args)
+            .env("RUST_BACKTRACE", "0")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        NodeProcess {
+            node,
+            child: Some(child),
+        }
+    }
+
+    /// Kills the process at once (SIGKILL), as a crash would, and reaps it.
+    pub fn crash(mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Asks the process to stop (SIGTERM); collect it with [`NodeProcess::finish`].
+    pub fn terminate(&self) {
+        if let Some(child) = &self.child {
+            let _ = Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status();
+        }
+    }
+}
+
+/// Attaches to a node's control block once its data plane runs (waits up to 30 s).
+pub fn attach_running(path: &std::path::Path) -> rzab_shared::AttachedControlBlock {
+    attach_running_instance(path, None)
+}
+
+/// The data-plane instance a control block belongs to.
+pub fn instance_of(block: &rzab_shared::AttachedControlBlock) -> u64 {
+    block
+        .header
+        .instance
+        .load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Like [`attach_running`], but for a data plane other than instance `not` (a restarted
+/// process: the block its killed predecessor left may still be at the path for a moment).
+pub fn attach_running_instance(
+    path: &std::path::Path,
+    not: Option<u64>,
+) -> rzab_shared::AttachedControlBlock {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        if let Ok(block) = rzab_shared::AttachedControlBlock::attach(path) {
+            if block.lifecycle() == rzab_shared::Lifecycle::Running
+                && Some(instance_of(&block)) != not
+            {
+                return block;
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} never ran",
+            path.display()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(25));
+    }
+}
+
+/// The highest zxid a node's workers report as applied.
+pub fn committed_zxid(block: &rzab_shared::AttachedControlBlock) -> u64 {
+    (0..block.worker_count() as usize)
+        .map(|worker| {
+            block
+                .worker(worker)
+                .gauges
+                .committed_zxid
+                .load(std::sync::atomic::Ordering::Relaxed)
+        })
+        .max()
+        .unwrap_or(0)
 }

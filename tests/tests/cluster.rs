@@ -9,7 +9,9 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use rzab_shared::{AttachedControlBlock, Counter, Knob};
-use rzab_tests::{NodeProcess, assert_identical_replicas, cleanup, cluster_name, run_cluster};
+use rzab_tests::{
+    Namespaces, NodeProcess, assert_identical_replicas, cleanup, cluster_name, run_cluster,
+};
 
 fn common(cluster: &str, seconds: u64) -> Vec<String> {
     [
@@ -165,80 +167,10 @@ fn incompatible_configurations_are_refused_clearly() {
     assert!(bad.stderr.contains("--value-size 5000"), "{}", bad.stderr);
 }
 
-/// Three namespaces joined by a bridge, torn down on drop.
-struct Namespaces {
-    names: Vec<String>,
-    bridge: String,
-    veths: Vec<String>,
-}
-
-fn ip(args: &[&str]) -> bool {
-    std::process::Command::new("ip")
-        .args(args)
-        .status()
-        .is_ok_and(|status| status.success())
-}
-
-impl Namespaces {
-    fn create(count: usize) -> Option<Namespaces> {
-        let id = std::process::id() % 100_000;
-        let mut namespaces = Namespaces {
-            names: Vec::new(),
-            bridge: format!("rzb{id}"),
-            veths: Vec::new(),
-        };
-        if !ip(&["link", "add", &namespaces.bridge, "type", "bridge"]) {
-            return None;
-        }
-        ip(&["link", "set", &namespaces.bridge, "up"]);
-        for node in 0..count {
-            let name = format!("rzab-{id}-{node}");
-            let veth = format!("rzv{id}x{node}");
-            let address = format!("10.78.{}.{}/24", id % 200, node + 1);
-            let ok = ip(&["netns", "add", &name])
-                && ip(&[
-                    "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &name,
-                ])
-                && ip(&["link", "set", &veth, "master", &namespaces.bridge, "up"])
-                && ip(&["-n", &name, "addr", "add", &address, "dev", "eth0"])
-                && ip(&["-n", &name, "link", "set", "eth0", "up"])
-                && ip(&["-n", &name, "link", "set", "lo", "up"]);
-            namespaces.names.push(name);
-            namespaces.veths.push(veth);
-            if !ok {
-                return None;
-            }
-        }
-        Some(namespaces)
-    }
-
-    fn host(&self, node: usize) -> String {
-        format!(
-            "10.78.{}.{}",
-            (std::process::id() % 100_000) % 200,
-            node + 1
-        )
-    }
-}
-
-impl Drop for Namespaces {
-    fn drop(&mut self) {
-        for (name, veth) in self.names.iter().zip(&self.veths) {
-            ip(&["netns", "del", name]);
-            ip(&["link", "del", veth]);
-        }
-        ip(&["link", "del", &self.bridge]);
-    }
-}
-
 #[test]
 fn udp_cluster_across_network_namespaces() {
     // Creating namespaces needs CAP_NET_ADMIN.
-    let root = std::process::Command::new("id")
-        .arg("-u")
-        .output()
-        .is_ok_and(|out| out.stdout.starts_with(b"0"));
-    if !root {
+    if !rzab_tests::is_root() {
         eprintln!("skipped: creating network namespaces needs root");
         return;
     }

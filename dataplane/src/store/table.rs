@@ -274,6 +274,23 @@ impl Store {
         Ok(())
     }
 
+    /// Like [`Store::write`], but leaves the entry alone (and returns false) when it already
+    /// holds a write with a zxid of at least `zxid`. Safe to call from several threads at once
+    /// for the same key: the check and the write happen under the entry's sequence lock. This
+    /// is how a catching-up node merges the leader's snapshot with the writes it applies.
+    pub fn write_if_newer(&self, key: u64, value: &[u8], zxid: u64) -> Result<bool, StoreError> {
+        if value.len() > self.value_size {
+            return Err(StoreError::ValueTooLarge {
+                len: value.len(),
+                max: self.value_size,
+            });
+        }
+        let entry = self
+            .locate(key_hash(key))
+            .ok_or(StoreError::UnknownKey(key))?;
+        Ok(self.write_entry_if_newer(entry, value, zxid))
+    }
+
     /// Hints the CPU to fetch the bucket of `key`, for callers that batch their own lookups
     /// (e.g. the commits of one message, prefetched before they are applied).
     #[inline]
@@ -449,16 +466,30 @@ impl Store {
     #[inline]
     fn write_entry(&self, entry: usize, value: &[u8], zxid: u64) {
         let words = self.entry(entry);
+        seqlock::write(&words[VERSION], || self.fill_entry(words, value, zxid));
+    }
+
+    fn write_entry_if_newer(&self, entry: usize, value: &[u8], zxid: u64) -> bool {
+        let words = self.entry(entry);
+        let mut written = false;
         seqlock::write(&words[VERSION], || {
-            let mut chunks = value.chunks(8);
-            for word in &words[VALUE..VALUE + self.value_words] {
-                let mut bytes = [0u8; 8];
-                if let Some(chunk) = chunks.next() {
-                    bytes[..chunk.len()].copy_from_slice(chunk);
-                }
-                word.store(u64::from_le_bytes(bytes), Ordering::Relaxed);
+            if words[ZXID].load(Ordering::Relaxed) < zxid {
+                self.fill_entry(words, value, zxid);
+                written = true;
             }
-            words[ZXID].store(zxid, Ordering::Relaxed);
         });
+        written
+    }
+
+    fn fill_entry(&self, words: &[AtomicU64], value: &[u8], zxid: u64) {
+        let mut chunks = value.chunks(8);
+        for word in &words[VALUE..VALUE + self.value_words] {
+            let mut bytes = [0u8; 8];
+            if let Some(chunk) = chunks.next() {
+                bytes[..chunk.len()].copy_from_slice(chunk);
+            }
+            word.store(u64::from_le_bytes(bytes), Ordering::Relaxed);
+        }
+        words[ZXID].store(zxid, Ordering::Relaxed);
     }
 }

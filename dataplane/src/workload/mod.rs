@@ -158,6 +158,13 @@ impl Sessions {
         }
     }
 
+    /// Starts every session's sequence at `first` (at least 1): a restarted process picks a
+    /// new range, so its write ids differ from those of the process it replaces.
+    pub fn with_first_sequence(mut self, first: u64) -> Self {
+        self.next_seq.fill(first.max(1));
+        self
+    }
+
     pub fn len(&self) -> usize {
         self.states.len()
     }

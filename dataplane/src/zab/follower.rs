@@ -1,21 +1,38 @@
 //! The follower's side of one pipeline: forwards its sessions' writes to the leader in
-//! coalesced WRITE messages, stores PREPAREs by pseq (reordering is harmless), acknowledges
-//! the contiguous prefix it holds with one ACK range per iteration, and applies committed
-//! writes in zxid order. Pure state machine; see the parent module.
+//! coalesced WRITE messages (repeating those that do not come back in a PREPARE in time),
+//! stores PREPAREs by pseq (duplicates and reordering are harmless), reports gaps with NACKs,
+//! acknowledges the contiguous prefix it holds, applies committed writes in zxid order, and,
+//! after a restart, installs the leader's snapshot before it serves. Pure state machine; see
+//! the parent module.
 
-use super::wire::{self, Kind, Message};
+use super::wire::{self, FLAG_RETRANSMIT, Kind, Message};
 use super::{
-    Completions, EntryMeta, EntryRing, Limits, Outbox, PipelineConfig, PipelineStats, Replica,
-    Target, half,
+    Completions, EntryMeta, EntryRing, FollowerWords, Limits, Outbox, PipelineConfig,
+    PipelineStats, RETRANSMIT_BURST, Replica, Target, half, hello_words, leader_words,
 };
 
 /// The node that leads every pipeline.
 pub const LEADER_NODE: u8 = 0;
 
+/// Where the follower's pipeline stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    /// Not started: waiting for the leader's answer to its hello.
+    Joining,
+    /// Joined a running cluster: installing the snapshot, not serving reads yet.
+    CatchingUp,
+    /// In step with the leader.
+    Serving,
+    /// The leader no longer holds prepares this follower misses: only a restart (which
+    /// catches up by snapshot) can bring it back.
+    FellBehind,
+}
+
 /// The follower's state for one pipeline.
 #[derive(Debug)]
 pub struct Follower {
     config: PipelineConfig,
+    phase: Phase,
     /// Prepares by pseq; `present` marks the ones held.
     pending: EntryRing,
     /// Every prepare below this pseq is held.
@@ -25,21 +42,41 @@ pub struct Follower {
     acked_sent: u64,
     acks_sent: u64,
     prepare_msgs_consumed: u64,
-    commit_msgs_consumed: u64,
-    /// Counters last reported to the leader.
-    reported: [u64; 3],
-    /// This node's writes waiting to be forwarded.
+    prepare_seen: u64,
+    commit_seen: u64,
+    /// Words last reported to the leader, when, and whether a report is due regardless.
+    reported: FollowerWords,
+    reported_ns: u64,
+    report_due: bool,
+    /// A gap in the prepares to report, and when the next NACK may go.
+    gap: Option<(u64, u64)>,
+    nack_not_before_ns: u64,
+    /// This node's writes by session, the sessions waiting for a first send, and the
+    /// sequence (0 = none) and send time of each session's unconfirmed write.
     outgoing: EntryRing,
-    out_head: u64,
-    out_tail: u64,
+    queue: Vec<u16>,
+    queue_head: u64,
+    queue_tail: u64,
+    unconfirmed: Vec<u64>,
+    sent_ns: Vec<u64>,
+    next_write_scan_ns: u64,
     write_msgs_sent: u64,
-    write_msgs_consumed: u64,
+    write_seen_by_leader: u64,
+    write_stalled_since: Option<u64>,
+    /// Catch-up: writes up to the base zxid are in the snapshot; snapshot progress.
+    base_zxid: Option<u64>,
+    snapshot_installed: u64,
+    snapshot_end: u64,
+    /// Once the snapshot is installed: the commit point to apply before serving.
+    serve_at: Option<u64>,
     stats: PipelineStats,
 }
 
 impl Follower {
     pub fn new(config: PipelineConfig) -> Self {
+        let sessions = config.sessions.max(1);
         Follower {
+            phase: Phase::Joining,
             pending: EntryRing::new(config.window, config.value_len),
             received: 0,
             committed: 0,
@@ -47,13 +84,27 @@ impl Follower {
             acked_sent: 0,
             acks_sent: 0,
             prepare_msgs_consumed: 0,
-            commit_msgs_consumed: 0,
-            reported: [0; 3],
-            outgoing: EntryRing::new(config.sessions.max(1), config.value_len),
-            out_head: 0,
-            out_tail: 0,
+            prepare_seen: 0,
+            commit_seen: 0,
+            reported: FollowerWords::default(),
+            reported_ns: 0,
+            report_due: false,
+            gap: None,
+            nack_not_before_ns: 0,
+            outgoing: EntryRing::new(sessions, config.value_len),
+            queue: vec![0; sessions.next_power_of_two()],
+            queue_head: 0,
+            queue_tail: 0,
+            unconfirmed: vec![0; sessions],
+            sent_ns: vec![0; sessions],
+            next_write_scan_ns: 0,
             write_msgs_sent: 0,
-            write_msgs_consumed: 0,
+            write_seen_by_leader: 0,
+            write_stalled_since: None,
+            base_zxid: None,
+            snapshot_installed: 0,
+            snapshot_end: 0,
+            serve_at: None,
             stats: PipelineStats::default(),
             config,
         }
@@ -63,149 +114,320 @@ impl Follower {
         self.stats
     }
 
+    pub fn phase(&self) -> Phase {
+        self.phase
+    }
+
     /// Prepares below this pseq have been applied here.
     pub fn applied(&self) -> u64 {
         self.applied
     }
 
-    /// Queues a write of one of this node's sessions for the leader; false when there is no
-    /// room (a session has at most one write outstanding, so this is sized to never refuse).
+    /// Whether nothing is left to do: every forwarded write confirmed, everything received
+    /// applied.
+    pub fn settled(&self) -> bool {
+        self.queue_head == self.queue_tail
+            && self.unconfirmed.iter().all(|seq| *seq == 0)
+            && self.applied == self.received
+    }
+
+    /// Starts the pipeline at `start_pseq`, as the leader's answer to the hello says; with
+    /// `catch_up`, a snapshot of this pipeline's share of the store follows.
+    pub fn start(&mut self, start_pseq: u64, catch_up: bool) {
+        self.received = start_pseq;
+        self.committed = start_pseq;
+        self.applied = start_pseq;
+        self.acked_sent = start_pseq;
+        if catch_up {
+            let (first, end) = self.config.snapshot_range();
+            self.snapshot_installed = first;
+            self.snapshot_end = end;
+            self.phase = Phase::CatchingUp;
+        } else {
+            self.base_zxid = Some(0);
+            self.phase = Phase::Serving;
+        }
+    }
+
+    /// Queues a write of one of this node's sessions for the leader; false if the session
+    /// already has one outstanding or is out of range.
     pub fn submit_write(&mut self, session: u16, session_seq: u64, key: u64, value: &[u8]) -> bool {
-        if self.out_tail - self.out_head >= self.outgoing.capacity() as u64 {
+        let index = usize::from(session);
+        if index >= self.unconfirmed.len() || self.unconfirmed[index] != 0 || session_seq == 0 {
             return false;
         }
         let meta = EntryMeta::local_write(self.config.node, session, session_seq, key);
-        self.outgoing.put(self.out_tail, meta, value);
-        self.out_tail += 1;
+        self.outgoing.put(u64::from(session), meta, value);
+        self.unconfirmed[index] = session_seq;
+        self.sent_ns[index] = 0;
+        let mask = self.queue.len() - 1;
+        let slot = usize::try_from(self.queue_tail).unwrap_or(0) & mask;
+        self.queue[slot] = session;
+        self.queue_tail += 1;
         true
     }
 
-    /// Handles one decoded message.
-    pub fn handle(&mut self, message: &Message<'_>) {
-        if message.header.from_node != LEADER_NODE {
+    /// Handles one decoded message from the leader.
+    pub fn handle(&mut self, message: &Message<'_>, replica: &impl Replica) {
+        if message.header.from_node != LEADER_NODE || self.phase == Phase::Joining {
             self.stats.dropped_unexpected += 1;
             return;
         }
+        let words = message.header.words;
         match message.header.kind {
             Kind::Prepare => {
-                let (first_pseq, first_zxid) = message.prepare_start();
-                let limit = self.applied + self.config.window as u64;
-                let count = u64::from(message.header.count);
-                if first_pseq.saturating_add(count) > limit {
-                    // Outside the window the leader promised to respect: a foreign or corrupt
-                    // message. Dropping it is safe; storing it would overwrite live entries.
-                    self.stats.dropped_unexpected += 1;
+                self.prepare_seen = self.prepare_seen.max(words[leader_words::SEQ]);
+                self.committed = self.committed.max(words[leader_words::COMMIT_POINT]);
+                if self.received < words[leader_words::RETAINED_FROM] {
+                    self.phase = Phase::FellBehind;
                     return;
                 }
-                for index in 0..count {
-                    let pseq = first_pseq + index;
-                    if pseq < self.applied || self.pending.meta(pseq).present {
-                        continue;
-                    }
-                    let entry = message.entry(usize::try_from(index).unwrap_or(0));
-                    let meta = EntryMeta {
-                        zxid: first_zxid + index,
-                        key: entry.key,
-                        session_seq: entry.session_seq,
-                        session: entry.session,
-                        origin_node: entry.origin_node,
-                        present: true,
-                        ends_message: false,
-                    };
-                    self.pending.put(pseq, meta, entry.value);
-                }
-                while self.received < limit && self.pending.meta(self.received).present {
-                    self.received += 1;
-                }
+                self.store_prepares(message);
                 self.prepare_msgs_consumed += 1;
             }
             Kind::Commit => {
+                self.commit_seen = self.commit_seen.max(words[leader_words::SEQ]);
                 let (first, count) = message.range();
-                self.committed = self.committed.max(first.saturating_add(count));
-                self.commit_msgs_consumed += 1;
+                let end = first.saturating_add(count);
+                if end <= self.committed {
+                    self.stats.duplicates_dropped += 1;
+                    self.report_due = true;
+                }
+                self.committed = self.committed.max(end);
             }
             Kind::Credit => {
-                self.write_msgs_consumed = self
-                    .write_msgs_consumed
-                    .max(message.header.credits[0].min(self.write_msgs_sent));
+                self.write_seen_by_leader = self
+                    .write_seen_by_leader
+                    .max(words[leader_words::WRITE_SEEN].min(self.write_msgs_sent));
+                self.write_stalled_since = None;
             }
-            Kind::Write | Kind::Ack => self.stats.dropped_unexpected += 1,
+            Kind::Snapshot => self.install_snapshot(message, replica),
+            Kind::Hello => {
+                // A repeated answer to our hello: nothing new.
+                self.stats.duplicates_dropped += 1;
+            }
+            Kind::Write | Kind::Ack | Kind::Nack => self.stats.dropped_unexpected += 1,
         }
+    }
+
+    fn store_prepares(&mut self, message: &Message<'_>) {
+        let (first_pseq, first_zxid) = message.prepare_start();
+        let limit = self.applied + self.config.window as u64;
+        let count = u64::from(message.header.count);
+        let mut stored = 0;
+        for index in 0..count {
+            let pseq = first_pseq.saturating_add(index);
+            if pseq >= limit {
+                // Beyond the window this follower can hold: the leader went on without it,
+                // and will send these again.
+                self.stats.dropped_unexpected += 1;
+                break;
+            }
+            if pseq < self.received || pseq < self.applied || self.pending.meta(pseq).present {
+                continue;
+            }
+            let entry = message.entry(usize::try_from(index).unwrap_or(0));
+            let meta = EntryMeta {
+                zxid: first_zxid.saturating_add(index),
+                key: entry.key,
+                session_seq: entry.session_seq,
+                session: entry.session,
+                origin_node: entry.origin_node,
+                present: true,
+                ends_message: false,
+            };
+            self.pending.put(pseq, meta, entry.value);
+            stored += 1;
+            if entry.origin_node == self.config.node {
+                // Our forwarded write is ordered: no need to send it again.
+                if let Some(seq) = self.unconfirmed.get_mut(usize::from(entry.session)) {
+                    if *seq != 0 && *seq <= entry.session_seq {
+                        *seq = 0;
+                    }
+                }
+            }
+        }
+        if stored == 0 {
+            self.stats.duplicates_dropped += 1;
+            self.report_due = true;
+        }
+        while self.received < limit && self.pending.meta(self.received).present {
+            self.received += 1;
+        }
+        if first_pseq > self.received {
+            self.gap = Some((self.received, first_pseq.min(limit)));
+        }
+        if count > 0 {
+            self.stats.leader_zxid = self
+                .stats
+                .leader_zxid
+                .max(first_zxid.saturating_add(count - 1));
+        }
+    }
+
+    fn install_snapshot(&mut self, message: &Message<'_>, replica: &impl Replica) {
+        if self.phase != Phase::CatchingUp {
+            self.stats.duplicates_dropped += 1;
+            return;
+        }
+        let (base_zxid, first, end) = message.snapshot_start();
+        if self.base_zxid.is_none() {
+            replica.set_base(base_zxid);
+            self.base_zxid = Some(base_zxid);
+        }
+        let count = u64::from(message.header.count);
+        if first != self.snapshot_installed || end != self.snapshot_end {
+            // Snapshot chunks are installed in order; the leader goes back after a timeout.
+            self.stats.duplicates_dropped += 1;
+            self.report_due = true;
+            return;
+        }
+        for index in 0..usize::from(message.header.count) {
+            let (key, zxid, value) = message.snapshot_entry(index);
+            replica.install(key, zxid, value);
+        }
+        self.snapshot_installed = (first + count).min(end);
+        self.stats.snapshot_entries_installed += count;
+        self.report_due = true;
     }
 
     /// A one-line summary of the pipeline's positions and credits, for diagnostics.
     pub fn summary(&self) -> String {
         format!(
-            "follower n{} p{}: received {} committed {} applied {} acked {} acks {}/{} commits {} reported {:?} writes {}..{} sent {} consumed {} {:?}",
+            "follower n{} p{} {:?}: received {} committed {} applied {} acked {} acks {}/{} seen {}/{} reported {:?} queued {} writes sent {} seen {} snapshot {}/{} {:?}",
             self.config.node,
             self.config.pipeline,
+            self.phase,
             self.received,
             self.committed,
             self.applied,
             self.acked_sent,
             self.acks_sent,
             self.prepare_msgs_consumed,
-            self.commit_msgs_consumed,
+            self.prepare_seen,
+            self.commit_seen,
             self.reported,
-            self.out_head,
-            self.out_tail,
+            self.queue_tail - self.queue_head,
             self.write_msgs_sent,
-            self.write_msgs_consumed,
+            self.write_seen_by_leader,
+            self.snapshot_installed,
+            self.snapshot_end,
             self.stats
         )
     }
 
-    fn credits(&self) -> [u64; 3] {
-        [
-            self.prepare_msgs_consumed,
-            self.commit_msgs_consumed,
-            self.applied,
-        ]
+    fn words(&self) -> FollowerWords {
+        FollowerWords {
+            prepare_seen: self.prepare_seen,
+            commit_seen: self.commit_seen,
+            received: self.received,
+            applied: self.applied,
+            snapshot_installed: self.snapshot_installed,
+            instance: self.config.instance,
+        }
     }
 
-    /// Runs everything that can make progress: apply, ACK, forward writes, return credits.
+    fn header(&mut self, kind: Kind, count: usize, flags: u16, now_ns: u64) -> wire::Header {
+        let words = self.words();
+        self.reported = words;
+        self.reported_ns = now_ns;
+        self.report_due = false;
+        self.config.header(kind, count, flags, words.to_words())
+    }
+
+    /// Runs everything that can make progress: apply, NACK, ACK, forward writes, repeat
+    /// unconfirmed ones, report counters.
     pub fn advance(
         &mut self,
+        now_ns: u64,
         outbox: &mut impl Outbox,
         replica: &impl Replica,
         completions: &mut impl Completions,
         limits: &Limits,
     ) {
+        if matches!(self.phase, Phase::Joining | Phase::FellBehind) {
+            return;
+        }
         self.apply(replica, completions);
-        let mut sent_to_leader = self.send_ack(outbox, limits);
-        sent_to_leader |= self.send_writes(outbox, limits);
-        if !sent_to_leader {
-            self.send_credit_if_due(outbox, limits);
+        if self.phase == Phase::CatchingUp {
+            if self.serve_at.is_none() && self.snapshot_installed >= self.snapshot_end {
+                self.serve_at = Some(self.committed);
+            }
+            if self.serve_at.is_some_and(|point| self.applied >= point) {
+                self.phase = Phase::Serving;
+            }
+        }
+        let mut sent = self.send_nack(now_ns, outbox, limits);
+        sent |= self.send_ack(now_ns, outbox, limits);
+        sent |= self.send_writes(now_ns, outbox, limits);
+        sent |= self.repeat_unconfirmed_writes(now_ns, outbox, limits);
+        if !sent {
+            self.send_credit_if_due(now_ns, outbox, limits);
         }
     }
 
     fn apply(&mut self, replica: &impl Replica, completions: &mut impl Completions) {
+        let Some(base_zxid) = self.base_zxid else {
+            return;
+        };
         while self.applied < self.committed && self.applied < self.received {
             let meta = *self.pending.meta(self.applied);
-            if !replica.try_apply(meta.zxid, meta.key, self.pending.value(self.applied)) {
-                self.stats.ordering_stalls += 1;
-                break;
-            }
-            if meta.origin_node == self.config.node {
-                completions.write_applied(meta.session, meta.session_seq, meta.zxid);
+            if meta.zxid > base_zxid {
+                if !replica.try_apply(meta.zxid, meta.key, self.pending.value(self.applied)) {
+                    self.stats.ordering_stalls += 1;
+                    break;
+                }
+                if meta.origin_node == self.config.node {
+                    completions.write_applied(meta.session, meta.session_seq, meta.zxid);
+                }
+                self.stats.writes_applied += 1;
+                self.stats.last_applied_zxid = meta.zxid;
             }
             self.pending.meta_mut(self.applied).present = false;
             self.applied += 1;
-            self.stats.writes_applied += 1;
-            self.stats.last_applied_zxid = meta.zxid;
         }
     }
 
-    fn send_ack(&mut self, outbox: &mut impl Outbox, limits: &Limits) -> bool {
+    fn send_nack(&mut self, now_ns: u64, outbox: &mut impl Outbox, limits: &Limits) -> bool {
+        let Some((first, end)) = self.gap else {
+            return false;
+        };
+        let first = first.max(self.received);
+        if first >= end {
+            self.gap = None;
+            return false;
+        }
+        if now_ns < self.nack_not_before_ns {
+            return false;
+        }
+        let header = self.header(Kind::Nack, 0, 0, now_ns);
+        let Some(buffer) = outbox.buffer() else {
+            return false;
+        };
+        wire::put_header(buffer, &header);
+        wire::put_range(buffer, first, end - first);
+        outbox.send(
+            Target::Leader,
+            Kind::Nack,
+            wire::HEADER_BYTES + wire::RANGE_BODY,
+            0,
+        );
+        self.gap = None;
+        self.stats.gaps_detected += 1;
+        self.nack_not_before_ns = now_ns + limits.retransmit_timeout_ns / 2;
+        true
+    }
+
+    fn send_ack(&mut self, now_ns: u64, outbox: &mut impl Outbox, limits: &Limits) -> bool {
         if self.received <= self.acked_sent || self.acks_sent >= self.prepare_msgs_consumed {
             return false;
         }
         let count = (self.received - self.acked_sent).min(limits.ack_batch.max(1));
-        let credits = self.credits();
+        let header = self.header(Kind::Ack, 0, 0, now_ns);
         let Some(buffer) = outbox.buffer() else {
             return false;
         };
-        wire::put_header(buffer, &self.config.header(Kind::Ack, 0, credits));
+        wire::put_header(buffer, &header);
         wire::put_range(buffer, self.acked_sent, count);
         outbox.send(
             Target::Leader,
@@ -215,54 +437,160 @@ impl Follower {
         );
         self.acked_sent += count;
         self.acks_sent += 1;
-        self.reported = credits;
         true
     }
 
-    fn send_writes(&mut self, outbox: &mut impl Outbox, limits: &Limits) -> bool {
+    /// Encodes the writes of `sessions` into one WRITE message.
+    fn send_write_message(
+        &mut self,
+        sessions: &[u16],
+        seq: u64,
+        flags: u16,
+        now_ns: u64,
+        outbox: &mut impl Outbox,
+    ) -> bool {
+        let header = self.header(Kind::Write, sessions.len(), flags, now_ns);
+        let Some(buffer) = outbox.buffer() else {
+            return false;
+        };
+        wire::put_header(buffer, &header);
+        wire::put_write_prefix(buffer, seq);
+        let mut len = wire::HEADER_BYTES + wire::WRITE_PREFIX;
+        for session in sessions {
+            let position = u64::from(*session);
+            let meta = self.outgoing.meta(position);
+            wire::put_entry(
+                &mut buffer[len..],
+                meta.origin_node,
+                meta.session,
+                meta.session_seq,
+                meta.key,
+                self.outgoing.value(position),
+            );
+            len += wire::ENTRY_FIXED + self.config.value_len;
+            self.sent_ns[usize::from(*session)] = now_ns;
+        }
+        if flags & FLAG_RETRANSMIT == 0 {
+            outbox.send(Target::Leader, Kind::Write, len, sessions.len() as u64);
+        } else {
+            outbox.resend(Target::Leader, Kind::Write, len);
+        }
+        true
+    }
+
+    fn send_writes(&mut self, now_ns: u64, outbox: &mut impl Outbox, limits: &Limits) -> bool {
         let mut sent = false;
-        while self.out_tail > self.out_head {
-            if self.write_msgs_sent - self.write_msgs_consumed >= limits.write_credits {
-                self.stats.credit_stalls += 1;
+        let mut batch = [0u16; rzab_shared::limits::MAX_WRITES_PER_MSG];
+        while self.queue_tail > self.queue_head {
+            if self.write_msgs_sent - self.write_seen_by_leader >= limits.write_credits {
+                let since = *self.write_stalled_since.get_or_insert(now_ns);
+                if now_ns.saturating_sub(since) < limits.retransmit_timeout_ns {
+                    self.stats.credit_stalls += 1;
+                    break;
+                }
+                // No CREDIT for a whole timeout: it was lost. Unconfirmed writes are repeated
+                // anyway, so assume the messages were consumed.
+                self.write_seen_by_leader = self.write_msgs_sent;
+                self.write_stalled_since = None;
+            }
+            let fitting = limits
+                .write_batch
+                .max(1)
+                .min(self.config.writes_fitting())
+                .min(batch.len());
+            let mut count = 0;
+            let mask = self.queue.len() - 1;
+            while count < fitting && self.queue_tail > self.queue_head {
+                let slot = usize::try_from(self.queue_head).unwrap_or(0) & mask;
+                batch[count] = self.queue[slot];
+                self.queue_head += 1;
+                count += 1;
+            }
+            let seq = self.write_msgs_sent + 1;
+            if !self.send_write_message(&batch[..count], seq, 0, now_ns, outbox) {
+                // Put them back at the head; they go next time.
+                self.queue_head -= count as u64;
                 break;
             }
-            let batch = (self.out_tail - self.out_head)
-                .min(limits.write_batch.max(1) as u64)
-                .min(self.config.writes_fitting() as u64);
-            let credits = self.credits();
-            let header =
-                self.config
-                    .header(Kind::Write, usize::try_from(batch).unwrap_or(0), credits);
-            let Some(buffer) = outbox.buffer() else { break };
-            wire::put_header(buffer, &header);
-            let len = wire::HEADER_BYTES
-                + self.outgoing.encode_entries(
-                    self.out_head,
-                    batch,
-                    &mut buffer[wire::HEADER_BYTES..],
-                );
-            outbox.send(Target::Leader, Kind::Write, len, batch);
-            self.out_head += batch;
-            self.write_msgs_sent += 1;
-            self.reported = credits;
+            self.write_msgs_sent = seq;
             sent = true;
         }
         sent
     }
 
-    fn send_credit_if_due(&mut self, outbox: &mut impl Outbox, limits: &Limits) {
-        let credits = self.credits();
-        let due = credits[0] - self.reported[0] >= half(limits.prepare_credits)
-            || credits[1] - self.reported[1] >= half(limits.commit_credits)
-            || credits[2] - self.reported[2] >= (self.config.window as u64 / 4).max(1);
+    fn repeat_unconfirmed_writes(
+        &mut self,
+        now_ns: u64,
+        outbox: &mut impl Outbox,
+        limits: &Limits,
+    ) -> bool {
+        if now_ns < self.next_write_scan_ns {
+            return false;
+        }
+        self.next_write_scan_ns = now_ns + (limits.retransmit_timeout_ns / 2).max(1);
+        let fitting = limits.write_batch.max(1).min(self.config.writes_fitting());
+        let mut batch = [0u16; rzab_shared::limits::MAX_WRITES_PER_MSG];
+        let mut count = 0;
+        let mut messages = 0;
+        let mut sent = false;
+        for session in 0..self.unconfirmed.len() {
+            let due = self.unconfirmed[session] != 0
+                && self.sent_ns[session] != 0
+                && now_ns.saturating_sub(self.sent_ns[session]) >= limits.retransmit_timeout_ns;
+            if !due {
+                continue;
+            }
+            batch[count] = u16::try_from(session).unwrap_or(u16::MAX);
+            count += 1;
+            if count == fitting.min(batch.len()) {
+                if !self.send_write_message(&batch[..count], 0, FLAG_RETRANSMIT, now_ns, outbox) {
+                    return sent;
+                }
+                self.stats.retransmitted_writes += 1;
+                sent = true;
+                count = 0;
+                messages += 1;
+                if messages >= RETRANSMIT_BURST {
+                    return sent;
+                }
+            }
+        }
+        if count > 0 && self.send_write_message(&batch[..count], 0, FLAG_RETRANSMIT, now_ns, outbox)
+        {
+            self.stats.retransmitted_writes += 1;
+            sent = true;
+        }
+        sent
+    }
+
+    fn send_credit_if_due(&mut self, now_ns: u64, outbox: &mut impl Outbox, limits: &Limits) {
+        let words = self.words();
+        let reported = self.reported;
+        let due = self.report_due
+            || words.prepare_seen - reported.prepare_seen.min(words.prepare_seen)
+                >= half(limits.prepare_credits)
+            || words.commit_seen - reported.commit_seen.min(words.commit_seen)
+                >= half(limits.commit_credits)
+            || words.applied - reported.applied.min(words.applied)
+                >= (self.config.window as u64 / 4).max(1)
+            || (words != reported
+                && now_ns.saturating_sub(self.reported_ns) >= limits.retransmit_timeout_ns / 4);
         if !due {
             return;
         }
+        let header = self.header(Kind::Credit, 0, 0, now_ns);
         let Some(buffer) = outbox.buffer() else {
             return;
         };
-        wire::put_header(buffer, &self.config.header(Kind::Credit, 0, credits));
+        wire::put_header(buffer, &header);
         outbox.send(Target::Leader, Kind::Credit, wire::HEADER_BYTES, 0);
-        self.reported = credits;
+    }
+
+    /// The words of a hello from this follower.
+    pub fn hello_words(&self) -> [u64; wire::WORDS] {
+        let mut words = [0u64; wire::WORDS];
+        words[hello_words::FINGERPRINT] = self.config.fingerprint;
+        words[hello_words::INSTANCE] = self.config.instance;
+        words
     }
 }

@@ -1,29 +1,76 @@
 //! The leader's side of one pipeline: takes client writes (forwarded by followers or from its
-//! own sessions), gives them zxids, broadcasts PREPAREs, counts ACKs, commits at a quorum,
-//! applies in zxid order and broadcasts COMMITs. Pure state machine; see the parent module.
+//! own sessions, each (node, session, sequence) ordered at most once), gives them zxids,
+//! broadcasts PREPAREs, counts cumulative ACKs, commits at a quorum, applies in zxid order and
+//! broadcasts COMMITs. It retransmits what a follower has not acknowledged, serves NACKed gaps,
+//! lets a quorum go on without a slow follower, and streams a snapshot to a restarted one.
+//! Pure state machine; see the parent module.
 
-use rzab_shared::limits::MAX_NODES;
+use rzab_shared::limits::{MAX_NODES, MAX_WRITES_PER_MSG};
 
-use super::wire::{self, Kind, Message};
+use super::wire::{self, FLAG_RETRANSMIT, Kind, Message};
 use super::{
-    Completions, EntryMeta, EntryRing, Limits, MAX_WRITE_CREDITS, Outbox, PipelineConfig,
-    PipelineStats, Replica, Target, ZxidSource, half,
+    CatchupBoard, Completions, EntryMeta, EntryRing, FollowerWords, Limits, MAX_WRITE_CREDITS,
+    Outbox, PipelineConfig, PipelineStats, RETRANSMIT_BURST, Replica, SNAPSHOT_MESSAGES_IN_FLIGHT,
+    Target, ZxidSource, half, hello_words, leader_words,
 };
-use rzab_shared::limits::MAX_WRITES_PER_MSG;
+
+/// The leader keeps this many windows of prepares for retransmission.
+pub const RETENTION_WINDOWS: usize = 8;
+
+/// Snapshot transfer towards one follower.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+enum SnapshotSend {
+    #[default]
+    Idle,
+    /// Waiting for the leader's other pipelines to agree on the base zxid.
+    WaitingForBase,
+    Sending {
+        base_zxid: u64,
+        /// Next key position to send.
+        next: u64,
+        /// Key positions below this are installed at the follower.
+        installed: u64,
+        end: u64,
+        /// Whether anything was sent yet (an empty range still sends one message).
+        announced: bool,
+    },
+}
 
 /// What the leader knows of one follower.
 #[derive(Clone, Copy, Debug, Default)]
 struct FollowerLink {
+    /// The follower process this link serves; 0 until it said hello.
+    instance: u64,
+    /// The pseq its pipeline started at, and whether it catches up by snapshot.
+    start_pseq: u64,
+    catch_up: bool,
     /// Every prepare below this pseq is held by the follower.
     acked: u64,
-    prepare_consumed: u64,
-    commit_consumed: u64,
     /// The follower has applied every prepare below this pseq.
     applied: u64,
-    /// WRITE messages of this follower whose writes have all been prepared.
-    write_consumed: u64,
-    /// The `write_consumed` value last sent to the follower.
+    prepare_seen: u64,
+    commit_seen: u64,
+    /// Highest WRITE message sequence received, and the value last sent back in a CREDIT.
+    write_seen: u64,
     write_reported: u64,
+    credit_sent_ns: u64,
+    credit_due: bool,
+    /// Last time the follower made progress (or was up to date), and the current timeout.
+    progress_ns: u64,
+    retransmit_timeout_ns: u64,
+    /// A gap the follower reported, to fill.
+    nack: Option<(u64, u64)>,
+    /// Repairing: unicast prepares stream to the follower from `repair_next` until it
+    /// reaches `next_pseq`, a bounded number ahead of what the follower acknowledged.
+    repairing: bool,
+    repair_next: u64,
+    /// Last time anything came from the follower.
+    heard_ns: u64,
+    prepare_blocked_since: Option<u64>,
+    commit_blocked_since: Option<u64>,
+    hello_due: bool,
+    snapshot: SnapshotSend,
+    snapshot_progress_ns: u64,
 }
 
 /// The leader's state for one pipeline.
@@ -34,7 +81,7 @@ pub struct Leader {
     incoming: EntryRing,
     incoming_head: u64,
     incoming_tail: u64,
-    /// Prepared writes, by pseq.
+    /// Prepared writes by pseq, kept [`RETENTION_WINDOWS`] windows deep for retransmission.
     pending: EntryRing,
     next_pseq: u64,
     committed: u64,
@@ -43,18 +90,22 @@ pub struct Leader {
     prepare_msgs_sent: u64,
     commit_msgs_sent: u64,
     links: [FollowerLink; MAX_NODES],
+    /// Highest session sequence ordered, by origin node and session (exactly-once).
+    ordered: Vec<u64>,
     stats: PipelineStats,
 }
 
 impl Leader {
     pub fn new(config: PipelineConfig) -> Self {
-        let incoming_capacity =
-            config.followers() * MAX_WRITE_CREDITS * MAX_WRITES_PER_MSG + config.sessions;
+        // Each session has at most one write outstanding and repeats are dropped before they
+        // are queued, so every node's sessions fit; the credit bound is kept as well.
+        let incoming_capacity = (usize::from(config.nodes) * config.sessions)
+            .max(config.followers() * MAX_WRITE_CREDITS * MAX_WRITES_PER_MSG + config.sessions);
         Leader {
             incoming: EntryRing::new(incoming_capacity.max(1), config.value_len),
             incoming_head: 0,
             incoming_tail: 0,
-            pending: EntryRing::new(config.window, config.value_len),
+            pending: EntryRing::new(config.window * RETENTION_WINDOWS, config.value_len),
             next_pseq: 0,
             committed: 0,
             applied: 0,
@@ -62,6 +113,7 @@ impl Leader {
             prepare_msgs_sent: 0,
             commit_msgs_sent: 0,
             links: [FollowerLink::default(); MAX_NODES],
+            ordered: vec![0; MAX_NODES * config.sessions.max(1)],
             stats: PipelineStats::default(),
             config,
         }
@@ -81,6 +133,27 @@ impl Leader {
         self.committed
     }
 
+    /// The oldest pseq that can still be retransmitted.
+    fn retained_from(&self) -> u64 {
+        self.next_pseq
+            .saturating_sub(self.pending.capacity() as u64)
+    }
+
+    /// Whether everything ordered is committed, applied and held by every follower that is
+    /// in touch (its link made progress within `within_ns`).
+    pub fn settled(&self, now_ns: u64, within_ns: u64) -> bool {
+        self.incoming_len() == 0
+            && self.applied == self.next_pseq
+            && self.commit_sent == self.committed
+            && self.follower_ids().all(|follower| {
+                let link = &self.links[follower];
+                link.instance == 0
+                    || now_ns.saturating_sub(link.progress_ns) > within_ns
+                    || (link.applied == self.next_pseq
+                        && matches!(link.snapshot, SnapshotSend::Idle))
+            })
+    }
+
     /// A one-line summary of the pipeline's positions and credits, for diagnostics.
     pub fn summary(&self) -> String {
         let links: Vec<String> = self
@@ -88,15 +161,16 @@ impl Leader {
             .map(|follower| {
                 let link = &self.links[follower];
                 format!(
-                    "f{follower}[acked {} prep {}/{} commit {}/{} applied {} writes {}/{}]",
+                    "f{follower}[acked {} prep {}/{} commit {}/{} applied {} writes {}/{} snapshot {:?}]",
                     link.acked,
-                    link.prepare_consumed,
+                    link.prepare_seen,
                     self.prepare_msgs_sent,
-                    link.commit_consumed,
+                    link.commit_seen,
                     self.commit_msgs_sent,
                     link.applied,
                     link.write_reported,
-                    link.write_consumed
+                    link.write_seen,
+                    link.snapshot
                 )
             })
             .collect();
@@ -128,59 +202,163 @@ impl Leader {
         true
     }
 
-    /// Handles one decoded message.
-    pub fn handle(&mut self, message: &Message<'_>) {
+    /// A follower process said hello. A new instance restarts the link: at pseq 0 when the
+    /// cluster is starting (`catch_up` false), or at this pipeline's applied point with a
+    /// snapshot to follow. A repeated hello of the same instance is answered again. Returns the
+    /// start pseq and whether a snapshot follows.
+    pub fn accept_hello(
+        &mut self,
+        follower: u8,
+        instance: u64,
+        now_ns: u64,
+        catch_up: bool,
+        board: &CatchupBoard,
+        replica: &impl Replica,
+    ) -> (u64, bool) {
+        let index = usize::from(follower);
+        if index >= usize::from(self.config.nodes) || follower == self.config.node {
+            self.stats.dropped_unexpected += 1;
+            return (0, false);
+        }
+        if self.links[index].instance == instance {
+            let link = &mut self.links[index];
+            link.hello_due = true;
+            return (link.start_pseq, link.catch_up);
+        }
+        let start_pseq = if catch_up { self.applied } else { 0 };
+        self.links[index] = FollowerLink {
+            instance,
+            start_pseq,
+            catch_up,
+            acked: start_pseq,
+            applied: start_pseq,
+            prepare_seen: self.prepare_msgs_sent,
+            commit_seen: self.commit_msgs_sent,
+            progress_ns: now_ns,
+            heard_ns: now_ns,
+            hello_due: true,
+            snapshot: if catch_up {
+                SnapshotSend::WaitingForBase
+            } else {
+                SnapshotSend::Idle
+            },
+            snapshot_progress_ns: now_ns,
+            ..FollowerLink::default()
+        };
+        let sessions = self.config.sessions.max(1);
+        self.ordered[index * sessions..(index + 1) * sessions].fill(0);
+        if catch_up {
+            board.register(index, instance, self.config.pipeline, replica);
+        }
+        (start_pseq, catch_up)
+    }
+
+    /// Handles one decoded message from a follower (hellos go to [`Leader::accept_hello`]).
+    pub fn handle(&mut self, message: &Message<'_>, now_ns: u64) {
         let from = usize::from(message.header.from_node);
-        if from == usize::from(self.config.node) {
+        if from == usize::from(self.config.node) || from >= usize::from(self.config.nodes) {
             self.stats.dropped_unexpected += 1;
             return;
         }
+        let words = FollowerWords::from_words(message.header.words);
         let next_pseq = self.next_pseq;
+        let (prepares_sent, commits_sent) = (self.prepare_msgs_sent, self.commit_msgs_sent);
         let link = &mut self.links[from];
-        let [prepare_consumed, commit_consumed, applied] = message.header.credits;
-        link.prepare_consumed = link
-            .prepare_consumed
-            .max(prepare_consumed.min(self.prepare_msgs_sent));
-        link.commit_consumed = link
-            .commit_consumed
-            .max(commit_consumed.min(self.commit_msgs_sent));
-        link.applied = link.applied.max(applied.min(next_pseq));
+        if link.instance == 0 || words.instance != link.instance {
+            // From a process this pipeline has not (or no longer) joined: an old instance's
+            // leftovers, or a foreign datagram.
+            self.stats.dropped_unexpected += 1;
+            return;
+        }
+        link.heard_ns = now_ns;
+        link.prepare_seen = link.prepare_seen.max(words.prepare_seen.min(prepares_sent));
+        link.commit_seen = link.commit_seen.max(words.commit_seen.min(commits_sent));
+        let received = words.received.min(next_pseq);
+        if received > link.acked {
+            link.acked = received;
+            link.progress_ns = now_ns;
+            link.retransmit_timeout_ns = 0;
+        }
+        let applied = words.applied.min(next_pseq);
+        if applied > link.applied {
+            link.applied = applied;
+            link.progress_ns = now_ns;
+            link.retransmit_timeout_ns = 0;
+        }
+        if let SnapshotSend::Sending {
+            next, installed, ..
+        } = &mut link.snapshot
+        {
+            let reported = words.snapshot_installed.min(*next);
+            if reported > *installed {
+                *installed = reported;
+                link.snapshot_progress_ns = now_ns;
+            }
+        }
         match message.header.kind {
-            Kind::Write => {
-                let count = usize::from(message.header.count);
-                if self.incoming_len() + count as u64 > self.incoming.capacity() as u64 {
+            Kind::Write => self.accept_writes(message, from),
+            Kind::Ack => {
+                let (first, count) = message.range();
+                if first.saturating_add(count) > next_pseq {
                     self.stats.dropped_unexpected += 1;
-                    return;
-                }
-                for index in 0..count {
-                    let entry = message.entry(index);
-                    let meta = EntryMeta {
-                        zxid: 0,
-                        key: entry.key,
-                        session_seq: entry.session_seq,
-                        session: entry.session,
-                        origin_node: message.header.from_node,
-                        present: true,
-                        ends_message: index + 1 == count,
-                    };
-                    self.incoming.put(self.incoming_tail, meta, entry.value);
-                    self.incoming_tail += 1;
                 }
             }
-            Kind::Ack => {
-                // A follower acks only the prefix it holds whole, so a range's end means "every
-                // prepare below this": later ranges may arrive first, and earlier ones change
-                // nothing.
+            Kind::Nack => {
                 let (first, count) = message.range();
-                let end = first.saturating_add(count);
-                if end <= next_pseq {
-                    link.acked = link.acked.max(end);
-                } else {
-                    self.stats.dropped_unexpected += 1;
+                let end = first.saturating_add(count).min(next_pseq);
+                if first < end {
+                    link.nack = Some((first, end));
                 }
             }
             Kind::Credit => {}
-            Kind::Prepare | Kind::Commit => self.stats.dropped_unexpected += 1,
+            Kind::Prepare | Kind::Commit | Kind::Hello | Kind::Snapshot => {
+                self.stats.dropped_unexpected += 1
+            }
+        }
+    }
+
+    fn accept_writes(&mut self, message: &Message<'_>, from: usize) {
+        let sessions = self.config.sessions.max(1);
+        let link = &mut self.links[from];
+        link.write_seen = link.write_seen.max(message.write_seq());
+        if message.header.is_retransmit() {
+            // The follower may be waiting for a CREDIT that was lost.
+            link.credit_due = true;
+        }
+        let count = usize::from(message.header.count);
+        let mut last_queued = None;
+        for index in 0..count {
+            let entry = message.entry(index);
+            let session = usize::from(entry.session);
+            if session >= sessions {
+                self.stats.dropped_unexpected += 1;
+                continue;
+            }
+            let ordered = &mut self.ordered[from * sessions + session];
+            if entry.session_seq <= *ordered {
+                self.stats.duplicates_dropped += 1;
+                continue;
+            }
+            if self.incoming_tail - self.incoming_head >= self.incoming.capacity() as u64 {
+                self.stats.dropped_unexpected += 1;
+                break;
+            }
+            *ordered = entry.session_seq;
+            let meta = EntryMeta {
+                zxid: 0,
+                key: entry.key,
+                session_seq: entry.session_seq,
+                session: entry.session,
+                origin_node: message.header.from_node,
+                present: true,
+                ends_message: false,
+            };
+            self.incoming.put(self.incoming_tail, meta, entry.value);
+            last_queued = Some(self.incoming_tail);
+            self.incoming_tail += 1;
+        }
+        if let Some(position) = last_queued {
+            self.incoming.meta_mut(position).ends_message = true;
         }
     }
 
@@ -189,42 +367,50 @@ impl Leader {
         (0..usize::from(self.config.nodes)).filter(move |node| *node != leader)
     }
 
-    /// The highest pseq that a quorum (the leader plus `nodes / 2` followers) holds.
-    fn quorum_point(&self) -> u64 {
+    /// The `needed`-th highest of a per-follower position.
+    fn quorum_of(&self, position: impl Fn(&FollowerLink) -> u64) -> u64 {
         let needed = self.config.quorum_followers();
         if needed == 0 {
-            return self.next_pseq;
+            return u64::MAX;
         }
-        let mut acked = [0u64; MAX_NODES];
+        let mut values = [0u64; MAX_NODES];
         let mut count = 0;
         for follower in self.follower_ids() {
-            acked[count] = self.links[follower].acked;
+            values[count] = position(&self.links[follower]);
             count += 1;
         }
-        let acked = &mut acked[..count];
-        acked.sort_unstable_by(|a, b| b.cmp(a));
-        acked[needed - 1]
+        let values = &mut values[..count];
+        values.sort_unstable_by(|a, b| b.cmp(a));
+        values[needed - 1]
     }
 
-    /// Runs everything that can make progress: commit, apply, send COMMITs, PREPAREs and
-    /// CREDITs.
+    /// Runs everything that can make progress: commit, apply, answer hellos, fill gaps,
+    /// retransmit, send COMMITs, PREPAREs, CREDITs and snapshot chunks.
+    #[allow(clippy::too_many_arguments)]
     pub fn advance(
         &mut self,
+        now_ns: u64,
         outbox: &mut impl Outbox,
         replica: &impl Replica,
         zxids: &ZxidSource,
+        board: &CatchupBoard,
         completions: &mut impl Completions,
         limits: &Limits,
     ) {
-        self.committed = self.committed.max(self.quorum_point().min(self.next_pseq));
+        self.committed = self
+            .committed
+            .max(self.quorum_of(|link| link.acked).min(self.next_pseq));
         self.apply(replica, completions);
         if self.config.followers() > 0 {
-            self.send_commits(outbox, limits);
+            self.send_hello_replies(outbox);
+            self.retransmit(now_ns, outbox, limits);
+            self.send_commits(now_ns, outbox, limits);
         } else {
             self.commit_sent = self.committed;
         }
-        self.send_prepares(outbox, zxids, limits);
-        self.send_credits(outbox, limits);
+        self.send_prepares(now_ns, outbox, zxids, limits);
+        self.send_credits(now_ns, outbox, limits);
+        self.send_snapshots(now_ns, outbox, replica, board, limits);
     }
 
     fn apply(&mut self, replica: &impl Replica, completions: &mut impl Completions) {
@@ -240,34 +426,236 @@ impl Leader {
             self.applied += 1;
             self.stats.writes_applied += 1;
             self.stats.last_applied_zxid = meta.zxid;
+            self.stats.leader_zxid = meta.zxid;
         }
     }
 
-    fn credits_exhausted(
-        &self,
-        sent: u64,
-        consumed: impl Fn(&FollowerLink) -> u64,
-        budget: u64,
-    ) -> bool {
-        self.follower_ids()
-            .any(|follower| sent - consumed(&self.links[follower]) >= budget)
+    /// Answers the hellos accepted since the last call.
+    pub fn send_hello_replies(&mut self, outbox: &mut impl Outbox) {
+        for follower in self.follower_ids() {
+            let link = self.links[follower];
+            if !link.hello_due {
+                continue;
+            }
+            let Some(buffer) = outbox.buffer() else {
+                return;
+            };
+            let mut words = [0u64; wire::WORDS];
+            words[hello_words::FINGERPRINT] = self.config.fingerprint;
+            words[hello_words::INSTANCE] = self.config.instance;
+            words[hello_words::START_PSEQ] = link.start_pseq;
+            words[hello_words::CATCH_UP] = u64::from(link.catch_up);
+            wire::put_header(buffer, &self.config.header(Kind::Hello, 0, 0, words));
+            outbox.send(
+                follower_target(follower),
+                Kind::Hello,
+                wire::HEADER_BYTES,
+                0,
+            );
+            self.links[follower].hello_due = false;
+        }
     }
 
-    fn send_commits(&mut self, outbox: &mut impl Outbox, limits: &Limits) {
+    fn broadcast_words(&self, seq: u64) -> [u64; wire::WORDS] {
+        let mut words = [0u64; wire::WORDS];
+        words[leader_words::SEQ] = seq;
+        words[leader_words::COMMIT_POINT] = self.committed;
+        words[leader_words::RETAINED_FROM] = self.retained_from();
+        words
+    }
+
+    /// Sends up to `max_messages` PREPAREs to one follower from pseq `from` (below `to`);
+    /// returns the pseq reached.
+    fn retransmit_prepares(
+        &mut self,
+        follower: usize,
+        from: u64,
+        to: u64,
+        max_messages: usize,
+        outbox: &mut impl Outbox,
+        limits: &Limits,
+    ) -> u64 {
+        let mut pseq = from.max(self.retained_from());
+        let to = to.min(self.next_pseq);
+        let fitting =
+            (self.config.prepares_fitting() as u64).min(limits.prepare_batch.max(1) as u64);
+        for _ in 0..max_messages {
+            if pseq >= to {
+                break;
+            }
+            // One PREPARE carries consecutive zxids: stop where a batch of zxids ended.
+            let first_zxid = self.pending.meta(pseq).zxid;
+            let mut count = 1;
+            while count < fitting
+                && pseq + count < to
+                && self.pending.meta(pseq + count).zxid == first_zxid + count
+            {
+                count += 1;
+            }
+            let words = self.broadcast_words(self.prepare_msgs_sent);
+            let Some(buffer) = outbox.buffer() else {
+                break;
+            };
+            let entries = usize::try_from(count).unwrap_or(0);
+            wire::put_header(
+                buffer,
+                &self
+                    .config
+                    .header(Kind::Prepare, entries, FLAG_RETRANSMIT, words),
+            );
+            wire::put_prepare_prefix(buffer, pseq, first_zxid);
+            let mut len = wire::HEADER_BYTES + wire::PREPARE_PREFIX;
+            len += self.pending.encode_entries(pseq, count, &mut buffer[len..]);
+            outbox.resend(follower_target(follower), Kind::Prepare, len);
+            self.stats.retransmitted_prepares += 1;
+            pseq += count;
+        }
+        pseq
+    }
+
+    /// Starts (or restarts from an earlier point) the repair stream towards a follower.
+    fn start_repair(&mut self, follower: usize, from: u64) {
+        let link = &mut self.links[follower];
+        let from = from.max(link.acked);
+        if !link.repairing || from < link.repair_next {
+            link.repair_next = from;
+        }
+        link.repairing = true;
+    }
+
+    /// NACKed gaps start a repair at once; a follower silent for its timeout gets one from
+    /// what it acknowledged (a COMMIT, when it holds everything). Repairs stream unicast
+    /// prepares a bounded distance ahead of the follower's acknowledgements, so a follower
+    /// that lost many catches up as fast as the network allows.
+    fn retransmit(&mut self, now_ns: u64, outbox: &mut impl Outbox, limits: &Limits) {
+        let in_flight_limit = (self.config.window as u64 / 2).max(1);
+        for follower in self.follower_ids() {
+            if let Some((first, _end)) = self.links[follower].nack.take() {
+                self.start_repair(follower, first);
+            }
+            let link = self.links[follower];
+            if link.instance == 0 {
+                continue;
+            }
+            let behind_prepares = link.acked < self.next_pseq;
+            let behind_commits = link.applied < self.commit_sent;
+            if !behind_prepares && !behind_commits {
+                let link = &mut self.links[follower];
+                link.progress_ns = now_ns;
+                link.retransmit_timeout_ns = 0;
+                link.repairing = false;
+                continue;
+            }
+            let timeout = if link.retransmit_timeout_ns == 0 {
+                limits.retransmit_timeout_ns
+            } else {
+                link.retransmit_timeout_ns
+            };
+            if now_ns >= link.progress_ns.saturating_add(timeout) {
+                if behind_prepares {
+                    // Lost repairs, or a lost last ACK: go back to what it acknowledged.
+                    self.links[follower].repairing = false;
+                    self.start_repair(follower, link.acked);
+                } else if let Some(buffer) = outbox.buffer() {
+                    let words = self.broadcast_words(self.commit_msgs_sent);
+                    wire::put_header(
+                        buffer,
+                        &self.config.header(Kind::Commit, 0, FLAG_RETRANSMIT, words),
+                    );
+                    let count = self.commit_sent - link.applied;
+                    wire::put_range(buffer, link.applied, count);
+                    outbox.resend(
+                        follower_target(follower),
+                        Kind::Commit,
+                        wire::HEADER_BYTES + wire::RANGE_BODY,
+                    );
+                    self.stats.retransmitted_commits += 1;
+                }
+                let link = &mut self.links[follower];
+                link.progress_ns = now_ns;
+                link.retransmit_timeout_ns = timeout
+                    .saturating_mul(2)
+                    .min(limits.max_retransmit_timeout_ns());
+            }
+            let link = self.links[follower];
+            if !link.repairing {
+                continue;
+            }
+            let from = link.repair_next.max(link.acked);
+            let room = (link.acked + in_flight_limit).saturating_sub(from);
+            if room == 0 {
+                continue;
+            }
+            let reached = self.retransmit_prepares(
+                follower,
+                from,
+                from + room,
+                RETRANSMIT_BURST,
+                outbox,
+                limits,
+            );
+            let link = &mut self.links[follower];
+            link.repair_next = reached;
+            if reached >= self.next_pseq {
+                // Caught up with the broadcast: live prepares cover the rest.
+                link.repairing = false;
+            }
+        }
+    }
+
+    /// Whether a broadcast may go: every follower has credit, or a quorum has and every one
+    /// without has been without for the grace period.
+    fn may_broadcast(
+        &mut self,
+        now_ns: u64,
+        sent: u64,
+        seen: fn(&FollowerLink) -> u64,
+        blocked_since: fn(&mut FollowerLink) -> &mut Option<u64>,
+        budget: u64,
+        grace_ns: u64,
+    ) -> bool {
+        let mut with_credit = 0;
+        let mut all = true;
+        let mut waited_out = true;
+        let next_pseq = self.next_pseq;
+        for follower in self.follower_ids() {
+            let link = &mut self.links[follower];
+            let outstanding = sent.saturating_sub(seen(link));
+            if outstanding < budget {
+                with_credit += 1;
+                // A follower once waited out stays excused until it holds every prepare, so
+                // a persistently slow one does not cost a grace period per credit it regains.
+                if link.acked >= next_pseq {
+                    *blocked_since(link) = None;
+                }
+            } else {
+                all = false;
+                let since = *blocked_since(link).get_or_insert(now_ns);
+                waited_out &= now_ns.saturating_sub(since) >= grace_ns;
+            }
+        }
+        all || (with_credit >= self.config.quorum_followers() && waited_out)
+    }
+
+    fn send_commits(&mut self, now_ns: u64, outbox: &mut impl Outbox, limits: &Limits) {
         while self.commit_sent < self.committed {
-            if self.credits_exhausted(
+            if !self.may_broadcast(
+                now_ns,
                 self.commit_msgs_sent,
-                |link| link.commit_consumed,
+                |link| link.commit_seen,
+                |link| &mut link.commit_blocked_since,
                 limits.commit_credits,
+                limits.slow_follower_grace_ns,
             ) {
                 self.stats.credit_stalls += 1;
                 return;
             }
             let count = (self.committed - self.commit_sent).min(limits.commit_batch.max(1));
+            let words = self.broadcast_words(self.commit_msgs_sent + 1);
             let Some(buffer) = outbox.buffer() else {
                 return;
             };
-            wire::put_header(buffer, &self.config.header(Kind::Commit, 0, [0; 3]));
+            wire::put_header(buffer, &self.config.header(Kind::Commit, 0, 0, words));
             wire::put_range(buffer, self.commit_sent, count);
             outbox.send(
                 Target::AllFollowers,
@@ -280,26 +668,53 @@ impl Leader {
         }
     }
 
-    fn window_base(&self) -> u64 {
+    /// How many more prepares can go before a live follower (one heard from recently) would
+    /// miss prepares the leader no longer keeps. A slow follower gets several windows of
+    /// slack; only a dead one (silent for [`Limits::follower_dead_after_ns`]) is left behind,
+    /// to catch up by snapshot when it restarts.
+    fn room_before_live_follower_falls_behind(&self, now_ns: u64, limits: &Limits) -> u64 {
+        let keep = (self.pending.capacity() - self.config.window) as u64;
         self.follower_ids()
-            .map(|follower| self.links[follower].applied)
-            .fold(self.applied, u64::min)
+            .map(|follower| &self.links[follower])
+            .filter(|link| {
+                link.instance != 0
+                    && now_ns.saturating_sub(link.heard_ns) < limits.follower_dead_after_ns()
+            })
+            .map(|link| (link.acked + keep).saturating_sub(self.next_pseq))
+            .min()
+            .unwrap_or(u64::MAX)
     }
 
-    fn send_prepares(&mut self, outbox: &mut impl Outbox, zxids: &ZxidSource, limits: &Limits) {
+    /// The applied point of the leader and a quorum of followers: the window's base.
+    fn window_base(&self) -> u64 {
+        self.quorum_of(|link| link.applied).min(self.applied)
+    }
+
+    fn send_prepares(
+        &mut self,
+        now_ns: u64,
+        outbox: &mut impl Outbox,
+        zxids: &ZxidSource,
+        limits: &Limits,
+    ) {
         let has_followers = self.config.followers() > 0;
         while self.incoming_len() > 0 {
             let in_window = self.next_pseq - self.window_base();
-            let space = self.config.window as u64 - in_window;
+            let space = (self.config.window as u64)
+                .saturating_sub(in_window)
+                .min(self.room_before_live_follower_falls_behind(now_ns, limits));
             if space == 0 {
                 self.stats.window_stalls += 1;
                 return;
             }
             if has_followers
-                && self.credits_exhausted(
+                && !self.may_broadcast(
+                    now_ns,
                     self.prepare_msgs_sent,
-                    |link| link.prepare_consumed,
+                    |link| link.prepare_seen,
+                    |link| &mut link.prepare_blocked_since,
                     limits.prepare_credits,
+                    limits.slow_follower_grace_ns,
                 )
             {
                 self.stats.credit_stalls += 1;
@@ -310,6 +725,7 @@ impl Leader {
                 .min(limits.prepare_batch.max(1) as u64)
                 .min(self.config.prepares_fitting() as u64)
                 .min(space);
+            let words = self.broadcast_words(self.prepare_msgs_sent + 1);
             // Secure the buffer before taking zxids: zxids once taken cannot be given back.
             let buffer = match has_followers.then(|| outbox.buffer()) {
                 Some(None) => return,
@@ -318,11 +734,10 @@ impl Leader {
             };
             let first_zxid = zxids.take(batch);
             let first_pseq = self.next_pseq;
-            let node = self.config.node;
             let mut len = 0;
             if let Some(buffer) = buffer {
                 let count = usize::try_from(batch).unwrap_or(0);
-                wire::put_header(buffer, &self.config.header(Kind::Prepare, count, [0; 3]));
+                wire::put_header(buffer, &self.config.header(Kind::Prepare, count, 0, words));
                 wire::put_prepare_prefix(buffer, first_pseq, first_zxid);
                 len = wire::HEADER_BYTES + wire::PREPARE_PREFIX;
                 len += self
@@ -332,9 +747,6 @@ impl Leader {
             for offset in 0..batch {
                 let from = self.incoming_head + offset;
                 let meta = *self.incoming.meta(from);
-                if meta.ends_message && meta.origin_node != node {
-                    self.links[usize::from(meta.origin_node)].write_consumed += 1;
-                }
                 let prepared = EntryMeta {
                     zxid: first_zxid + offset,
                     present: true,
@@ -355,27 +767,126 @@ impl Leader {
         }
     }
 
-    fn send_credits(&mut self, outbox: &mut impl Outbox, limits: &Limits) {
-        for follower in 0..usize::from(self.config.nodes) {
-            if follower == usize::from(self.config.node) {
-                continue;
-            }
+    fn send_credits(&mut self, now_ns: u64, outbox: &mut impl Outbox, limits: &Limits) {
+        for follower in self.follower_ids() {
             let link = self.links[follower];
-            if link.write_consumed - link.write_reported < half(limits.write_credits) {
+            let unreported = link.write_seen - link.write_reported.min(link.write_seen);
+            let due = unreported >= half(limits.write_credits)
+                || link.credit_due
+                || (unreported > 0
+                    && now_ns.saturating_sub(link.credit_sent_ns)
+                        >= limits.retransmit_timeout_ns / 4);
+            if !due {
                 continue;
             }
             let Some(buffer) = outbox.buffer() else {
                 return;
             };
-            wire::put_header(
-                buffer,
-                &self
-                    .config
-                    .header(Kind::Credit, 0, [link.write_consumed, 0, 0]),
+            let mut words = self.broadcast_words(0);
+            words[leader_words::WRITE_SEEN] = link.write_seen;
+            wire::put_header(buffer, &self.config.header(Kind::Credit, 0, 0, words));
+            outbox.send(
+                follower_target(follower),
+                Kind::Credit,
+                wire::HEADER_BYTES,
+                0,
             );
-            let target = Target::Follower(u8::try_from(follower).unwrap_or(u8::MAX));
-            outbox.send(target, Kind::Credit, wire::HEADER_BYTES, 0);
-            self.links[follower].write_reported = link.write_consumed;
+            let link = &mut self.links[follower];
+            link.write_reported = link.write_seen;
+            link.credit_due = false;
+            link.credit_sent_ns = now_ns;
         }
     }
+
+    fn send_snapshots(
+        &mut self,
+        now_ns: u64,
+        outbox: &mut impl Outbox,
+        replica: &impl Replica,
+        board: &CatchupBoard,
+        limits: &Limits,
+    ) {
+        let per_message = self.config.snapshot_entries_fitting() as u64;
+        let (range_first, range_end) = self.config.snapshot_range();
+        for follower in self.follower_ids() {
+            let link = self.links[follower];
+            let (base_zxid, mut next, installed, end, mut announced) = match link.snapshot {
+                SnapshotSend::Idle => continue,
+                SnapshotSend::WaitingForBase => match board.base_zxid(follower, link.instance) {
+                    Some(base_zxid) => {
+                        self.links[follower].snapshot_progress_ns = now_ns;
+                        (base_zxid, range_first, range_first, range_end, false)
+                    }
+                    None => continue,
+                },
+                SnapshotSend::Sending {
+                    base_zxid,
+                    next,
+                    installed,
+                    end,
+                    announced,
+                } => (base_zxid, next, installed, end, announced),
+            };
+            if announced && installed >= end {
+                self.links[follower].snapshot = SnapshotSend::Idle;
+                continue;
+            }
+            if announced
+                && now_ns.saturating_sub(self.links[follower].snapshot_progress_ns)
+                    >= limits.retransmit_timeout_ns
+            {
+                // Go back to the first entry not installed.
+                next = installed;
+                self.links[follower].snapshot_progress_ns = now_ns;
+            }
+            let in_flight_limit = per_message * SNAPSHOT_MESSAGES_IN_FLIGHT;
+            let mut sent = 0;
+            while (next < end || !announced)
+                && next - installed < in_flight_limit
+                && sent < RETRANSMIT_BURST
+            {
+                let count = (end - next).min(per_message);
+                let words = self.broadcast_words(self.prepare_msgs_sent);
+                let Some(buffer) = outbox.buffer() else {
+                    break;
+                };
+                let entries = usize::try_from(count).unwrap_or(0);
+                wire::put_header(
+                    buffer,
+                    &self.config.header(Kind::Snapshot, entries, 0, words),
+                );
+                wire::put_snapshot_prefix(buffer, base_zxid, next, end);
+                let entry_len = wire::SNAPSHOT_ENTRY_FIXED + self.config.value_len;
+                let mut len = wire::HEADER_BYTES + wire::SNAPSHOT_PREFIX;
+                for key in next..next + count {
+                    let value_at = len + wire::SNAPSHOT_ENTRY_FIXED;
+                    let zxid = replica
+                        .read_for_snapshot(
+                            key,
+                            &mut buffer[value_at..value_at + self.config.value_len],
+                        )
+                        .unwrap_or(0);
+                    buffer[len..len + 8].copy_from_slice(&key.to_le_bytes());
+                    buffer[len + 8..len + 16].copy_from_slice(&zxid.to_le_bytes());
+                    len += entry_len;
+                }
+                outbox.send(follower_target(follower), Kind::Snapshot, len, count);
+                self.stats.snapshot_entries_sent += count;
+                next += count;
+                announced = true;
+                sent += 1;
+            }
+            self.links[follower].snapshot = SnapshotSend::Sending {
+                base_zxid,
+                next,
+                installed,
+                end,
+                announced,
+            };
+        }
+    }
+}
+
+fn follower_target(follower: usize) -> Target {
+    Target::Follower(u8::try_from(follower).unwrap_or(u8::MAX))
 }

@@ -1,4 +1,5 @@
-//! ZAB without recovery, as a pure state machine per pipeline.
+//! ZAB's broadcast with loss recovery and follower catch-up, as a pure state machine per
+//! pipeline.
 //!
 //! Worker `t` of every node forms pipeline `t`: the leader's worker `t` orders the writes of
 //! the followers' workers `t` and of its own sessions. Each pipeline numbers its prepares with
@@ -10,11 +11,29 @@
 //! outgoing messages into (an [`Outbox`]) and the replica to apply to; the worker loop and the
 //! deterministic simulator drive them alike. Nothing here allocates after construction.
 //!
-//! Flow control (credits) keeps every receiver within its posted receives. Every follower
-//! message carries three cumulative counters for the leader: PREPARE messages consumed, COMMIT
-//! messages consumed, and the pseq below which it has applied (which bounds the leader's
-//! window). Leader CREDIT messages carry WRITE messages consumed for one follower. A follower
-//! sends at most one ACK per PREPARE message it consumed, so ACKs never outnumber prepares.
+//! Flow control (credits) keeps receivers within their posted receives as long as nothing is
+//! lost; it is a high-water scheme, so a lost message never leaks a credit. Multicast PREPAREs
+//! and COMMITs carry a per-type message sequence, and every follower message reports the
+//! highest of each it consumed, the pseq below which it holds every prepare (the cumulative
+//! ACK), the pseq below which it has applied (which bounds the window), its snapshot progress
+//! and its process instance ([`FollowerWords`]). WRITEs carry the follower's own message
+//! sequence, which the leader's CREDITs report back.
+//!
+//! Loss recovery: the leader retransmits, by unicast, the prepares a follower has not
+//! acknowledged after a timeout (doubling while the follower stays silent) or at once when the
+//! follower reports a gap with a NACK; every PREPARE also carries the commit point, and a COMMIT
+//! is repeated for a follower that holds everything but has not applied it. Followers repeat
+//! forwarded writes that have not come back in a PREPARE, and the leader orders each
+//! (node, session, sequence) at most once. Duplicates are dropped and counted. The leader sends
+//! while a quorum of followers has credit; one that stays out of credit longer than a grace
+//! period is left to catch up by retransmission, and the window follows the quorum's applied
+//! point, so a slow or dead follower does not hold the cluster back.
+//!
+//! A restarted follower says hello with a new instance; the leader's workers each restart
+//! their pipeline towards it at their applied point, agree on a base zxid (the leader's applied
+//! zxid once every worker has) through a [`CatchupBoard`], and stream their share of the store
+//! (entries with the zxid of their value) in SNAPSHOT messages; the follower installs entries
+//! that are newer than what it holds and applies the pipelines' writes after the base zxid.
 
 pub mod follower;
 pub mod leader;
@@ -27,6 +46,8 @@ use rzab_shared::limits::{
 };
 
 pub use wire::Kind;
+
+use std::sync::Mutex;
 
 /// zxid of the state before any write: epoch 1, counter 0. A counter that overflows its low
 /// 32 bits carries into the epoch (as ZooKeeper forces a new epoch on rollover), so the 64-bit
@@ -70,8 +91,14 @@ pub trait Outbox {
     /// be sent this iteration.
     fn buffer(&mut self) -> Option<&mut [u8]>;
     /// Sends the first `len` bytes of the buffer last returned. `batch` is how many entries
-    /// (prepares, writes, acked or committed writes) the message carries, for the statistics.
+    /// (prepares, writes, acked or committed writes) the message carries, for the statistics;
+    /// 0 for a repeat, which stays out of the batch-size statistics.
     fn send(&mut self, target: Target, kind: Kind, len: usize, batch: u64);
+    /// Sends a repeat of something sent before: like [`Outbox::send`], but counted only as a
+    /// retransmission (by the pipeline), not as a message of its path or batch.
+    fn resend(&mut self, target: Target, kind: Kind, len: usize) {
+        self.send(target, kind, len, 0);
+    }
 }
 
 /// The node-wide, zxid-ordered application of committed writes.
@@ -79,6 +106,16 @@ pub trait Replica {
     /// Applies the write if `zxid` is the next in the node's total order; returns false (and
     /// changes nothing) if an earlier zxid has not been applied yet.
     fn try_apply(&self, zxid: u64, key: u64, value: &[u8]) -> bool;
+    /// The last zxid applied on this node.
+    fn applied_zxid(&self) -> u64;
+    /// Copies the value of `key` into `out` and returns the zxid that wrote it, for a snapshot;
+    /// `None` for a key the store does not hold.
+    fn read_for_snapshot(&self, key: u64, out: &mut [u8]) -> Option<u64>;
+    /// Installs a snapshot entry unless the store already holds a newer write to `key`.
+    fn install(&self, key: u64, zxid: u64, value: &[u8]);
+    /// Catch-up: every write up to `zxid` is (or will be, by snapshot) in the store; applying
+    /// resumes after it. Only the first call on a node counts.
+    fn set_base(&self, zxid: u64);
 }
 
 /// Reports writes of local origin that became applied here.
@@ -96,6 +133,25 @@ pub struct Limits {
     pub prepare_credits: u64,
     pub write_credits: u64,
     pub commit_credits: u64,
+    /// The first retransmission timeout.
+    pub retransmit_timeout_ns: u64,
+    /// How long a follower out of credits may hold the leader back while a quorum could go on.
+    pub slow_follower_grace_ns: u64,
+}
+
+impl Limits {
+    /// The longest a backed-off retransmission timeout grows.
+    pub fn max_retransmit_timeout_ns(&self) -> u64 {
+        self.retransmit_timeout_ns.saturating_mul(32)
+    }
+
+    /// How long a silent follower is still waited for before the leader stops keeping
+    /// prepares for it (it will catch up by snapshot when it restarts).
+    pub fn follower_dead_after_ns(&self) -> u64 {
+        self.max_retransmit_timeout_ns()
+            .saturating_mul(4)
+            .max(100_000_000)
+    }
 }
 
 impl Default for Limits {
@@ -108,6 +164,8 @@ impl Default for Limits {
             prepare_credits: 16,
             write_credits: 8,
             commit_credits: 64,
+            retransmit_timeout_ns: 2_000_000,
+            slow_follower_grace_ns: 1_000_000,
         }
     }
 }
@@ -125,6 +183,12 @@ pub struct PipelineConfig {
     /// Prepares that may be outstanding (prepared, not yet applied everywhere); a power of two.
     pub window: usize,
     pub mtu: usize,
+    /// Keys of the store (ids `0..keys`), which the catch-up snapshot covers.
+    pub keys: u64,
+    /// This process's instance: a restarted process has a new one.
+    pub instance: u64,
+    /// The configuration fingerprint every node of the cluster must share.
+    pub fingerprint: u64,
 }
 
 impl PipelineConfig {
@@ -146,8 +210,27 @@ impl PipelineConfig {
 
     /// Entries one WRITE can carry within the MTU.
     pub fn writes_fitting(&self) -> usize {
-        ((self.mtu - wire::HEADER_BYTES) / (wire::ENTRY_FIXED + self.value_len))
+        ((self.mtu - wire::HEADER_BYTES - wire::WRITE_PREFIX)
+            / (wire::ENTRY_FIXED + self.value_len))
             .min(MAX_WRITES_PER_MSG)
+    }
+
+    /// Entries one SNAPSHOT can carry within the MTU.
+    pub fn snapshot_entries_fitting(&self) -> usize {
+        ((self.mtu - wire::HEADER_BYTES - wire::SNAPSHOT_PREFIX)
+            / (wire::SNAPSHOT_ENTRY_FIXED + self.value_len))
+            .min(MAX_SNAPSHOT_ENTRIES_PER_MSG)
+    }
+
+    /// The key positions `[first, end)` this pipeline sends or installs in a snapshot.
+    pub fn snapshot_range(&self) -> (u64, u64) {
+        let pipelines = u64::from(self.pipelines.max(1));
+        let share = |pipeline: u64| {
+            u64::try_from(u128::from(self.keys) * u128::from(pipeline) / u128::from(pipelines))
+                .unwrap_or(u64::MAX)
+        };
+        let pipeline = u64::from(self.pipeline);
+        (share(pipeline), share(pipeline + 1))
     }
 
     /// Checks that the configuration can work at all.
@@ -164,7 +247,9 @@ impl PipelineConfig {
                 self.window
             ));
         }
-        if self.mtu < wire::prepare_len(1, self.value_len) {
+        if self.mtu
+            < wire::prepare_len(1, self.value_len).max(wire::snapshot_len(1, self.value_len))
+        {
             return Err(format!(
                 "value size {} does not fit the transport MTU of {} bytes (one prepare needs {})",
                 self.value_len,
@@ -178,7 +263,13 @@ impl PipelineConfig {
         Ok(())
     }
 
-    fn header(&self, kind: Kind, count: usize, credits: [u64; 3]) -> wire::Header {
+    fn header(
+        &self,
+        kind: Kind,
+        count: usize,
+        flags: u16,
+        words: [u64; wire::WORDS],
+    ) -> wire::Header {
         wire::Header {
             kind,
             from_node: self.node,
@@ -186,7 +277,143 @@ impl PipelineConfig {
             count: u16::try_from(count).unwrap_or(u16::MAX),
             cluster_tag: self.cluster_tag,
             value_len: u16::try_from(self.value_len).unwrap_or(u16::MAX),
-            credits,
+            flags,
+            words,
+        }
+    }
+}
+
+/// Most entries one SNAPSHOT message carries.
+pub const MAX_SNAPSHOT_ENTRIES_PER_MSG: usize = 64;
+/// SNAPSHOT messages the leader keeps in flight towards one catching-up follower.
+pub const SNAPSHOT_MESSAGES_IN_FLIGHT: u64 = 16;
+/// Messages one retransmission round sends to one follower at most.
+pub const RETRANSMIT_BURST: usize = 8;
+
+/// The header words of every follower-to-leader message.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FollowerWords {
+    /// Highest multicast PREPARE message sequence consumed.
+    pub prepare_seen: u64,
+    /// Highest multicast COMMIT message sequence consumed.
+    pub commit_seen: u64,
+    /// Every prepare below this pseq is held (the cumulative ACK).
+    pub received: u64,
+    /// Every prepare below this pseq is applied.
+    pub applied: u64,
+    /// Snapshot entries installed: the next key position expected.
+    pub snapshot_installed: u64,
+    /// The follower process's instance.
+    pub instance: u64,
+}
+
+impl FollowerWords {
+    pub fn to_words(self) -> [u64; wire::WORDS] {
+        [
+            self.prepare_seen,
+            self.commit_seen,
+            self.received,
+            self.applied,
+            self.snapshot_installed,
+            self.instance,
+        ]
+    }
+
+    pub fn from_words(words: [u64; wire::WORDS]) -> Self {
+        FollowerWords {
+            prepare_seen: words[0],
+            commit_seen: words[1],
+            received: words[2],
+            applied: words[3],
+            snapshot_installed: words[4],
+            instance: words[5],
+        }
+    }
+}
+
+/// Header words of leader-to-follower PREPARE and COMMIT messages.
+pub mod leader_words {
+    /// This message's per-type sequence (0 on a unicast retransmission).
+    pub const SEQ: usize = 0;
+    /// The leader's commit point (pseq) when it sent the message.
+    pub const COMMIT_POINT: usize = 1;
+    /// The oldest pseq the leader can still retransmit.
+    pub const RETAINED_FROM: usize = 2;
+    /// CREDIT: the highest WRITE message sequence of this follower the leader has consumed.
+    pub const WRITE_SEEN: usize = 0;
+}
+
+/// Header words of HELLO messages.
+pub mod hello_words {
+    /// The sender's configuration fingerprint.
+    pub const FINGERPRINT: usize = 0;
+    /// The sender's process instance.
+    pub const INSTANCE: usize = 1;
+    /// Leader's answer: the pseq the follower's pipeline starts at.
+    pub const START_PSEQ: usize = 2;
+    /// Leader's answer: 1 if a snapshot follows (a follower joining a running cluster).
+    pub const CATCH_UP: usize = 3;
+}
+
+/// How the leader's workers agree on the base zxid of a restarted follower's snapshot: each
+/// registers once it has restarted its pipeline towards the follower's new instance, and the
+/// last to register reads the leader's applied zxid. Every write after that zxid is in some
+/// pipeline's stream from its restart point on; every write up to it is in the store when the
+/// snapshots are read. Used only when a follower joins, never on the data path.
+#[derive(Debug)]
+pub struct CatchupBoard {
+    pipelines: u32,
+    slots: Mutex<[CatchupSlot; MAX_NODES]>,
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+struct CatchupSlot {
+    instance: u64,
+    registered: u64,
+    base_zxid: Option<u64>,
+}
+
+impl CatchupBoard {
+    pub fn new(pipelines: usize) -> Self {
+        CatchupBoard {
+            pipelines: u32::try_from(pipelines.min(64)).unwrap_or(64),
+            slots: Mutex::new([CatchupSlot::default(); MAX_NODES]),
+        }
+    }
+
+    /// Pipeline `pipeline` has restarted towards `follower`'s `instance`.
+    pub fn register(&self, follower: usize, instance: u64, pipeline: u8, replica: &impl Replica) {
+        let Ok(mut slots) = self.slots.lock() else {
+            return;
+        };
+        let Some(slot) = slots.get_mut(follower) else {
+            return;
+        };
+        if slot.instance != instance {
+            *slot = CatchupSlot {
+                instance,
+                ..CatchupSlot::default()
+            };
+        }
+        slot.registered |= 1u64 << u32::from(pipeline).min(63);
+        let all = if self.pipelines >= 64 {
+            u64::MAX
+        } else {
+            (1u64 << self.pipelines) - 1
+        };
+        if slot.registered & all == all && slot.base_zxid.is_none() {
+            slot.base_zxid = Some(replica.applied_zxid());
+        }
+    }
+
+    /// The base zxid agreed for `follower`'s `instance`, once every pipeline has registered.
+    pub fn base_zxid(&self, follower: usize, instance: u64) -> Option<u64> {
+        let slots = self.slots.lock().ok()?;
+        let slot = slots.get(follower)?;
+        if slot.instance == instance {
+            slot.base_zxid
+        } else {
+            None
         }
     }
 }
@@ -316,6 +543,17 @@ pub struct PipelineStats {
     pub dropped_unexpected: u64,
     pub writes_applied: u64,
     pub last_applied_zxid: u64,
+    pub retransmitted_prepares: u64,
+    pub retransmitted_commits: u64,
+    pub retransmitted_writes: u64,
+    /// Gaps a follower found in the prepare sequence (and asked to be filled).
+    pub gaps_detected: u64,
+    /// Messages, or entries of them, already held.
+    pub duplicates_dropped: u64,
+    pub snapshot_entries_sent: u64,
+    pub snapshot_entries_installed: u64,
+    /// The highest zxid known to be committed by the leader.
+    pub leader_zxid: u64,
 }
 
 /// A shared zxid source: the leader node's workers take one batch each with a fetch-add.

@@ -1,6 +1,7 @@
-//! Wire formats of the ZAB messages: a fixed 48-byte header (magic, kind, sender, pipeline,
-//! entry count, cluster tag, value length, and three cumulative flow-control counters) followed
-//! by a kind-specific body. All integers are little-endian.
+//! Wire formats of the ZAB messages: a fixed 64-byte header (magic, kind, sender, pipeline,
+//! entry count, cluster tag, value length, flags, and six 64-bit words whose meaning depends on
+//! the direction: flow-control and progress counters) followed by a kind-specific body. All
+//! integers are little-endian.
 //!
 //! Decoding never panics and never trusts a length it has not checked: a short, foreign or
 //! malformed datagram yields a [`WireError`] that callers count and drop. Encoding writes into
@@ -8,14 +9,26 @@
 
 /// "ZB", little-endian.
 pub const MAGIC: u16 = 0x425A;
-pub const VERSION: u8 = 1;
-pub const HEADER_BYTES: usize = 48;
+pub const VERSION: u8 = 2;
+pub const HEADER_BYTES: usize = 64;
+/// Words in the header.
+pub const WORDS: usize = 6;
 /// Body prefix of PREPARE: first pipeline sequence and first zxid.
 pub const PREPARE_PREFIX: usize = 16;
+/// Body prefix of WRITE: the follower's message sequence (0 on a retransmission).
+pub const WRITE_PREFIX: usize = 8;
 /// Fixed part of every PREPARE or WRITE entry (origin, session, sequence, key); the value follows.
 pub const ENTRY_FIXED: usize = 24;
-/// Body of ACK and COMMIT: a range (first pipeline sequence, count).
+/// Body of ACK, NACK and COMMIT: a range (first pipeline sequence, count).
 pub const RANGE_BODY: usize = 16;
+/// Body prefix of SNAPSHOT: the zxid the snapshot stands on, the first key position it
+/// carries, and the end of the key range being sent.
+pub const SNAPSHOT_PREFIX: usize = 24;
+/// Fixed part of every SNAPSHOT entry (key, zxid of its value); the value follows.
+pub const SNAPSHOT_ENTRY_FIXED: usize = 16;
+
+/// Header flag: this message repeats something already sent.
+pub const FLAG_RETRANSMIT: u16 = 1;
 
 /// Message kinds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -29,17 +42,26 @@ pub enum Kind {
     Ack = 3,
     /// Leader to followers: "every prepare below this point is committed".
     Commit = 4,
-    /// Either way: flow-control counters only.
+    /// Either way: flow-control and progress counters only.
     Credit = 5,
+    /// Follower to leader: "these prepares never reached me".
+    Nack = 6,
+    /// Either way: joining a pipeline (configuration fingerprint, process instance, start).
+    Hello = 7,
+    /// Leader to a catching-up follower: store entries.
+    Snapshot = 8,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 5] = [
+    pub const ALL: [Kind; 8] = [
         Kind::Write,
         Kind::Prepare,
         Kind::Ack,
         Kind::Commit,
         Kind::Credit,
+        Kind::Nack,
+        Kind::Hello,
+        Kind::Snapshot,
     ];
 
     pub fn from_code(code: u8) -> Option<Kind> {
@@ -53,6 +75,9 @@ impl Kind {
             Kind::Ack => "ack",
             Kind::Commit => "commit",
             Kind::Credit => "credit",
+            Kind::Nack => "nack",
+            Kind::Hello => "hello",
+            Kind::Snapshot => "snapshot",
         }
     }
 
@@ -97,8 +122,15 @@ pub struct Header {
     pub count: u16,
     pub cluster_tag: u32,
     pub value_len: u16,
-    /// Flow-control counters; their meaning depends on the direction (see the pipelines).
-    pub credits: [u64; 3],
+    pub flags: u16,
+    /// Counters whose meaning depends on the direction (see the pipelines).
+    pub words: [u64; WORDS],
+}
+
+impl Header {
+    pub fn is_retransmit(&self) -> bool {
+        self.flags & FLAG_RETRANSMIT != 0
+    }
 }
 
 fn u16_at(bytes: &[u8], at: usize) -> u16 {
@@ -125,10 +157,10 @@ pub fn put_header(out: &mut [u8], header: &Header) {
     out[6..8].copy_from_slice(&header.count.to_le_bytes());
     out[8..12].copy_from_slice(&header.cluster_tag.to_le_bytes());
     out[12..14].copy_from_slice(&header.value_len.to_le_bytes());
-    out[14..16].copy_from_slice(&[0, 0]);
-    for (index, credit) in header.credits.iter().enumerate() {
+    out[14..16].copy_from_slice(&header.flags.to_le_bytes());
+    for (index, word) in header.words.iter().enumerate() {
         let at = 16 + index * 8;
-        out[at..at + 8].copy_from_slice(&credit.to_le_bytes());
+        out[at..at + 8].copy_from_slice(&word.to_le_bytes());
     }
 }
 
@@ -139,7 +171,12 @@ pub const fn prepare_len(count: usize, value_len: usize) -> usize {
 
 /// Size of a WRITE carrying `count` entries.
 pub const fn write_len(count: usize, value_len: usize) -> usize {
-    HEADER_BYTES + count * (ENTRY_FIXED + value_len)
+    HEADER_BYTES + WRITE_PREFIX + count * (ENTRY_FIXED + value_len)
+}
+
+/// Size of a SNAPSHOT carrying `count` entries.
+pub const fn snapshot_len(count: usize, value_len: usize) -> usize {
+    HEADER_BYTES + SNAPSHOT_PREFIX + count * (SNAPSHOT_ENTRY_FIXED + value_len)
 }
 
 /// One client write inside a PREPARE or WRITE body.
@@ -150,6 +187,17 @@ pub struct EntryView<'a> {
     pub session_seq: u64,
     pub key: u64,
     pub value: &'a [u8],
+}
+
+impl EntryView<'_> {
+    /// What [`Message::entry`] returns for a message that carries no entries.
+    pub const EMPTY: EntryView<'static> = EntryView {
+        origin_node: 0,
+        session: 0,
+        session_seq: 0,
+        key: 0,
+        value: &[],
+    };
 }
 
 /// Writes one entry at `out[..ENTRY_FIXED + value.len()]`.
@@ -216,10 +264,14 @@ impl<'a> Message<'a> {
             count: u16_at(datagram, 6),
             cluster_tag: u32_at(datagram, 8),
             value_len: u16_at(datagram, 12),
-            credits: [
+            flags: u16_at(datagram, 14),
+            words: [
                 u64_at(datagram, 16),
                 u64_at(datagram, 24),
                 u64_at(datagram, 32),
+                u64_at(datagram, 40),
+                u64_at(datagram, 48),
+                u64_at(datagram, 56),
             ],
         };
         if header.cluster_tag != cluster_tag {
@@ -230,23 +282,19 @@ impl<'a> Message<'a> {
         }
         let body = &datagram[HEADER_BYTES..];
         let count = usize::from(header.count);
+        let carries_values = matches!(kind, Kind::Write | Kind::Prepare | Kind::Snapshot);
+        if carries_values && usize::from(header.value_len) != value_len {
+            return Err(WireError::ValueLength {
+                found: usize::from(header.value_len),
+                expected: value_len,
+            });
+        }
         let expected = match kind {
-            Kind::Write | Kind::Prepare => {
-                if usize::from(header.value_len) != value_len {
-                    return Err(WireError::ValueLength {
-                        found: usize::from(header.value_len),
-                        expected: value_len,
-                    });
-                }
-                let prefix = if kind == Kind::Prepare {
-                    PREPARE_PREFIX
-                } else {
-                    0
-                };
-                prefix + count * (ENTRY_FIXED + value_len)
-            }
-            Kind::Ack | Kind::Commit => RANGE_BODY,
-            Kind::Credit => 0,
+            Kind::Write => WRITE_PREFIX + count * (ENTRY_FIXED + value_len),
+            Kind::Prepare => PREPARE_PREFIX + count * (ENTRY_FIXED + value_len),
+            Kind::Snapshot => SNAPSHOT_PREFIX + count * (SNAPSHOT_ENTRY_FIXED + value_len),
+            Kind::Ack | Kind::Nack | Kind::Commit => RANGE_BODY,
+            Kind::Credit | Kind::Hello => 0,
         };
         if body.len() != expected || (matches!(kind, Kind::Write | Kind::Prepare) && count == 0) {
             return Err(WireError::BodyLength {
@@ -269,17 +317,22 @@ impl<'a> Message<'a> {
 
     /// PREPARE: (first pipeline sequence, first zxid).
     pub fn prepare_start(&self) -> (u64, u64) {
-        (u64_at(self.body, 0), u64_at(self.body, 8))
+        if self.header.kind == Kind::Prepare {
+            (u64_at(self.body, 0), u64_at(self.body, 8))
+        } else {
+            (0, 0)
+        }
     }
 
     /// Entry `index` of a PREPARE or WRITE (index below `header.count`).
     pub fn entry(&self, index: usize) -> EntryView<'a> {
         let value_len = usize::from(self.header.value_len);
-        let body = if self.header.kind == Kind::Prepare {
-            &self.body[PREPARE_PREFIX..]
-        } else {
-            self.body
+        let prefix = match self.header.kind {
+            Kind::Prepare => PREPARE_PREFIX,
+            Kind::Write => WRITE_PREFIX,
+            _ => return EntryView::EMPTY,
         };
+        let body = &self.body[prefix..];
         entry_at(
             body,
             index.min(usize::from(self.header.count).saturating_sub(1)),
@@ -287,10 +340,71 @@ impl<'a> Message<'a> {
         )
     }
 
-    /// ACK or COMMIT: (first pipeline sequence, count).
-    pub fn range(&self) -> (u64, u64) {
-        (u64_at(self.body, 0), u64_at(self.body, 8))
+    /// WRITE: the follower's message sequence (0 on a retransmission).
+    pub fn write_seq(&self) -> u64 {
+        if self.body.len() >= WRITE_PREFIX {
+            u64_at(self.body, 0)
+        } else {
+            0
+        }
     }
+
+    /// ACK, NACK or COMMIT: (first pipeline sequence, count).
+    pub fn range(&self) -> (u64, u64) {
+        if self.body.len() >= RANGE_BODY {
+            (u64_at(self.body, 0), u64_at(self.body, 8))
+        } else {
+            (0, 0)
+        }
+    }
+
+    /// SNAPSHOT: (zxid the snapshot stands on, first key position, end of the range).
+    pub fn snapshot_start(&self) -> (u64, u64, u64) {
+        if self.body.len() >= SNAPSHOT_PREFIX {
+            (
+                u64_at(self.body, 0),
+                u64_at(self.body, 8),
+                u64_at(self.body, 16),
+            )
+        } else {
+            (0, 0, 0)
+        }
+    }
+
+    /// Entry `index` of a SNAPSHOT (index below `header.count`): (key, zxid, value).
+    pub fn snapshot_entry(&self, index: usize) -> (u64, u64, &'a [u8]) {
+        let value_len = usize::from(self.header.value_len);
+        let size = SNAPSHOT_ENTRY_FIXED + value_len;
+        let at = SNAPSHOT_PREFIX + index * size;
+        if self.header.kind != Kind::Snapshot || at + size > self.body.len() {
+            return (0, 0, &[]);
+        }
+        (
+            u64_at(self.body, at),
+            u64_at(self.body, at + 8),
+            &self.body[at + SNAPSHOT_ENTRY_FIXED..at + size],
+        )
+    }
+}
+
+/// Writes a WRITE's body prefix after the header.
+pub fn put_write_prefix(out: &mut [u8], seq: u64) {
+    out[HEADER_BYTES..HEADER_BYTES + 8].copy_from_slice(&seq.to_le_bytes());
+}
+
+/// Writes a SNAPSHOT's body prefix after the header.
+pub fn put_snapshot_prefix(out: &mut [u8], base_zxid: u64, first: u64, end: u64) {
+    let at = HEADER_BYTES;
+    out[at..at + 8].copy_from_slice(&base_zxid.to_le_bytes());
+    out[at + 8..at + 16].copy_from_slice(&first.to_le_bytes());
+    out[at + 16..at + 24].copy_from_slice(&end.to_le_bytes());
+}
+
+/// Writes one SNAPSHOT entry at `out[..SNAPSHOT_ENTRY_FIXED + value.len()]`.
+pub fn put_snapshot_entry(out: &mut [u8], key: u64, zxid: u64, value: &[u8]) {
+    out[0..8].copy_from_slice(&key.to_le_bytes());
+    out[8..16].copy_from_slice(&zxid.to_le_bytes());
+    out[SNAPSHOT_ENTRY_FIXED..SNAPSHOT_ENTRY_FIXED + value.len()].copy_from_slice(value);
 }
 
 /// Writes a PREPARE's body prefix after the header.
@@ -332,7 +446,8 @@ mod tests {
             count,
             cluster_tag: 7,
             value_len: 8,
-            credits: [1, 2, 3],
+            flags: 0,
+            words: [1, 2, 3, 4, 5, 6],
         }
     }
 
@@ -352,7 +467,7 @@ mod tests {
             &[8; 8],
         );
         let message = Message::decode(&buffer, 7, 8, 3, 1).unwrap();
-        assert_eq!(message.header.credits, [1, 2, 3]);
+        assert_eq!(message.header.words, [1, 2, 3, 4, 5, 6]);
         assert_eq!(message.prepare_start(), (10, 99));
         assert_eq!(
             message.entry(1),
@@ -404,6 +519,9 @@ mod tests {
         ));
         // A WRITE whose count claims more entries than the body holds.
         let mut write = vec![0u8; write_len(1, 8)];
+        put_header(&mut write, &header(Kind::Write, 1));
+        put_write_prefix(&mut write, 9);
+        assert_eq!(Message::decode(&write, 7, 8, 3, 1).unwrap().write_seq(), 9);
         put_header(&mut write, &header(Kind::Write, 3));
         assert!(matches!(
             Message::decode(&write, 7, 8, 3, 1),
@@ -415,7 +533,7 @@ mod tests {
         }
         let mut state = 12345u64;
         for _ in 0..10_000 {
-            let mut garbage = [0u8; 96];
+            let mut garbage = [0u8; 160];
             for byte in &mut garbage {
                 state = state
                     .wrapping_mul(6364136223846793005)
@@ -425,7 +543,7 @@ mod tests {
             garbage[0..2].copy_from_slice(&MAGIC.to_le_bytes());
             garbage[2] = VERSION;
             if let Ok(message) = Message::decode(
-                &garbage[..(state as usize % 96)],
+                &garbage[..(state as usize % 160)],
                 u32_at(&garbage, 8),
                 usize::from(u16_at(&garbage, 12)),
                 256,
@@ -433,7 +551,13 @@ mod tests {
             ) {
                 for index in 0..usize::from(message.header.count) {
                     let _ = message.entry(index);
+                    let _ = message.snapshot_entry(index);
                 }
+                let _ = (
+                    message.range(),
+                    message.snapshot_start(),
+                    message.write_seq(),
+                );
             }
         }
     }

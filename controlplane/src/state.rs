@@ -1,0 +1,76 @@
+//! The state every part of the control plane shares: its configuration, the attachment to the
+//! control block, the registry status, and a few derived facts (role, data-plane liveness).
+//!
+//! Touches nothing by itself; it reads the attached block on request.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use rzab_shared::{ControlBlock, Lifecycle};
+
+use crate::attach::Attachment;
+use crate::options::Config;
+use crate::registry::RegistryStatus;
+
+/// The data plane counts as up while its heartbeat is at most this old (and it is running).
+pub const DATAPLANE_FRESH: Duration = Duration::from_secs(2);
+
+/// Everything the control plane's tasks share.
+#[derive(Debug)]
+pub struct Shared {
+    pub config: Config,
+    pub attachment: Attachment,
+    pub registry: RegistryStatus,
+    /// The address the REST server is bound to (the published URLs use it).
+    pub local_addr: SocketAddr,
+    pub started: Instant,
+}
+
+impl Shared {
+    pub fn new(config: Config, local_addr: SocketAddr) -> Self {
+        Shared {
+            attachment: Attachment::new(&config.block, &config.cluster, config.node),
+            config,
+            registry: RegistryStatus::default(),
+            local_addr,
+            started: Instant::now(),
+        }
+    }
+
+    /// "leader" for node 0, "follower" otherwise.
+    pub fn role(&self) -> &'static str {
+        role(self.config.node)
+    }
+}
+
+/// "leader" for node 0, "follower" otherwise.
+pub fn role(node: u32) -> &'static str {
+    if node == 0 { "leader" } else { "follower" }
+}
+
+/// Wall-clock nanoseconds since the Unix epoch (0 if the clock is before it).
+pub fn now_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |elapsed| {
+            u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX)
+        })
+}
+
+/// Seconds since the data plane's last heartbeat, or `None` if it never beat.
+pub fn dataplane_heartbeat_age(block: &ControlBlock) -> Option<f64> {
+    match block.dataplane_silence_ns() {
+        u64::MAX => None,
+        silence => Some(silence as f64 / 1e9),
+    }
+}
+
+/// Whether the data plane's heartbeat is fresh.
+pub fn dataplane_fresh(block: &ControlBlock) -> bool {
+    block.dataplane_silence_ns() <= u64::try_from(DATAPLANE_FRESH.as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// Whether the data plane is running with a fresh heartbeat.
+pub fn dataplane_up(block: &ControlBlock) -> bool {
+    dataplane_fresh(block) && block.lifecycle() == Lifecycle::Running
+}

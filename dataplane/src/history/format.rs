@@ -1,0 +1,455 @@
+//! The on-disk format of history files (`docs/history-format.md` is the prose version): a
+//! fixed 64-byte header, then fixed-size 56-byte little-endian records, the last of which is a
+//! trailer written at clean shutdown. Both the recorder (this crate) and the checker
+//! (`rzab-tests`) encode and decode through this module only.
+//!
+//! Pure encoding and decoding: touches nothing but the byte slices it is handed.
+
+/// The first eight bytes of every history file.
+pub const MAGIC: [u8; 8] = *b"RZABHIST";
+/// Bumped whenever the layout of the header or of a record changes.
+pub const VERSION: u32 = 1;
+/// Bytes of the file header.
+pub const HEADER_BYTES: usize = 64;
+/// Bytes of every record, the trailer included.
+pub const RECORD_BYTES: usize = 56;
+/// The same sizes as the header stores them.
+const HEADER_BYTES_U32: u32 = 64;
+const RECORD_BYTES_U32: u32 = 56;
+const _: () =
+    assert!(HEADER_BYTES_U32 as usize == HEADER_BYTES && RECORD_BYTES_U32 as usize == RECORD_BYTES);
+/// The `extra` field of a trailer record, so that a truncated file is never taken for a
+/// complete one.
+pub const TRAILER_MAGIC: u64 = u64::from_le_bytes(*b"RZABEND\0");
+/// The header's clock id for Linux `CLOCK_MONOTONIC` (the only clock the recorder uses): one
+/// clock for every process on a host, so timestamps of different nodes on one host compare.
+pub const CLOCK_MONOTONIC_ID: u32 = 1;
+
+const KIND_READ: u8 = 1;
+const KIND_WRITE_INVOKE: u8 = 2;
+const KIND_WRITE_COMPLETE: u8 = 3;
+const KIND_APPLY: u8 = 4;
+const KIND_TRAILER: u8 = 0xff;
+
+/// Why bytes are not a valid header or record.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum FormatError {
+    #[error("not a history file (bad magic)")]
+    BadMagic,
+    #[error("format version {0} is not supported (this build reads version {VERSION})")]
+    UnsupportedVersion(u32),
+    #[error(
+        "header says {header} header bytes and {record} record bytes; expected {HEADER_BYTES} and {RECORD_BYTES}"
+    )]
+    Sizes { header: u32, record: u32 },
+    #[error("clock id {0} is unknown (expected {CLOCK_MONOTONIC_ID}, CLOCK_MONOTONIC)")]
+    UnknownClock(u32),
+    #[error("node {node} / worker {worker} is outside {nodes} nodes x {workers} workers")]
+    OutOfRange {
+        node: u8,
+        worker: u8,
+        nodes: u8,
+        workers: u8,
+    },
+    #[error("unknown record kind {0:#04x}")]
+    UnknownKind(u8),
+    #[error("trailer record without the trailer magic")]
+    BadTrailer,
+}
+
+/// What a history file says about itself.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FileHeader {
+    pub node: u8,
+    pub worker: u8,
+    pub nodes: u8,
+    pub workers: u8,
+    /// The data plane process's instance id (the control block's `instance`): differs for
+    /// every start, so the files of a restarted node never collide with the earlier ones.
+    pub instance: u64,
+    /// Wall-clock (CLOCK_REALTIME) nanoseconds at which the data plane started; orders the
+    /// instances of one node.
+    pub started_unix_ns: u64,
+    /// The node's applied zxid when recording began.
+    pub initial_zxid: u64,
+    /// Which clock the records' timestamps come from ([`CLOCK_MONOTONIC_ID`]).
+    pub clock: u32,
+}
+
+impl FileHeader {
+    pub fn encode(&self) -> [u8; HEADER_BYTES] {
+        let mut out = [0u8; HEADER_BYTES];
+        out[0..8].copy_from_slice(&MAGIC);
+        out[8..12].copy_from_slice(&VERSION.to_le_bytes());
+        out[12..16].copy_from_slice(&HEADER_BYTES_U32.to_le_bytes());
+        out[16..20].copy_from_slice(&RECORD_BYTES_U32.to_le_bytes());
+        out[20] = self.node;
+        out[21] = self.worker;
+        out[22] = self.nodes;
+        out[23] = self.workers;
+        out[24..32].copy_from_slice(&self.instance.to_le_bytes());
+        out[32..40].copy_from_slice(&self.started_unix_ns.to_le_bytes());
+        out[40..48].copy_from_slice(&self.initial_zxid.to_le_bytes());
+        out[48..52].copy_from_slice(&self.clock.to_le_bytes());
+        out
+    }
+
+    pub fn decode(bytes: &[u8; HEADER_BYTES]) -> Result<FileHeader, FormatError> {
+        if bytes[0..8] != MAGIC {
+            return Err(FormatError::BadMagic);
+        }
+        let version = u32_at(bytes, 8);
+        if version != VERSION {
+            return Err(FormatError::UnsupportedVersion(version));
+        }
+        let (header, record) = (u32_at(bytes, 12), u32_at(bytes, 16));
+        if header != HEADER_BYTES_U32 || record != RECORD_BYTES_U32 {
+            return Err(FormatError::Sizes { header, record });
+        }
+        let decoded = FileHeader {
+            node: bytes[20],
+            worker: bytes[21],
+            nodes: bytes[22],
+            workers: bytes[23],
+            instance: u64_at(bytes, 24),
+            started_unix_ns: u64_at(bytes, 32),
+            initial_zxid: u64_at(bytes, 40),
+            clock: u32_at(bytes, 48),
+        };
+        if decoded.clock != CLOCK_MONOTONIC_ID {
+            return Err(FormatError::UnknownClock(decoded.clock));
+        }
+        if decoded.node >= decoded.nodes || decoded.worker >= decoded.workers {
+            return Err(FormatError::OutOfRange {
+                node: decoded.node,
+                worker: decoded.worker,
+                nodes: decoded.nodes,
+                workers: decoded.workers,
+            });
+        }
+        Ok(decoded)
+    }
+}
+
+/// One recorded event. Timestamps are `CLOCK_MONOTONIC` nanoseconds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Record {
+    /// A read served from the local store. `invoke_ns` is taken before the worker's issue
+    /// phase, `complete_ns` after the value was read.
+    Read {
+        session: u16,
+        invoke_ns: u64,
+        complete_ns: u64,
+        key: u64,
+        /// The first 8 bytes of the value read (0: the initial value).
+        write_id: u64,
+        /// The zxid the store keeps with the value read (0: the initial value).
+        value_zxid: u64,
+        /// The node's applied zxid before the read: every write up to it was in the store.
+        applied_zxid: u64,
+    },
+    /// A write accepted by the pipeline.
+    WriteInvoke {
+        session: u16,
+        seq: u64,
+        invoke_ns: u64,
+        key: u64,
+        write_id: u64,
+    },
+    /// A write of this worker's session applied locally: the session's call returns.
+    WriteComplete {
+        session: u16,
+        seq: u64,
+        invoke_ns: u64,
+        complete_ns: u64,
+        key: u64,
+        write_id: u64,
+        zxid: u64,
+    },
+    /// A write this worker applied to the node's replica (any session's, any node's).
+    Apply { zxid: u64, key: u64, write_id: u64 },
+    /// The last record of a cleanly closed file.
+    Trailer {
+        /// Records in the file before the trailer.
+        records: u64,
+        /// Records the worker could not record (no empty buffer) or the flusher could not
+        /// write. A history with drops is incomplete.
+        dropped: u64,
+    },
+}
+
+/// The raw fields of a record, in file order after the 8-byte prefix.
+struct RawRecord {
+    kind: u8,
+    session: u16,
+    first_ns: u64,
+    second_ns: u64,
+    key: u64,
+    write_id: u64,
+    zxid: u64,
+    extra: u64,
+}
+
+impl Record {
+    pub fn encode(&self, out: &mut [u8; RECORD_BYTES]) {
+        let raw = match *self {
+            Record::Read {
+                session,
+                invoke_ns,
+                complete_ns,
+                key,
+                write_id,
+                value_zxid,
+                applied_zxid,
+            } => RawRecord {
+                kind: KIND_READ,
+                session,
+                first_ns: invoke_ns,
+                second_ns: complete_ns,
+                key,
+                write_id,
+                zxid: value_zxid,
+                extra: applied_zxid,
+            },
+            Record::WriteInvoke {
+                session,
+                seq,
+                invoke_ns,
+                key,
+                write_id,
+            } => RawRecord {
+                kind: KIND_WRITE_INVOKE,
+                session,
+                first_ns: invoke_ns,
+                second_ns: 0,
+                key,
+                write_id,
+                zxid: 0,
+                extra: seq,
+            },
+            Record::WriteComplete {
+                session,
+                seq,
+                invoke_ns,
+                complete_ns,
+                key,
+                write_id,
+                zxid,
+            } => RawRecord {
+                kind: KIND_WRITE_COMPLETE,
+                session,
+                first_ns: invoke_ns,
+                second_ns: complete_ns,
+                key,
+                write_id,
+                zxid,
+                extra: seq,
+            },
+            Record::Apply {
+                zxid,
+                key,
+                write_id,
+            } => RawRecord {
+                kind: KIND_APPLY,
+                session: 0,
+                first_ns: 0,
+                second_ns: 0,
+                key,
+                write_id,
+                zxid,
+                extra: 0,
+            },
+            Record::Trailer { records, dropped } => RawRecord {
+                kind: KIND_TRAILER,
+                session: 0,
+                first_ns: records,
+                second_ns: dropped,
+                key: 0,
+                write_id: 0,
+                zxid: 0,
+                extra: TRAILER_MAGIC,
+            },
+        };
+        out[0] = raw.kind;
+        out[1] = 0;
+        out[2..4].copy_from_slice(&raw.session.to_le_bytes());
+        out[4..8].copy_from_slice(&[0; 4]);
+        for (index, word) in [
+            raw.first_ns,
+            raw.second_ns,
+            raw.key,
+            raw.write_id,
+            raw.zxid,
+            raw.extra,
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            out[8 + index * 8..16 + index * 8].copy_from_slice(&word.to_le_bytes());
+        }
+    }
+
+    pub fn decode(bytes: &[u8; RECORD_BYTES]) -> Result<Record, FormatError> {
+        let session = u16::from_le_bytes([bytes[2], bytes[3]]);
+        let word = |index: usize| u64_at(bytes, 8 + index * 8);
+        let (first_ns, second_ns, key, write_id, zxid, extra) =
+            (word(0), word(1), word(2), word(3), word(4), word(5));
+        Ok(match bytes[0] {
+            KIND_READ => Record::Read {
+                session,
+                invoke_ns: first_ns,
+                complete_ns: second_ns,
+                key,
+                write_id,
+                value_zxid: zxid,
+                applied_zxid: extra,
+            },
+            KIND_WRITE_INVOKE => Record::WriteInvoke {
+                session,
+                seq: extra,
+                invoke_ns: first_ns,
+                key,
+                write_id,
+            },
+            KIND_WRITE_COMPLETE => Record::WriteComplete {
+                session,
+                seq: extra,
+                invoke_ns: first_ns,
+                complete_ns: second_ns,
+                key,
+                write_id,
+                zxid,
+            },
+            KIND_APPLY => Record::Apply {
+                zxid,
+                key,
+                write_id,
+            },
+            KIND_TRAILER if extra == TRAILER_MAGIC => Record::Trailer {
+                records: first_ns,
+                dropped: second_ns,
+            },
+            KIND_TRAILER => return Err(FormatError::BadTrailer),
+            other => return Err(FormatError::UnknownKind(other)),
+        })
+    }
+}
+
+/// The write id a value carries: its first 8 bytes, little-endian (0 if shorter).
+pub fn value_write_id(value: &[u8]) -> u64 {
+    value
+        .first_chunk::<8>()
+        .map_or(0, |bytes| u64::from_le_bytes(*bytes))
+}
+
+fn u32_at(bytes: &[u8], at: usize) -> u32 {
+    let mut word = [0u8; 4];
+    word.copy_from_slice(&bytes[at..at + 4]);
+    u32::from_le_bytes(word)
+}
+
+fn u64_at(bytes: &[u8], at: usize) -> u64 {
+    let mut word = [0u8; 8];
+    word.copy_from_slice(&bytes[at..at + 8]);
+    u64::from_le_bytes(word)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_round_trip_at_the_documented_offsets() {
+        let read = Record::Read {
+            session: 0x0102,
+            invoke_ns: 10,
+            complete_ns: 11,
+            key: 12,
+            write_id: 13,
+            value_zxid: 14,
+            applied_zxid: 15,
+        };
+        let mut bytes = [0u8; RECORD_BYTES];
+        read.encode(&mut bytes);
+        assert_eq!(bytes[0], 1, "kind at offset 0");
+        assert_eq!(
+            bytes[2..4],
+            [0x02, 0x01],
+            "session at offset 2, little-endian"
+        );
+        assert_eq!(u64_at(&bytes, 8), 10, "invoke at 8");
+        assert_eq!(u64_at(&bytes, 16), 11, "complete at 16");
+        assert_eq!(u64_at(&bytes, 24), 12, "key at 24");
+        assert_eq!(u64_at(&bytes, 32), 13, "write id at 32");
+        assert_eq!(u64_at(&bytes, 40), 14, "zxid at 40");
+        assert_eq!(u64_at(&bytes, 48), 15, "extra at 48");
+        assert_eq!(Record::decode(&bytes), Ok(read));
+        for record in [
+            Record::WriteInvoke {
+                session: 3,
+                seq: 4,
+                invoke_ns: 5,
+                key: 6,
+                write_id: 7,
+            },
+            Record::WriteComplete {
+                session: 3,
+                seq: 4,
+                invoke_ns: 5,
+                complete_ns: 6,
+                key: 7,
+                write_id: 8,
+                zxid: 9,
+            },
+            Record::Apply {
+                zxid: 1,
+                key: 2,
+                write_id: 3,
+            },
+            Record::Trailer {
+                records: 100,
+                dropped: 2,
+            },
+        ] {
+            record.encode(&mut bytes);
+            assert_eq!(Record::decode(&bytes), Ok(record));
+        }
+        bytes[48] ^= 1;
+        assert_eq!(Record::decode(&bytes), Err(FormatError::BadTrailer));
+        bytes[0] = 9;
+        assert_eq!(Record::decode(&bytes), Err(FormatError::UnknownKind(9)));
+    }
+
+    #[test]
+    fn headers_round_trip_and_reject_foreign_files() {
+        let header = FileHeader {
+            node: 1,
+            worker: 2,
+            nodes: 3,
+            workers: 4,
+            instance: 0xdead_beef,
+            started_unix_ns: 77,
+            initial_zxid: 1 << 32,
+            clock: CLOCK_MONOTONIC_ID,
+        };
+        let bytes = header.encode();
+        assert_eq!(FileHeader::decode(&bytes), Ok(header));
+        let mut foreign = bytes;
+        foreign[0] = b'X';
+        assert_eq!(FileHeader::decode(&foreign), Err(FormatError::BadMagic));
+        let mut newer = bytes;
+        newer[8] = 2;
+        assert_eq!(
+            FileHeader::decode(&newer),
+            Err(FormatError::UnsupportedVersion(2))
+        );
+        let mut outside = bytes;
+        outside[20] = 3;
+        assert!(matches!(
+            FileHeader::decode(&outside),
+            Err(FormatError::OutOfRange { .. })
+        ));
+        assert_eq!(value_write_id(&7u64.to_le_bytes()), 7);
+        assert_eq!(value_write_id(&[1, 2]), 0);
+    }
+}

@@ -1,0 +1,337 @@
+//! Reliability with real processes: 1% and 10% injected loss (with duplication and
+//! reordering) on shm and on udp, and a follower killed and restarted under load on shm, on
+//! udp over loopback and on udp between network namespaces. Every run must end with identical
+//! replicas (the restarted follower's store equal to the leader's), retransmissions and
+//! catch-up must show in the counters, and the leader's committed zxid must never stand still
+//! for longer than a second while clients are running. Every node records its history
+//! (`--history-dir`, a temporary directory per run, the restarted follower's new process
+//! writing new files next to the killed one's), and the consistency checker must find no
+//! violation in it: the killed process's files have no trailer and are checked as a crashed
+//! process's, every other process ends cleanly.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::cast_possible_truncation,
+    reason = "a test fails by panicking; port arithmetic is small"
+)]
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use rzab_shared::{AttachedControlBlock, Counter};
+use rzab_tests::history::{CheckOptions, Report, check_dirs};
+use rzab_tests::{
+    Namespaces, NodeOutput, NodeProcess, assert_identical_replicas, cleanup, cluster_name,
+};
+
+fn common(cluster: &str) -> Vec<String> {
+    [
+        "--cluster",
+        cluster,
+        "--nodes",
+        "3",
+        "--keys",
+        "50000",
+        "--write-ratio",
+        "200",
+        "--sessions",
+        "16",
+        "--knob",
+        "stats_interval_ms=500",
+        "--join-timeout",
+        "30",
+    ]
+    .iter()
+    .map(|arg| (*arg).to_owned())
+    .collect()
+}
+
+/// `--history-dir DIR`.
+fn history_args(history: &Path) -> Vec<String> {
+    vec!["--history-dir".into(), history.to_str().unwrap().into()]
+}
+
+/// Checks the run's recorded history: no violation, and reads and writes from every node.
+fn check_history(label: &str, history: &Path, outputs: &[NodeOutput]) -> Report {
+    let report = check_dirs(&[history.to_owned()], &CheckOptions::default()).unwrap();
+    eprintln!("{label}: {report}");
+    assert!(report.is_clean(), "{label}: {report}");
+    assert!(
+        report.reads > 0 && report.writes_invoked > 0 && report.writes_completed > 0,
+        "{label}: {report}"
+    );
+    assert_eq!(report.nodes, 3, "{label}: {report}");
+    for node in 0..3 {
+        let recorded: u64 = report
+            .processes_of(node)
+            .iter()
+            .map(|process| process.reads + process.writes_completed)
+            .sum();
+        assert!(recorded > 0, "{label}: node {node} recorded no operation");
+    }
+    let applied = outputs[0].summary.as_ref().unwrap()["applied_zxid"]
+        .as_u64()
+        .unwrap();
+    assert_eq!(
+        report.zxids.map(|(_, last)| last),
+        Some(applied),
+        "{label}: the history must reach the leader's applied zxid"
+    );
+    report
+}
+
+fn strings(args: &[&str]) -> Vec<String> {
+    args.iter().map(|arg| (*arg).to_owned()).collect()
+}
+
+fn udp_args(label_offset: u16) -> Vec<String> {
+    let base = 30_000 + (std::process::id() % 1_000) as u16 * 16 + label_offset;
+    vec![
+        "--transport".into(),
+        "udp".into(),
+        "--udp-port-base".into(),
+        base.to_string(),
+        "--multicast-port".into(),
+        (base + 9).to_string(),
+    ]
+}
+
+/// Watches the leader's committed zxid while armed and reports the longest time it stood
+/// still, with the counters read at the end.
+struct ProgressWatch {
+    armed: Arc<AtomicBool>,
+    thread: JoinHandle<(Duration, AttachedControlBlock)>,
+}
+
+impl ProgressWatch {
+    fn start(leader_block: PathBuf) -> ProgressWatch {
+        let block = rzab_tests::attach_running(&leader_block);
+        let armed = Arc::new(AtomicBool::new(true));
+        let flag = Arc::clone(&armed);
+        let thread = std::thread::spawn(move || {
+            let mut longest = Duration::ZERO;
+            let mut last = rzab_tests::committed_zxid(&block);
+            let mut since = Instant::now();
+            while flag.load(Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(20));
+                let now = rzab_tests::committed_zxid(&block);
+                if now != last {
+                    last = now;
+                    since = Instant::now();
+                } else {
+                    longest = longest.max(since.elapsed());
+                }
+            }
+            (longest, block)
+        });
+        ProgressWatch { armed, thread }
+    }
+
+    fn stop(self) -> (Duration, AttachedControlBlock) {
+        self.armed.store(false, Ordering::Relaxed);
+        self.thread.join().unwrap()
+    }
+}
+
+fn assert_no_long_stall(longest: Duration) {
+    assert!(
+        longest < Duration::from_secs(1),
+        "the leader committed nothing for {longest:?}"
+    );
+}
+
+/// Runs three nodes for a few seconds with injected faults on every node's sends.
+fn lossy_run(label: &str, transport: &[String], loss: &str, duplicate: &str, reorder: &str) {
+    let cluster = cluster_name(label);
+    cleanup(&cluster, 3);
+    let history = tempfile::tempdir().unwrap();
+    let mut args = common(&cluster);
+    args.extend(history_args(history.path()));
+    args.extend(transport.iter().cloned());
+    args.extend(strings(&[
+        "--duration",
+        "4",
+        "--inject-loss",
+        loss,
+        "--inject-duplicate",
+        duplicate,
+        "--inject-reorder",
+        reorder,
+    ]));
+    let processes: Vec<NodeProcess> = (0..3).map(|node| NodeProcess::start(node, &args)).collect();
+    let watch = ProgressWatch::start(PathBuf::from(format!("/dev/shm/rzab-{cluster}-n0")));
+    std::thread::sleep(Duration::from_secs(3));
+    let (longest, leader) = watch.stop();
+    let outputs: Vec<NodeOutput> = processes.into_iter().map(NodeProcess::finish).collect();
+    let retransmitted = leader.counter_total(Counter::RetransmitPrepare)
+        + leader.counter_total(Counter::RetransmitCommit);
+    drop(leader);
+    cleanup(&cluster, 3);
+    assert_identical_replicas(&outputs);
+    assert!(retransmitted > 0, "no retransmissions at {loss}% loss");
+    assert_no_long_stall(longest);
+
+    let report = check_history(label, history.path(), &outputs);
+    assert_eq!(report.processes, 3, "{report}");
+    assert!(
+        report.crashed().is_empty(),
+        "every node ends cleanly, with its trailers:\n{report}"
+    );
+}
+
+#[test]
+fn one_percent_loss_on_shm() {
+    lossy_run("l1shm", &[], "1", "1", "1");
+}
+
+#[test]
+fn ten_percent_loss_on_shm() {
+    lossy_run("l10shm", &[], "10", "2", "2");
+}
+
+#[test]
+fn one_percent_loss_on_udp() {
+    lossy_run("l1udp", &udp_args(0), "1", "1", "1");
+}
+
+#[test]
+fn ten_percent_loss_on_udp() {
+    lossy_run("l10udp", &udp_args(0), "10", "2", "2");
+}
+
+/// Kills follower 2 under load, restarts it as a new process, and checks it caught up.
+fn follower_restart(label: &str, prefixes: &[Vec<String>], extra: &[String]) {
+    let cluster = cluster_name(label);
+    cleanup(&cluster, 3);
+    let history = tempfile::tempdir().unwrap();
+    let mut args = common(&cluster);
+    args.extend(history_args(history.path()));
+    args.extend(extra.iter().cloned());
+    let mut processes: Vec<NodeProcess> = (0..3u8)
+        .map(|node| NodeProcess::start_with_prefix(&prefixes[usize::from(node)], node, &args))
+        .collect();
+    let watch = ProgressWatch::start(PathBuf::from(format!("/dev/shm/rzab-{cluster}-n0")));
+    std::thread::sleep(Duration::from_millis(1500));
+    processes.pop().unwrap().crash();
+    let old_instance = rzab_tests::instance_of(&rzab_tests::attach_running(&PathBuf::from(
+        format!("/dev/shm/rzab-{cluster}-n2"),
+    )));
+    // With the follower dead, the leader keeps committing at a quorum.
+    std::thread::sleep(Duration::from_millis(1500));
+    processes.push(NodeProcess::start_with_prefix(&prefixes[2], 2, &args));
+    let restarted = rzab_tests::attach_running_instance(
+        &PathBuf::from(format!("/dev/shm/rzab-{cluster}-n2")),
+        Some(old_instance),
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while rzab_shared::SyncState::from_code(
+        restarted
+            .worker(0)
+            .gauges
+            .sync_state
+            .load(Ordering::Relaxed),
+    ) != rzab_shared::SyncState::Serving
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the restarted follower never caught up"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(1500));
+    let (longest, leader) = watch.stop();
+    for process in &processes {
+        process.terminate();
+    }
+    let outputs: Vec<NodeOutput> = processes.into_iter().map(NodeProcess::finish).collect();
+    let installed = restarted.counter_total(Counter::CatchupEntriesReceived);
+    let sent = leader.counter_total(Counter::CatchupEntriesSent);
+    drop((leader, restarted));
+    cleanup(&cluster, 3);
+    for output in &outputs {
+        assert!(
+            output.success,
+            "node {} failed:\n{}\n{}",
+            output.node, output.stdout, output.stderr
+        );
+    }
+    let summary = |node: usize| outputs[node].summary.as_ref().unwrap();
+    for node in 1..3 {
+        assert_eq!(
+            summary(node)["applied_zxid"],
+            summary(0)["applied_zxid"],
+            "node {node} applied a different prefix"
+        );
+        assert_eq!(
+            summary(node)["store_digest"],
+            summary(0)["store_digest"],
+            "node {node}'s store differs from the leader's"
+        );
+    }
+    assert_eq!(summary(1)["digest"], summary(0)["digest"]);
+    assert!(
+        summary(2)["writes"].as_u64().unwrap() > 0,
+        "the restarted node served no writes"
+    );
+    assert!(
+        installed >= 50_000 && sent >= 50_000,
+        "snapshot: sent {sent}, installed {installed}"
+    );
+    assert_no_long_stall(longest);
+
+    // The killed process left files without trailers; its restart wrote new ones.
+    let report = check_history(label, history.path(), &outputs);
+    assert_eq!(report.processes, 4, "{report}");
+    let node2 = report.processes_of(2);
+    assert_eq!(node2.len(), 2, "{report}");
+    let (killed, restarted) = (node2[0], node2[1]);
+    assert_eq!(report.crashed(), [killed.process], "{report}");
+    assert!(
+        restarted.records > 0 && restarted.applies > 0 && restarted.writes_completed > 0,
+        "the restarted node recorded nothing:\n{report}"
+    );
+    assert_eq!(
+        restarted.zxids.map(|(_, last)| last),
+        report.zxids.map(|(_, last)| last),
+        "{report}"
+    );
+}
+
+#[test]
+fn follower_killed_and_restarted_on_shm() {
+    follower_restart(
+        "rshm",
+        &[vec![], vec![], vec![]],
+        &strings(&["--workers", "2"]),
+    );
+}
+
+#[test]
+fn follower_killed_and_restarted_on_udp() {
+    follower_restart("rudp", &[vec![], vec![], vec![]], &udp_args(4));
+}
+
+#[test]
+fn follower_killed_and_restarted_on_udp_between_namespaces() {
+    if !rzab_tests::is_root() {
+        eprintln!("skipped: creating network namespaces needs root");
+        return;
+    }
+    let namespaces = Namespaces::create(3).expect("creating network namespaces with `ip` failed");
+    let hosts = (0..3)
+        .map(|node| namespaces.host(node))
+        .collect::<Vec<_>>()
+        .join(",");
+    let prefixes: Vec<Vec<String>> = namespaces
+        .names
+        .iter()
+        .map(|name| strings(&["ip", "netns", "exec", name]))
+        .collect();
+    let mut extra = strings(&["--transport", "udp", "--udp-hosts", &hosts]);
+    extra.extend(strings(&["--inject-loss", "0.5"]));
+    follower_restart("rns", &prefixes, &extra);
+    drop(namespaces);
+}
