@@ -842,16 +842,19 @@ fn a_follower_killed_and_restarted_catches_up_by_snapshot() {
         let crash = Scenario {
             crash: Some(Crash {
                 node: 2,
-                at_step: 50_000,
-                down_steps: 100_000,
+                at_step: 10_000,
+                // Longer than the 100 ms after which the leader stops keeping prepares for it.
+                down_steps: 200_000,
             }),
             loss_permille: 5,
-            ..scenario(3, 120_000)
+            ..scenario(3, 600_000)
         };
         let outcome = run(&crash, seed);
         assert!(
             outcome.applied_while_down > 1_000,
-            "the leader must keep committing at a quorum while a follower is dead"
+            "the leader must keep committing at a quorum while a follower is dead: {} zxids, {} steps",
+            outcome.applied_while_down,
+            outcome.steps
         );
         assert!(total(&outcome, |stats| stats.snapshot_entries_sent) >= KEYS);
         assert!(total(&outcome, |stats| stats.snapshot_entries_installed) >= KEYS);

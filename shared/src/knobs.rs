@@ -100,7 +100,7 @@ knobs! {
         "COMMIT messages the leader may have outstanding towards each follower." }
     StatsIntervalMs { "stats_interval_ms", KnobKind::Integer, 100, 60_000, 2_000,
         "How often the data plane prints its stats line, in milliseconds." }
-    RetransmitTimeoutUs { "retransmit_timeout_us", KnobKind::Integer, 50, 1_000_000, 2_000,
+    RetransmitTimeoutUs { "retransmit_timeout_us", KnobKind::Integer, 50, 1_000_000, 500,
         "How long a sender waits for progress before it sends unacknowledged prepares, commits, forwarded writes or snapshot chunks again (doubled per silent timeout, up to 32 times)." }
     SlowFollowerGraceUs { "slow_follower_grace_us", KnobKind::Integer, 0, 1_000_000, 1_000,
         "How long the leader holds back for a follower that has run out of credits while a quorum of the others could go on; after it, that follower catches up by retransmission." }

@@ -15,7 +15,7 @@ use super::{
 };
 
 /// The leader keeps this many windows of prepares for retransmission.
-pub const RETENTION_WINDOWS: usize = 8;
+pub const RETENTION_WINDOWS: usize = 32;
 
 /// Snapshot transfer towards one follower.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

@@ -164,7 +164,7 @@ impl Default for Limits {
             prepare_credits: 16,
             write_credits: 8,
             commit_credits: 64,
-            retransmit_timeout_ns: 2_000_000,
+            retransmit_timeout_ns: 500_000,
             slow_follower_grace_ns: 1_000_000,
         }
     }
