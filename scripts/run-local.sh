@@ -91,7 +91,7 @@ else
   [ "$transport" != verbs ] || features=(--features rzab-dataplane/verbs)
   echo "==> cargo build --release --bins ${features[*]}"
   cargo build --release --bins "${features[@]}"
-  bin_dir=target/release
+  bin_dir="${CARGO_TARGET_DIR:-target}/release"
 fi
 
 for ((n = 0; n < nodes; n++)); do
