@@ -629,6 +629,10 @@ impl Outbox for CheckingOutbox {
             self.violation = self.check(target, kind, len, batch).err();
         }
     }
+
+    fn resend(&mut self, target: Target, kind: Kind, len: usize) {
+        self.send(target, kind, len, 0);
+    }
 }
 
 #[derive(Debug, Default)]

@@ -298,7 +298,7 @@ impl<T: Transport> Outbox for TransportOutbox<'_, T> {
         let (messages, bytes) = sent_counters(kind, multicast_path);
         self.counters.add(messages, copies);
         self.counters.add(bytes, copies * len as u64);
-        if let (Some((entries, logical)), true) = (batch_counters(kind), batch > 0) {
+        if let Some((entries, logical)) = batch_counters(kind) {
             self.counters.add(entries, batch);
             self.counters.add(logical, 1);
         }
@@ -424,6 +424,9 @@ pub struct Worker<T: Transport> {
     chain: Vec<SendRequest<T::Address>>,
     peers_generation: u64,
     counted_serving: bool,
+    /// Hellos received this iteration (bit per node) and their words, answered once the
+    /// receives are reposted (answering needs the transport, which a payload borrows).
+    hello_words: [[u64; wire::WORDS]; MAX_NODES],
     /// Datagrams dropped here rather than by the pipeline: undecodable, or for another
     /// pipeline or a refused hello.
     malformed: u64,
@@ -463,6 +466,7 @@ impl<T: Transport> Worker<T> {
             chain: Vec::with_capacity(MAX_CHAIN),
             peers_generation: 0,
             counted_serving: false,
+            hello_words: [[0; wire::WORDS]; MAX_NODES],
             malformed: 0,
             unexpected: 0,
             history: WorkerHistory::disabled(), // history hook
@@ -736,6 +740,7 @@ impl<T: Transport> Worker<T> {
         let mut drain_started_ns: Option<u64> = None;
         let mut last_received_ns = 0u64;
         let mut fell_behind = false;
+        let mut node_serving = false;
         loop {
             iteration += 1;
             let now_ns = u64::try_from(clock.elapsed().as_nanos()).unwrap_or(u64::MAX);
@@ -765,7 +770,7 @@ impl<T: Transport> Worker<T> {
             }
 
             let received = self.transport.poll_recv(&mut self.completions);
-            let mut hellos = [None; MAX_NODES];
+            let mut hellos = 0u32;
             for index in 0..received {
                 let completion = self.completions[index];
                 let payload = self.transport.recv_payload(&completion);
@@ -775,8 +780,8 @@ impl<T: Transport> Worker<T> {
                         counters.add(Counter::BytesReceived, payload.len() as u64);
                         let from = usize::from(message.header.from_node);
                         if message.header.kind == Kind::Hello && from < MAX_NODES {
-                            // Answering needs the transport, which this payload borrows.
-                            hellos[from] = Some(message.header.words);
+                            hellos |= 1 << from;
+                            self.hello_words[from] = message.header.words;
                         } else {
                             self.pipeline.handle(&message, now_ns, shared.replica);
                         }
@@ -787,17 +792,20 @@ impl<T: Transport> Worker<T> {
             }
             // Receives go back before anything that can make peers send more.
             self.transport.post_recv(received);
-            for (from, words) in hellos.iter_mut().enumerate() {
-                if let Some(words) = words.take() {
-                    self.accept_hello_while_running(node_id(from), words, shared, counters, now_ns);
-                }
+            while hellos != 0 {
+                let from = hellos.trailing_zeros() as usize;
+                hellos &= hellos - 1;
+                let words = self.hello_words[from];
+                self.accept_hello_while_running(node_id(from), words, shared, counters, now_ns);
             }
 
             if !self.counted_serving && self.pipeline.serving() {
                 self.counted_serving = true;
                 shared.serving.fetch_add(1, Ordering::AcqRel);
             }
-            let node_serving = shared.serving.load(Ordering::Relaxed) >= shared.pipelines;
+            // Once every pipeline serves, the node does for good: stop reading the counter.
+            node_serving =
+                node_serving || shared.serving.load(Ordering::Relaxed) >= shared.pipelines;
             let pipeline = &mut self.pipeline;
             // A draining worker issues nothing new; a node catching up serves nothing yet.
             let issued = if drain_started_ns.is_some() || !node_serving {

@@ -58,11 +58,13 @@ impl Outbox for SimOutbox {
 
     fn send(&mut self, target: Target, kind: Kind, len: usize, batch: u64) {
         self.sent.push((target, self.buffer[..len].to_vec()));
-        if batch > 0 {
-            let entry = self.batches.entry(kind).or_default();
-            entry.0 += batch;
-            entry.1 += 1;
-        }
+        let entry = self.batches.entry(kind).or_default();
+        entry.0 += batch;
+        entry.1 += 1;
+    }
+
+    fn resend(&mut self, target: Target, _kind: Kind, len: usize) {
+        self.sent.push((target, self.buffer[..len].to_vec()));
     }
 }
 

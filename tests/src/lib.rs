@@ -340,3 +340,27 @@ pub fn committed_zxid(block: &rzab_shared::AttachedControlBlock) -> u64 {
         .max()
         .unwrap_or(0)
 }
+
+/// The arguments every 3-node test cluster shares: cluster name, 50k keys, 20% writes, 16
+/// sessions per worker, a stats line every 500 ms and a 30 s join timeout.
+pub fn three_node_args(cluster: &str) -> Vec<String> {
+    [
+        "--cluster",
+        cluster,
+        "--nodes",
+        "3",
+        "--keys",
+        "50000",
+        "--write-ratio",
+        "200",
+        "--sessions",
+        "16",
+        "--knob",
+        "stats_interval_ms=500",
+        "--join-timeout",
+        "30",
+    ]
+    .iter()
+    .map(|arg| (*arg).to_owned())
+    .collect()
+}

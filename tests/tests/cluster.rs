@@ -14,27 +14,9 @@ use rzab_tests::{
 };
 
 fn common(cluster: &str, seconds: u64) -> Vec<String> {
-    [
-        "--cluster",
-        cluster,
-        "--nodes",
-        "3",
-        "--keys",
-        "50000",
-        "--duration",
-        &seconds.to_string(),
-        "--write-ratio",
-        "200",
-        "--sessions",
-        "16",
-        "--knob",
-        "stats_interval_ms=500",
-        "--join-timeout",
-        "30",
-    ]
-    .iter()
-    .map(|arg| (*arg).to_owned())
-    .collect()
+    let mut args = rzab_tests::three_node_args(cluster);
+    args.extend(["--duration".to_owned(), seconds.to_string()]);
+    args
 }
 
 #[test]

@@ -123,27 +123,8 @@ fn memcached_restart_and_a_follower_rejoining_through_the_control_plane() {
     let _control_planes: Vec<Guard> = (0..3)
         .map(|node| controlplane(&binary, &cluster, node, registry_port, &generation))
         .collect();
-    let args: Vec<String> = [
-        "--cluster",
-        &cluster,
-        "--nodes",
-        "3",
-        "--workers",
-        "2",
-        "--keys",
-        "50000",
-        "--write-ratio",
-        "200",
-        "--sessions",
-        "16",
-        "--peers",
-        "control-plane",
-        "--join-timeout",
-        "30",
-    ]
-    .iter()
-    .map(|arg| (*arg).to_owned())
-    .collect();
+    let mut args = rzab_tests::three_node_args(&cluster);
+    args.extend(["--workers", "2", "--peers", "control-plane"].map(str::to_owned));
     let mut nodes: Vec<NodeProcess> = (0..3).map(|node| NodeProcess::start(node, &args)).collect();
     let leader = rzab_tests::attach_running(&PathBuf::from(format!("/dev/shm/rzab-{cluster}-n0")));
     std::thread::sleep(Duration::from_millis(500));

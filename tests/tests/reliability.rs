@@ -27,28 +27,6 @@ use rzab_tests::{
     Namespaces, NodeOutput, NodeProcess, assert_identical_replicas, cleanup, cluster_name,
 };
 
-fn common(cluster: &str) -> Vec<String> {
-    [
-        "--cluster",
-        cluster,
-        "--nodes",
-        "3",
-        "--keys",
-        "50000",
-        "--write-ratio",
-        "200",
-        "--sessions",
-        "16",
-        "--knob",
-        "stats_interval_ms=500",
-        "--join-timeout",
-        "30",
-    ]
-    .iter()
-    .map(|arg| (*arg).to_owned())
-    .collect()
-}
-
 /// `--history-dir DIR`.
 fn history_args(history: &Path) -> Vec<String> {
     vec!["--history-dir".into(), history.to_str().unwrap().into()]
@@ -148,7 +126,7 @@ fn lossy_run(label: &str, transport: &[String], loss: &str, duplicate: &str, reo
     let cluster = cluster_name(label);
     cleanup(&cluster, 3);
     let history = tempfile::tempdir().unwrap();
-    let mut args = common(&cluster);
+    let mut args = rzab_tests::three_node_args(&cluster);
     args.extend(history_args(history.path()));
     args.extend(transport.iter().cloned());
     args.extend(strings(&[
@@ -207,7 +185,7 @@ fn follower_restart(label: &str, prefixes: &[Vec<String>], extra: &[String]) {
     let cluster = cluster_name(label);
     cleanup(&cluster, 3);
     let history = tempfile::tempdir().unwrap();
-    let mut args = common(&cluster);
+    let mut args = rzab_tests::three_node_args(&cluster);
     args.extend(history_args(history.path()));
     args.extend(extra.iter().cloned());
     let mut processes: Vec<NodeProcess> = (0..3u8)

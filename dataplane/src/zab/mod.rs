@@ -91,14 +91,11 @@ pub trait Outbox {
     /// be sent this iteration.
     fn buffer(&mut self) -> Option<&mut [u8]>;
     /// Sends the first `len` bytes of the buffer last returned. `batch` is how many entries
-    /// (prepares, writes, acked or committed writes) the message carries, for the statistics;
-    /// 0 for a repeat, which stays out of the batch-size statistics.
+    /// (prepares, writes, acked or committed writes) the message carries, for the statistics.
     fn send(&mut self, target: Target, kind: Kind, len: usize, batch: u64);
     /// Sends a repeat of something sent before: like [`Outbox::send`], but counted only as a
     /// retransmission (by the pipeline), not as a message of its path or batch.
-    fn resend(&mut self, target: Target, kind: Kind, len: usize) {
-        self.send(target, kind, len, 0);
-    }
+    fn resend(&mut self, target: Target, kind: Kind, len: usize);
 }
 
 /// The node-wide, zxid-ordered application of committed writes.
