@@ -453,12 +453,12 @@ async fn health_follows_the_attachment_and_the_data_plane_heartbeat() {
     );
 
     let data_plane = fixture.data_plane(Peers::Static);
-    eventually("healthz turns 200", async || {
+    eventually("healthz turns 200 and the data plane runs", async || {
         request(address, "GET", "/healthz", None).await.status == 200
+            && get_json(address, "/v1/status").await["lifecycle"] == "running"
     })
     .await;
     let status = get_json(address, "/v1/status").await;
-    assert_eq!(status["lifecycle"], "running");
     assert_eq!(status["dataplane"]["up"], true);
     assert_eq!(status["dataplane"]["pid"], std::process::id());
     assert_eq!(status["workers"], 2);
