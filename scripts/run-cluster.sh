@@ -272,13 +272,14 @@ start_commands() {
 }
 
 registry_command="mkdir -p $run_dir && cd $run_dir && (nohup \$(command -v memcached || echo /usr/bin/memcached) -l $registry_host -p $registry_port -U 0 -m 64 -t 2 \$([ \$(id -u) -ne 0 ] || echo -u root) >memcached.log 2>&1 & echo \$! >memcached.pid)"
-# stop_command "NAMES" [NODE]: SIGTERM the processes of the pid files NAMES.pid, SIGKILL what
-# is left 3 s later, and remove NODE's control block (and the shm fabric).
+# stop_command "NAMES" [NODE]: SIGTERM the processes of the pid files NAMES.pid, wait up to 10 s
+# for them to drain and print their summaries, SIGKILL what is left, and remove NODE's control
+# block (and the shm fabric).
 stop_command() {
   local names=$1 block=""
   (($# < 2)) || block=" /dev/shm/rzab-$cluster-n$2"
   [ -z "$block" ] || [ "$transport" != shm ] || block+=" /dev/shm/rzab-fabric-$cluster"
-  echo "cd $run_dir 2>/dev/null && for name in $names; do [ -f \$name.pid ] && kill -TERM \$(cat \$name.pid) 2>/dev/null; done; sleep 3; for name in $names; do [ -f \$name.pid ] && kill -KILL \$(cat \$name.pid) 2>/dev/null; rm -f \$name.pid$block; done; true"
+  echo "cd $run_dir 2>/dev/null && for name in $names; do [ -f \$name.pid ] && kill -TERM \$(cat \$name.pid) 2>/dev/null; done; for _ in \$(seq 100); do alive=0; for name in $names; do [ -f \$name.pid ] && kill -0 \$(cat \$name.pid) 2>/dev/null && alive=1; done; [ \$alive = 0 ] && break; sleep 0.1; done; for name in $names; do [ -f \$name.pid ] && kill -KILL \$(cat \$name.pid) 2>/dev/null; rm -f \$name.pid$block; done; true"
 }
 
 if [ "$mode" = dry-run ]; then

@@ -534,19 +534,22 @@ impl RegistryWorker {
         &self.shared.registry
     }
 
+    /// The block and the detail are written before the state REST reports, so whoever sees a
+    /// state in `/v1/status` also finds it in the block, with its detail.
     fn set_state(&mut self, state: RegistryState, detail: String, block: Option<&ControlBlock>) {
-        let previous = self.status().state.swap(state.code(), Ordering::AcqRel);
-        if previous != state.code() {
+        if let Some(block) = block {
+            block.set_registry_state(state);
+        }
+        let changed = self.status().state.load(Ordering::Acquire) != state.code();
+        if changed {
             tracing::info!(
                 state = state.name(),
                 "registry state: {} ({detail})",
                 state.name()
             );
         }
-        if let Some(block) = block {
-            block.set_registry_state(state);
-        }
         self.status().set_detail(detail);
+        self.status().state.store(state.code(), Ordering::Release);
     }
 
     fn lose_connection(&mut self, error: &RegistryError, block: Option<&ControlBlock>) {

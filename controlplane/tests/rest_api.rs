@@ -54,11 +54,17 @@ impl Fixture {
         FakeDataPlane::start(&self.path, "rest", 0, 1, 2, 0, peers)
     }
 
+    /// Waits until the control plane has attached and the fake data plane runs (it flips its
+    /// lifecycle on its own 5 ms tick, which may come after the attach).
     async fn attached(&self) {
         let address = self.address();
-        eventually("the control plane attaches", async || {
-            get_json(address, "/v1/status").await["attached"] == json!(true)
-        })
+        eventually(
+            "the control plane attaches to a running data plane",
+            async || {
+                let status = get_json(address, "/v1/status").await;
+                status["attached"] == json!(true) && status["lifecycle"] == "running"
+            },
+        )
         .await;
     }
 }

@@ -8,10 +8,10 @@
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rzab_dataplane::config::Options;
-use rzab_shared::{AttachedControlBlock, Counter, Lifecycle};
+use rzab_shared::{AttachedControlBlock, Counter, Lifecycle, SyncState};
 
 struct CountingAllocator;
 
@@ -58,7 +58,7 @@ fn running_cluster_allocates_nothing() {
                 "--keys",
                 "20000",
                 "--duration",
-                "5",
+                "8",
                 "--write-ratio",
                 "300",
                 "--sessions",
@@ -79,17 +79,39 @@ fn running_cluster_allocates_nothing() {
             std::thread::spawn(move || rzab_dataplane::node::run(&options).unwrap())
         })
         .collect();
-    let leader_path = dir.path().join("block0");
-    let leader = loop {
-        if let Ok(block) = AttachedControlBlock::attach(&leader_path) {
-            if block.lifecycle() == Lifecycle::Running {
-                break block;
+    // Start-up may allocate (threads, the "running" lines, first messages): the window opens
+    // only once every node runs, every worker serves, and the leader has committed writes.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let blocks: Vec<AttachedControlBlock> = (0..3)
+        .map(|node| {
+            let path = dir.path().join(format!("block{node}"));
+            loop {
+                if let Ok(block) = AttachedControlBlock::attach(&path) {
+                    break block;
+                }
+                assert!(Instant::now() < deadline, "node {node} never started");
+                std::thread::sleep(Duration::from_millis(20));
             }
-        }
+        })
+        .collect();
+    while !blocks.iter().all(|block| {
+        block.lifecycle() == Lifecycle::Running
+            && (0..block.worker_count() as usize).all(|worker| {
+                SyncState::from_code(
+                    block
+                        .worker(worker)
+                        .gauges
+                        .sync_state
+                        .load(Ordering::Acquire),
+                ) == SyncState::Serving
+            })
+            && block.counter_total(Counter::WritesApplied) > 1000
+    }) {
+        assert!(Instant::now() < deadline, "the cluster never got going");
         std::thread::sleep(Duration::from_millis(20));
-    };
-    // Let start-up finish everywhere (the followers' "running" lines, first messages).
-    std::thread::sleep(Duration::from_millis(1000));
+    }
+    let leader = &blocks[0];
+    std::thread::sleep(Duration::from_millis(200));
     let writes_before = leader.counter_total(Counter::WritesApplied);
     let before = ALLOCATIONS.load(Ordering::Relaxed);
     std::thread::sleep(Duration::from_millis(1500));

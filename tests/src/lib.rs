@@ -111,6 +111,14 @@ impl Drop for NodeProcess {
     }
 }
 
+/// Holds one cluster test of a test binary at a time: clusters busy-poll, the machine may have
+/// two cores, and the tests measure progress (commit stalls) that a second cluster would starve.
+pub fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// Removes a cluster's control blocks and fabric from /dev/shm.
 pub fn cleanup(cluster: &str, nodes: u8) {
     for node in 0..nodes {

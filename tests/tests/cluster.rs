@@ -6,11 +6,12 @@
 
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
-use std::time::Duration;
 
 use rzab_shared::{AttachedControlBlock, Counter, Knob};
+use rzab_tests::ops::wait_until;
 use rzab_tests::{
-    Namespaces, NodeProcess, assert_identical_replicas, cleanup, cluster_name, run_cluster,
+    Namespaces, NodeProcess, assert_identical_replicas, attach_running, cleanup, cluster_name,
+    run_cluster,
 };
 
 fn common(cluster: &str, seconds: u64) -> Vec<String> {
@@ -54,16 +55,6 @@ fn three_node_udp_cluster_replicates_identically() {
     assert_identical_replicas(&outputs);
 }
 
-fn attach(path: &std::path::Path) -> AttachedControlBlock {
-    for _ in 0..200 {
-        if let Ok(block) = AttachedControlBlock::attach(path) {
-            return block;
-        }
-        std::thread::sleep(Duration::from_millis(25));
-    }
-    panic!("control block {} never appeared", path.display());
-}
-
 fn prepares(block: &AttachedControlBlock) -> (u64, u64) {
     (
         block.counter_total(Counter::SentPrepareMulticast),
@@ -71,45 +62,69 @@ fn prepares(block: &AttachedControlBlock) -> (u64, u64) {
     )
 }
 
+/// Changes the multicast knob and waits until every leader worker has applied it: from then on
+/// every PREPARE broadcast goes by the new path.
+fn set_multicast(leader: &AttachedControlBlock, multicast: bool) {
+    leader
+        .set_knobs(&[(Knob::Multicast, u64::from(multicast))])
+        .unwrap();
+    let epoch = leader.knob_epoch();
+    wait_until(
+        &format!("the leader's workers apply multicast={multicast}"),
+        || {
+            (0..leader.worker_count() as usize).all(|worker| {
+                leader
+                    .worker(worker)
+                    .gauges
+                    .knob_epoch_seen
+                    .load(Ordering::Acquire)
+                    >= epoch
+            })
+        },
+    );
+}
+
+/// Waits until the PREPAREs sent by the path that is on have grown by `growth`, then checks that
+/// the other path sent none meanwhile.
+fn only_path_grows(leader: &AttachedControlBlock, multicast: bool, growth: u64) {
+    let (multicast_from, unicast_from) = prepares(leader);
+    let path = if multicast { "multicast" } else { "unicast" };
+    wait_until(&format!("{growth} more {path} prepares"), || {
+        let (multicast_now, unicast_now) = prepares(leader);
+        if multicast {
+            multicast_now >= multicast_from + growth
+        } else {
+            unicast_now >= unicast_from + growth
+        }
+    });
+    let (multicast_to, unicast_to) = prepares(leader);
+    if multicast {
+        assert_eq!(unicast_to, unicast_from, "unicast prepares must stop");
+    } else {
+        assert_eq!(multicast_to, multicast_from, "multicast prepares must stop");
+    }
+}
+
 #[test]
 fn multicast_flips_live_both_ways_without_loss() {
     let cluster = cluster_name("flip");
     cleanup(&cluster, 3);
-    let args = common(&cluster, 7);
+    // The nodes run until stopped, so a slow machine cannot end the run between two steps.
+    let args = common(&cluster, 0);
     let processes: Vec<NodeProcess> = (0..3).map(|node| NodeProcess::start(node, &args)).collect();
-    let leader = attach(&PathBuf::from(format!("/dev/shm/rzab-{cluster}-n0")));
-    while leader.lifecycle() != rzab_shared::Lifecycle::Running {
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    std::thread::sleep(Duration::from_millis(1000));
-    let (multicast_before, unicast_before) = prepares(&leader);
-    assert!(multicast_before > 0, "multicast is the default path");
-    assert_eq!(unicast_before, 0);
+    let leader = attach_running(&PathBuf::from(format!("/dev/shm/rzab-{cluster}-n0")));
+    only_path_grows(&leader, true, 1_000);
+    assert_eq!(prepares(&leader).1, 0, "multicast is the default path");
 
-    leader.set_knobs(&[(Knob::Multicast, 0)]).unwrap();
-    std::thread::sleep(Duration::from_millis(1500));
-    let (multicast_off, unicast_off) = prepares(&leader);
-    assert!(unicast_off > 0, "unicast prepares must start");
-    std::thread::sleep(Duration::from_millis(500));
-    let (multicast_later, unicast_later) = prepares(&leader);
-    assert_eq!(
-        multicast_later, multicast_off,
-        "multicast prepares must stop"
-    );
-    assert!(unicast_later > unicast_off);
-
-    leader.set_knobs(&[(Knob::Multicast, 1)]).unwrap();
-    std::thread::sleep(Duration::from_millis(1000));
-    let (multicast_on, unicast_on) = prepares(&leader);
-    std::thread::sleep(Duration::from_millis(500));
-    let (multicast_end, unicast_end) = prepares(&leader);
-    assert!(
-        multicast_end > multicast_on,
-        "multicast prepares must resume"
-    );
-    assert_eq!(unicast_end, unicast_on, "unicast prepares must stop again");
+    set_multicast(&leader, false);
+    only_path_grows(&leader, false, 1_000);
+    set_multicast(&leader, true);
+    only_path_grows(&leader, true, 1_000);
     assert!(leader.header.dataplane_heartbeat_ns.load(Ordering::Relaxed) > 0);
 
+    for process in &processes {
+        process.terminate();
+    }
     let outputs: Vec<_> = processes.into_iter().map(NodeProcess::finish).collect();
     cleanup(&cluster, 3);
     assert_identical_replicas(&outputs);

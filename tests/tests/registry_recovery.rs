@@ -10,13 +10,14 @@
     reason = "a test fails by panicking; ports are small"
 )]
 
-use std::net::TcpListener;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use rzab_shared::{AttachedControlBlock, SyncState};
+use rzab_tests::ops::{free_port, listening, wait_until};
 use rzab_tests::{NodeOutput, NodeProcess, cleanup, cluster_name};
 
 /// A child process killed when dropped.
@@ -37,14 +38,6 @@ impl Drop for Guard {
     }
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn memcached(port: u16) -> Guard {
     let child = Command::new("memcached")
         .args([
@@ -61,7 +54,9 @@ fn memcached(port: u16) -> Guard {
         .stderr(Stdio::null())
         .spawn()
         .expect("memcached must be installed (scripts/test.sh installs it)");
-    std::thread::sleep(Duration::from_millis(200));
+    wait_until("memcached accepts connections", || {
+        listening(SocketAddr::from(([127, 0, 0, 1], port)))
+    });
     Guard(Some(child))
 }
 

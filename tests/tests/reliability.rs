@@ -65,8 +65,10 @@ fn strings(args: &[&str]) -> Vec<String> {
     args.iter().map(|arg| (*arg).to_owned()).collect()
 }
 
-fn udp_args(label_offset: u16) -> Vec<String> {
-    let base = 30_000 + (std::process::id() % 1_000) as u16 * 16 + label_offset;
+/// UDP ports of one test: each test gets its own `slot` (0..3) so that tests of this process
+/// never share a port, and each process its own 32 ports.
+fn udp_args(slot: u16) -> Vec<String> {
+    let base = 30_000 + (std::process::id() % 1_000) as u16 * 32 + slot * 10;
     vec![
         "--transport".into(),
         "udp".into(),
@@ -123,6 +125,7 @@ fn assert_no_long_stall(longest: Duration) {
 
 /// Runs three nodes for a few seconds with injected faults on every node's sends.
 fn lossy_run(label: &str, transport: &[String], loss: &str, duplicate: &str, reorder: &str) {
+    let _serial = rzab_tests::serial();
     let cluster = cluster_name(label);
     cleanup(&cluster, 3);
     let history = tempfile::tempdir().unwrap();
@@ -177,11 +180,12 @@ fn one_percent_loss_on_udp() {
 
 #[test]
 fn ten_percent_loss_on_udp() {
-    lossy_run("l10udp", &udp_args(0), "10", "2", "2");
+    lossy_run("l10udp", &udp_args(1), "10", "2", "2");
 }
 
 /// Kills follower 2 under load, restarts it as a new process, and checks it caught up.
 fn follower_restart(label: &str, prefixes: &[Vec<String>], extra: &[String]) {
+    let _serial = rzab_tests::serial();
     let cluster = cluster_name(label);
     cleanup(&cluster, 3);
     let history = tempfile::tempdir().unwrap();
@@ -219,6 +223,14 @@ fn follower_restart(label: &str, prefixes: &[Vec<String>], extra: &[String]) {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
+    while restarted.counter_total(Counter::WritesCompleted) == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the restarted follower's sessions never completed a write"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Committing goes on after the rejoin, which the watch keeps measuring for a while.
     std::thread::sleep(Duration::from_millis(1500));
     let (longest, leader) = watch.stop();
     for process in &processes {
@@ -289,7 +301,7 @@ fn follower_killed_and_restarted_on_shm() {
 
 #[test]
 fn follower_killed_and_restarted_on_udp() {
-    follower_restart("rudp", &[vec![], vec![], vec![]], &udp_args(4));
+    follower_restart("rudp", &[vec![], vec![], vec![]], &udp_args(2));
 }
 
 #[test]
