@@ -111,6 +111,46 @@ impl Drop for NodeProcess {
     }
 }
 
+/// `--history-dir DIR`.
+pub fn history_args(history: &std::path::Path) -> Vec<String> {
+    vec!["--history-dir".into(), history.to_str().unwrap().into()]
+}
+
+/// Checks a 3-node run's recorded history: no violation, reads and writes recorded on every
+/// node, and the history reaching the leader's applied zxid.
+pub fn check_history(
+    label: &str,
+    history: &std::path::Path,
+    outputs: &[NodeOutput],
+) -> history::Report {
+    let report =
+        history::check_dirs(&[history.to_owned()], &history::CheckOptions::default()).unwrap();
+    eprintln!("{label}: {report}");
+    assert!(report.is_clean(), "{label}: {report}");
+    assert!(
+        report.reads > 0 && report.writes_invoked > 0 && report.writes_completed > 0,
+        "{label}: {report}"
+    );
+    assert_eq!(report.nodes, 3, "{label}: {report}");
+    for node in 0..3 {
+        let recorded: u64 = report
+            .processes_of(node)
+            .iter()
+            .map(|process| process.reads + process.writes_completed)
+            .sum();
+        assert!(recorded > 0, "{label}: node {node} recorded no operation");
+    }
+    let applied = outputs[0].summary.as_ref().unwrap()["applied_zxid"]
+        .as_u64()
+        .unwrap();
+    assert_eq!(
+        report.zxids.map(|(_, last)| last),
+        Some(applied),
+        "{label}: the history must reach the leader's applied zxid"
+    );
+    report
+}
+
 /// Holds one cluster test of a test binary at a time: clusters busy-poll, the machine may have
 /// two cores, and the tests measure progress (commit stalls) that a second cluster would starve.
 pub fn serial() -> std::sync::MutexGuard<'static, ()> {

@@ -1,8 +1,8 @@
 //! Recovery through the control plane, with real processes and a real memcached: memcached
 //! is restarted in the middle of a run (the data planes keep committing), then a follower's
 //! data plane is killed and restarted as a new process that re-registers through its control
-//! plane, whose peers re-point the leader at it; it catches up by snapshot and every store
-//! ends identical.
+//! plane, whose peers re-point the leader at it; it catches up by snapshot, every store ends
+//! identical, and the recorded history of the whole run passes the checker.
 
 #![allow(
     clippy::unwrap_used,
@@ -16,9 +16,9 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use rzab_shared::{AttachedControlBlock, SyncState};
+use rzab_shared::{AttachedControlBlock, Counter, SyncState};
 use rzab_tests::ops::{free_port, listening, wait_until};
-use rzab_tests::{NodeOutput, NodeProcess, cleanup, cluster_name};
+use rzab_tests::{NodeOutput, NodeProcess, check_history, cleanup, cluster_name, history_args};
 
 /// A child process killed when dropped.
 struct Guard(Option<Child>);
@@ -118,8 +118,10 @@ fn memcached_restart_and_a_follower_rejoining_through_the_control_plane() {
     let _control_planes: Vec<Guard> = (0..3)
         .map(|node| controlplane(&binary, &cluster, node, registry_port, &generation))
         .collect();
+    let history = tempfile::tempdir().unwrap();
     let mut args = rzab_tests::three_node_args(&cluster);
     args.extend(["--workers", "2", "--peers", "control-plane"].map(str::to_owned));
+    args.extend(history_args(history.path()));
     let mut nodes: Vec<NodeProcess> = (0..3).map(|node| NodeProcess::start(node, &args)).collect();
     let leader = rzab_tests::attach_running(&PathBuf::from(format!("/dev/shm/rzab-{cluster}-n0")));
     std::thread::sleep(Duration::from_millis(500));
@@ -171,6 +173,9 @@ fn memcached_restart_and_a_follower_rejoining_through_the_control_plane() {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
+    wait_until("the rejoined node's sessions complete writes", || {
+        restarted.counter_total(Counter::WritesCompleted) > 0
+    });
     let stall = longest_stall(&leader, Duration::from_millis(1500));
     assert!(
         stall < Duration::from_secs(1),
@@ -202,5 +207,17 @@ fn memcached_restart_and_a_follower_rejoining_through_the_control_plane() {
     assert!(
         summary(2)["writes"].as_u64().unwrap() > 0,
         "the rejoined node served no writes"
+    );
+
+    // The whole run, across the registry outage, the crash and the rejoin, passes the checker;
+    // the killed process left files without trailers and its successor wrote new ones.
+    let report = check_history("registry recovery", history.path(), &outputs);
+    assert_eq!(report.processes, 4, "{report}");
+    let node2 = report.processes_of(2);
+    assert_eq!(node2.len(), 2, "{report}");
+    assert_eq!(report.crashed(), [node2[0].process], "{report}");
+    assert!(
+        node2[1].applies > 0 && node2[1].writes_completed > 0,
+        "{report}"
     );
 }

@@ -15,51 +15,17 @@
     reason = "a test fails by panicking; port arithmetic is small"
 )]
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use rzab_shared::{AttachedControlBlock, Counter};
-use rzab_tests::history::{CheckOptions, Report, check_dirs};
 use rzab_tests::{
-    Namespaces, NodeOutput, NodeProcess, assert_identical_replicas, cleanup, cluster_name,
+    Namespaces, NodeOutput, NodeProcess, assert_identical_replicas, check_history, cleanup,
+    cluster_name, history_args,
 };
-
-/// `--history-dir DIR`.
-fn history_args(history: &Path) -> Vec<String> {
-    vec!["--history-dir".into(), history.to_str().unwrap().into()]
-}
-
-/// Checks the run's recorded history: no violation, and reads and writes from every node.
-fn check_history(label: &str, history: &Path, outputs: &[NodeOutput]) -> Report {
-    let report = check_dirs(&[history.to_owned()], &CheckOptions::default()).unwrap();
-    eprintln!("{label}: {report}");
-    assert!(report.is_clean(), "{label}: {report}");
-    assert!(
-        report.reads > 0 && report.writes_invoked > 0 && report.writes_completed > 0,
-        "{label}: {report}"
-    );
-    assert_eq!(report.nodes, 3, "{label}: {report}");
-    for node in 0..3 {
-        let recorded: u64 = report
-            .processes_of(node)
-            .iter()
-            .map(|process| process.reads + process.writes_completed)
-            .sum();
-        assert!(recorded > 0, "{label}: node {node} recorded no operation");
-    }
-    let applied = outputs[0].summary.as_ref().unwrap()["applied_zxid"]
-        .as_u64()
-        .unwrap();
-    assert_eq!(
-        report.zxids.map(|(_, last)| last),
-        Some(applied),
-        "{label}: the history must reach the leader's applied zxid"
-    );
-    report
-}
 
 fn strings(args: &[&str]) -> Vec<String> {
     args.iter().map(|arg| (*arg).to_owned()).collect()
