@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Refreshes the seed corpora in fuzz/corpus/ from real runs: builds rzab-dataplane (release),
 # runs a short local 3-node cluster over shm and then over udp (loopback) with
-# --capture-corpus, and keeps what the nodes recorded: received datagrams by kind
+# --capture-corpus, then one over shm with injected loss in which follower 2 is killed and
+# restarted (so that NACKs, repeats, HELLO replies and SNAPSHOT chunks are captured too),
+# and keeps what the nodes recorded: received datagrams by kind
 # (wire_decode), each node's received sequence (pipeline_input), the nodes' endpoint records
 # (endpoint_decode) and their knob values (knobs_parse). Files named regression-* (inputs that
 # once crashed a target) are kept; earlier captured files are replaced.
@@ -10,16 +12,17 @@
 # (rzab_dataplane::fuzzing::CAPTURE): cluster fuzzcap, 3 nodes, 2 workers, 32-byte values,
 # 1024 keys, window 1024, 32 sessions. Change both together.
 #
-#   fuzz/capture-corpus.sh [--seconds 2] [--transports "shm udp"]
+#   fuzz/capture-corpus.sh [--seconds 2] [--transports "shm udp"] [--no-restart]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-seconds=2 transports="shm udp"
+seconds=2 transports="shm udp" restart=yes
 while (($#)); do
   case "$1" in
     --seconds) seconds="$2"; shift 2 ;;
     --transports) transports="$2"; shift 2 ;;
-    -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
+    --no-restart) restart=no; shift ;;
+    -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
     *) echo "unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -63,6 +66,40 @@ for transport in $transports; do
   pids=()
   grep -h "captured" "$work/$transport-"*.log | sed 's/^/    /'
 done
+
+if [ "$restart" = yes ]; then
+  # Loss brings NACKs and repeats; a follower killed and started again brings the leader's
+  # HELLO replies and SNAPSHOT chunks, and a catch-up sequence for pipeline_input.
+  echo "==> 3-node cluster over shm with 2% loss, follower 2 killed and restarted, capturing"
+  pids=()
+  node_args() {
+    echo --cluster fuzzcap --node "$1" --nodes 3 --workers 2 --value-size 32 --keys 1024 \
+      --window 1024 --sessions 32 --write-ratio 300 --transport shm --duration "$2" \
+      --join-timeout 30 --shm-dir "$work" --control-block "$work/block-restart-$1" \
+      --inject-loss 2 --inject-duplicate 1 --inject-reorder 1 \
+      --knob stats_interval_ms=60000 --capture-corpus "$captured"
+  }
+  for node in 0 1 2; do
+    # shellcheck disable=SC2046 # node_args prints words without spaces in them
+    "$bin" $(node_args "$node" $((seconds * 2 + 2))) >"$work/restart-$node.log" 2>&1 &
+    pids+=($!)
+  done
+  sleep 1
+  kill -KILL "${pids[2]}"
+  wait "${pids[2]}" 2>/dev/null || true
+  # shellcheck disable=SC2046
+  "$bin" $(node_args 2 "$seconds") >"$work/restart-2b.log" 2>&1 &
+  pids[2]=$!
+  for index in "${!pids[@]}"; do
+    if ! wait "${pids[$index]}"; then
+      echo "node $index of the restart run failed:" >&2
+      cat "$work/restart-$index.log" "$work/restart-2b.log" >&2
+      exit 1
+    fi
+  done
+  pids=()
+  grep -h "captured\|caught up" "$work/restart-"*.log | sed 's/^/    /'
+fi
 
 for target in "${targets[@]}"; do
   mkdir -p "$corpus/$target"
