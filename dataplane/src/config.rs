@@ -24,6 +24,16 @@ pub enum PeerDiscovery {
     ControlPlane,
 }
 
+/// What a follower does when it has fallen further behind the leader than the leader keeps
+/// prepares for (it was silent, stopped or descheduled, for longer than the leader waits).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum OnFallBehind {
+    /// Start again as a new process (same pid, same arguments), which catches up by snapshot.
+    Rejoin,
+    /// Exit with an error, for a supervisor to restart.
+    Exit,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Distribution {
     Uniform,
@@ -117,6 +127,9 @@ pub struct Options {
     /// Seconds to run (0: until SIGINT or SIGTERM).
     #[arg(long, default_value_t = 0)]
     pub duration: u64,
+    /// A follower that fell behind what the leader retains: rejoin as a new process, or exit.
+    #[arg(long, value_enum, default_value = "rejoin")]
+    pub on_fall_behind: OnFallBehind,
     /// Seconds to wait for every peer before giving up.
     #[arg(long, default_value_t = 60)]
     pub join_timeout: u64,

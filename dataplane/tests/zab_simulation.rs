@@ -145,6 +145,10 @@ struct Crash {
     node: usize,
     at_step: u64,
     down_steps: u64,
+    /// Stopped rather than killed (SIGSTOP, a long deschedule): the process keeps its state and
+    /// resumes; if the leader left it behind meanwhile, it starts again as a new process, as
+    /// `rzab-dataplane --on-fall-behind rejoin` does.
+    paused: bool,
 }
 
 #[derive(Clone, Copy)]
@@ -419,6 +423,9 @@ fn run(scenario: &Scenario, seed: u64) -> Outcome {
     let mut down: Option<usize> = None;
     let mut crash_done = false;
     let mut restarted: Option<usize> = None;
+    let mut restart_done = false;
+    let mut resumed: Option<usize> = None;
+    let mut held: Vec<Datagram> = Vec::new();
     let mut last_hello = 0u64;
     let mut applied_at_crash = 0u64;
     let mut steps_to_complete = 0u64;
@@ -444,7 +451,24 @@ fn run(scenario: &Scenario, seed: u64) -> Outcome {
                 applied_while_down = replicas[0].inner.applied_zxid() - applied_at_crash;
                 down = None;
                 crash_done = true;
+                if crash.paused {
+                    resumed = Some(crash.node);
+                } else {
+                    restarted = Some(crash.node);
+                }
+            }
+            let left_behind = resumed == Some(crash.node)
+                && pipelines[crash.node].iter().any(|state| {
+                    matches!(&state.role, Role::Follower(follower)
+                        if follower.phase() == Phase::FellBehind)
+                });
+            if left_behind {
+                resumed = None;
                 restarted = Some(crash.node);
+            }
+            if restarted == Some(crash.node) && !restart_done {
+                // A new process: its state, sessions and store start empty.
+                restart_done = true;
                 instances[crash.node] += 100;
                 replicas[crash.node] = LoggedReplica::new();
                 for pipeline in 0..scenario.pipelines {
@@ -455,8 +479,24 @@ fn run(scenario: &Scenario, seed: u64) -> Outcome {
                 }
             }
         }
-        while let Some(datagram) = network.due(now) {
+        // A resumed process first finds what its receive queue held while it was stopped.
+        let mut resumed_with: Vec<Datagram> = Vec::new();
+        if down.is_none() && !held.is_empty() {
+            resumed_with = std::mem::take(&mut held);
+        }
+        let mut resumed_with = resumed_with.into_iter();
+        while let Some(datagram) = resumed_with.next().or_else(|| network.due(now)) {
             if down == Some(datagram.to_node) {
+                // A stopped process's receive queue keeps the first datagrams (its posted
+                // receives); a dead one's, nothing.
+                let paused = scenario.crash.is_some_and(|crash| crash.paused);
+                let queued = held
+                    .iter()
+                    .filter(|queued| queued.pipeline == datagram.pipeline)
+                    .count();
+                if paused && queued < follower_recv_slots() {
+                    held.push(datagram);
+                }
                 continue;
             }
             let message = Message::decode(
@@ -536,7 +576,7 @@ fn run(scenario: &Scenario, seed: u64) -> Outcome {
                 ),
                 Role::Follower(follower) => {
                     follower.advance(now_ns, &mut outbox, replica, &mut done, &scenario.limits);
-                    if follower.phase() == Phase::FellBehind {
+                    if follower.phase() == Phase::FellBehind && resumed != Some(node) {
                         dump(&pipelines, &replicas);
                         panic!("node {node} fell behind");
                     }
@@ -544,9 +584,16 @@ fn run(scenario: &Scenario, seed: u64) -> Outcome {
             }
             let state = &mut pipelines[node][pipeline];
             for (session, seq, zxid) in done.0 {
-                let key = state.in_flight[usize::from(session)]
-                    .remove(&seq)
-                    .expect("completion of an unknown write");
+                let Some(key) = state.in_flight[usize::from(session)].remove(&seq) else {
+                    // A write the replaced process forwarded, ordered before the leader met its
+                    // successor: applied everywhere, but nobody here waits for it (its
+                    // sequence number is from the old process's range).
+                    assert!(
+                        restarted == Some(node) && seq >> 20 < instances[node],
+                        "completion of an unknown write"
+                    );
+                    continue;
+                };
                 state.own_writes[usize::from(session)].insert(key, zxid);
                 assert!(state.sessions.complete(session, seq, now).is_some());
                 completed += 1;
@@ -847,6 +894,7 @@ fn a_follower_killed_and_restarted_catches_up_by_snapshot() {
                 at_step: 10_000,
                 // Longer than the 100 ms after which the leader stops keeping prepares for it.
                 down_steps: 200_000,
+                paused: false,
             }),
             loss_permille: 5,
             ..scenario(3, 600_000)
@@ -860,5 +908,38 @@ fn a_follower_killed_and_restarted_catches_up_by_snapshot() {
         );
         assert!(total(&outcome, |stats| stats.snapshot_entries_sent) >= KEYS);
         assert!(total(&outcome, |stats| stats.snapshot_entries_installed) >= KEYS);
+    }
+}
+
+#[test]
+fn a_follower_stopped_past_the_retained_prepares_is_left_behind_and_rejoins() {
+    for seed in 63..=64 {
+        let pause = Scenario {
+            crash: Some(Crash {
+                node: 2,
+                at_step: 10_000,
+                // Stopped long enough for the leader to go many windows past what it keeps.
+                down_steps: 1_000_000,
+                paused: true,
+            }),
+            write_permille: 800,
+            ..scenario(3, 600_000)
+        };
+        // Before the leader stopped holding back for a follower it had already left behind,
+        // this run stalled for good once the stopped follower was heard from again.
+        let outcome = run(&pause, seed);
+        eprintln!(
+            "seed {seed}: {} zxids applied while stopped, {} steps",
+            outcome.applied_while_down, outcome.steps
+        );
+        assert!(
+            outcome.applied_while_down > 1_000,
+            "the leader must keep committing while a follower is stopped: {} zxids",
+            outcome.applied_while_down
+        );
+        assert!(
+            total(&outcome, |stats| stats.snapshot_entries_installed) >= KEYS,
+            "the resumed follower must have found itself left behind and rejoined"
+        );
     }
 }

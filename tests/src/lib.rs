@@ -330,9 +330,14 @@ impl NodeProcess {
 
     /// Asks the process to stop (SIGTERM); collect it with [`NodeProcess::finish`].
     pub fn terminate(&self) {
+        self.signal("TERM");
+    }
+
+    /// Sends the signal named `name` (`STOP`, `CONT`, ...) to the process.
+    pub fn signal(&self, name: &str) {
         if let Some(child) = &self.child {
             let _ = Command::new("kill")
-                .args(["-TERM", &child.id().to_string()])
+                .args([&format!("-{name}"), &child.id().to_string()])
                 .status();
         }
     }

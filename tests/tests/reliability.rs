@@ -1,6 +1,8 @@
 //! Reliability with real processes: 1% and 10% injected loss (with duplication and
-//! reordering) on shm and on udp, and a follower killed and restarted under load on shm, on
-//! udp over loopback and on udp between network namespaces. Every run must end with identical
+//! reordering) on shm and on udp; a follower killed and restarted under load on shm, on udp
+//! over loopback and on udp between network namespaces; and a follower stopped (SIGSTOP) until
+//! the leader has left it behind, which must rejoin by itself as a new process. Every run must
+//! end with identical
 //! replicas (the restarted follower's store equal to the leader's), retransmissions and
 //! catch-up must show in the counters, and the leader's committed zxid must never stand still
 //! for longer than a second while clients are running. Every node records its history
@@ -149,6 +151,37 @@ fn ten_percent_loss_on_udp() {
     lossy_run("l10udp", &udp_args(1), "10", "2", "2");
 }
 
+/// Every node ended cleanly with the leader's applied zxid and store; node 1 applied the same
+/// sequence as the leader, and node 2 (which caught up by snapshot, so applied only a suffix)
+/// served writes.
+fn assert_caught_up(outputs: &[NodeOutput]) {
+    for output in outputs {
+        assert!(
+            output.success,
+            "node {} failed:\n{}\n{}",
+            output.node, output.stdout, output.stderr
+        );
+    }
+    let summary = |node: usize| outputs[node].summary.as_ref().unwrap();
+    for node in 1..3 {
+        assert_eq!(
+            summary(node)["applied_zxid"],
+            summary(0)["applied_zxid"],
+            "node {node} applied a different prefix"
+        );
+        assert_eq!(
+            summary(node)["store_digest"],
+            summary(0)["store_digest"],
+            "node {node}'s store differs from the leader's"
+        );
+    }
+    assert_eq!(summary(1)["digest"], summary(0)["digest"]);
+    assert!(
+        summary(2)["writes"].as_u64().unwrap() > 0,
+        "the caught-up node served no writes"
+    );
+}
+
 /// Kills follower 2 under load, restarts it as a new process, and checks it caught up.
 fn follower_restart(label: &str, prefixes: &[Vec<String>], extra: &[String]) {
     let _serial = rzab_tests::serial();
@@ -207,31 +240,7 @@ fn follower_restart(label: &str, prefixes: &[Vec<String>], extra: &[String]) {
     let sent = leader.counter_total(Counter::CatchupEntriesSent);
     drop((leader, restarted));
     cleanup(&cluster, 3);
-    for output in &outputs {
-        assert!(
-            output.success,
-            "node {} failed:\n{}\n{}",
-            output.node, output.stdout, output.stderr
-        );
-    }
-    let summary = |node: usize| outputs[node].summary.as_ref().unwrap();
-    for node in 1..3 {
-        assert_eq!(
-            summary(node)["applied_zxid"],
-            summary(0)["applied_zxid"],
-            "node {node} applied a different prefix"
-        );
-        assert_eq!(
-            summary(node)["store_digest"],
-            summary(0)["store_digest"],
-            "node {node}'s store differs from the leader's"
-        );
-    }
-    assert_eq!(summary(1)["digest"], summary(0)["digest"]);
-    assert!(
-        summary(2)["writes"].as_u64().unwrap() > 0,
-        "the restarted node served no writes"
-    );
+    assert_caught_up(&outputs);
     assert!(
         installed >= 50_000 && sent >= 50_000,
         "snapshot: sent {sent}, installed {installed}"
@@ -290,4 +299,75 @@ fn follower_killed_and_restarted_on_udp_between_namespaces() {
     extra.extend(strings(&["--inject-loss", "0.5"]));
     follower_restart("rns", &prefixes, &extra);
     drop(namespaces);
+}
+
+#[test]
+fn a_stopped_follower_that_fell_behind_rejoins_as_a_new_process() {
+    let _serial = rzab_tests::serial();
+    let cluster = cluster_name("behind");
+    cleanup(&cluster, 3);
+    let history = tempfile::tempdir().unwrap();
+    let mut args = rzab_tests::three_node_args(&cluster);
+    args.extend(history_args(history.path()));
+    // Mostly writes, so that the leader's 32 retained windows run out while node 2 is stopped.
+    args.extend(strings(&["--write-ratio", "800"]));
+    let processes: Vec<NodeProcess> = (0..3u8)
+        .map(|node| NodeProcess::start(node, &args))
+        .collect();
+    let block_of = |node: u8| PathBuf::from(format!("/dev/shm/rzab-{cluster}-n{node}"));
+    let leader = rzab_tests::attach_running(&block_of(0));
+    let old_instance = rzab_tests::instance_of(&rzab_tests::attach_running(&block_of(2)));
+    std::thread::sleep(Duration::from_millis(500));
+
+    // Stopped for far longer than the leader waits for a silent follower (100 ms): the leader
+    // leaves it behind and keeps committing; once resumed it finds the prepares it lacks gone.
+    processes[2].signal("STOP");
+    let stopped_at = rzab_tests::committed_zxid(&leader);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while rzab_tests::committed_zxid(&leader) < stopped_at + 200_000 {
+        assert!(
+            Instant::now() < deadline,
+            "the leader stopped committing without node 2"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    processes[2].signal("CONT");
+
+    // The same pid comes back as a new instance, catches up by snapshot and serves again.
+    let rejoined = rzab_tests::attach_running_instance(&block_of(2), Some(old_instance));
+    while (0..rejoined.worker_count() as usize).any(|worker| {
+        rzab_shared::SyncState::from_code(
+            rejoined
+                .worker(worker)
+                .gauges
+                .sync_state
+                .load(Ordering::Relaxed),
+        ) != rzab_shared::SyncState::Serving
+    }) || rejoined.counter_total(Counter::WritesCompleted) == 0
+    {
+        assert!(Instant::now() < deadline, "node 2 never served again");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let installed = rejoined.counter_total(Counter::CatchupEntriesReceived);
+    drop((leader, rejoined));
+    for process in &processes {
+        process.terminate();
+    }
+    let outputs: Vec<NodeOutput> = processes.into_iter().map(NodeProcess::finish).collect();
+    cleanup(&cluster, 3);
+    assert!(
+        outputs[2]
+            .stdout
+            .contains("fell behind the leader: starting again"),
+        "{}",
+        outputs[2].stdout
+    );
+    assert!(installed > 0, "the rejoined process installed no snapshot");
+    assert_caught_up(&outputs);
+
+    // The left-behind process ended cleanly (its files have trailers) before its successor.
+    let report = check_history("behind", history.path(), &outputs);
+    assert_eq!(report.processes, 4, "{report}");
+    assert_eq!(report.processes_of(2).len(), 2, "{report}");
+    assert!(report.crashed().is_empty(), "{report}");
 }

@@ -187,6 +187,12 @@ impl Follower {
             }
             Kind::Commit => {
                 self.commit_seen = self.commit_seen.max(words[leader_words::SEQ]);
+                // Commits carry the retained point too, so a follower left behind learns it
+                // even while no write is prepared.
+                if self.received < words[leader_words::RETAINED_FROM] {
+                    self.phase = Phase::FellBehind;
+                    return;
+                }
                 let (first, count) = message.range();
                 let end = first.saturating_add(count);
                 if end <= self.committed {

@@ -581,8 +581,11 @@ impl Leader {
             if !link.repairing {
                 continue;
             }
-            let from = link.repair_next.max(link.acked);
-            let room = (link.acked + in_flight_limit).saturating_sub(from);
+            // A follower that lacks prepares no longer kept gets the oldest kept ones: they
+            // carry the retained point, from which it learns that it was left behind.
+            let floor = link.acked.max(self.retained_from());
+            let from = link.repair_next.max(floor);
+            let room = (floor + in_flight_limit).saturating_sub(from);
             if room == 0 {
                 continue;
             }
@@ -671,13 +674,17 @@ impl Leader {
     /// How many more prepares can go before a live follower (one heard from recently) would
     /// miss prepares the leader no longer keeps. A slow follower gets several windows of
     /// slack; only a dead one (silent for [`Limits::follower_dead_after_ns`]) is left behind,
-    /// to catch up by snapshot when it restarts.
+    /// to catch up by snapshot when it restarts. A follower that already lacks prepares the
+    /// leader no longer keeps (it was left behind and is heard from again) cannot be saved by
+    /// holding back: the leader goes on, and its next PREPARE tells the follower so.
     fn room_before_live_follower_falls_behind(&self, now_ns: u64, limits: &Limits) -> u64 {
         let keep = (self.pending.capacity() - self.config.window) as u64;
+        let retained_from = self.retained_from();
         self.follower_ids()
             .map(|follower| &self.links[follower])
             .filter(|link| {
                 link.instance != 0
+                    && link.acked >= retained_from
                     && now_ns.saturating_sub(link.heard_ns) < limits.follower_dead_after_ns()
             })
             .map(|link| (link.acked + keep).saturating_sub(self.next_pseq))
