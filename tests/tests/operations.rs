@@ -204,7 +204,13 @@ fn changing_a_batch_limit_changes_the_average_batch_size() {
     );
     set_prepare_batch(&cluster, 1);
     let one = average_prepare_batch(&cluster, 2_000.0);
-    assert_eq!(one, 1.0, "prepare_batch 1: one write per PREPARE");
+    // A scrape reads the entries and messages counters one after the other, so a message
+    // being counted at that moment may be in one and not yet the other: over 2,000 messages
+    // that shifts the average by at most a few parts in a thousand.
+    assert!(
+        (one - 1.0).abs() < 0.005,
+        "prepare_batch 1: one write per PREPARE: {one}"
+    );
     set_prepare_batch(&cluster, 4);
     let four = average_prepare_batch(&cluster, 2_000.0);
     assert!(
