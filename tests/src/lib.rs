@@ -151,6 +151,37 @@ pub fn check_history(
     report
 }
 
+/// Every node ended cleanly with the leader's applied zxid and store; node 1 applied the same
+/// sequence as the leader, and node 2 (which caught up by snapshot, so applied only a suffix)
+/// served writes.
+pub fn assert_caught_up(outputs: &[NodeOutput]) {
+    for output in outputs {
+        assert!(
+            output.success,
+            "node {} failed:\n{}\n{}",
+            output.node, output.stdout, output.stderr
+        );
+    }
+    let summary = |node: usize| outputs[node].summary.as_ref().unwrap();
+    for node in 1..3 {
+        assert_eq!(
+            summary(node)["applied_zxid"],
+            summary(0)["applied_zxid"],
+            "node {node} applied a different prefix"
+        );
+        assert_eq!(
+            summary(node)["store_digest"],
+            summary(0)["store_digest"],
+            "node {node}'s store differs from the leader's"
+        );
+    }
+    assert_eq!(summary(1)["digest"], summary(0)["digest"]);
+    assert!(
+        summary(2)["writes"].as_u64().unwrap() > 0,
+        "the caught-up node served no writes"
+    );
+}
+
 /// Holds one cluster test of a test binary at a time: clusters busy-poll, the machine may have
 /// two cores, and the tests measure progress (commit stalls) that a second cluster would starve.
 pub fn serial() -> std::sync::MutexGuard<'static, ()> {

@@ -18,7 +18,9 @@ use std::time::{Duration, Instant};
 
 use rzab_shared::{AttachedControlBlock, Counter, SyncState};
 use rzab_tests::ops::{free_port, listening, wait_until};
-use rzab_tests::{NodeOutput, NodeProcess, check_history, cleanup, cluster_name, history_args};
+use rzab_tests::{
+    NodeOutput, NodeProcess, assert_caught_up, check_history, cleanup, cluster_name, history_args,
+};
 
 /// A child process killed when dropped.
 struct Guard(Option<Child>);
@@ -188,26 +190,7 @@ fn memcached_restart_and_a_follower_rejoining_through_the_control_plane() {
     let outputs: Vec<NodeOutput> = nodes.into_iter().map(NodeProcess::finish).collect();
     drop((leader, restarted, registry));
     cleanup(&cluster, 3);
-    for output in &outputs {
-        assert!(
-            output.success,
-            "node {} failed:\n{}\n{}",
-            output.node, output.stdout, output.stderr
-        );
-    }
-    let summary = |node: usize| outputs[node].summary.as_ref().unwrap();
-    for node in 1..3 {
-        assert_eq!(summary(node)["applied_zxid"], summary(0)["applied_zxid"]);
-        assert_eq!(
-            summary(node)["store_digest"],
-            summary(0)["store_digest"],
-            "node {node}'s store differs from the leader's"
-        );
-    }
-    assert!(
-        summary(2)["writes"].as_u64().unwrap() > 0,
-        "the rejoined node served no writes"
-    );
+    assert_caught_up(&outputs);
 
     // The whole run, across the registry outage, the crash and the rejoin, passes the checker;
     // the killed process left files without trailers and its successor wrote new ones.

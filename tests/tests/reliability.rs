@@ -25,8 +25,8 @@ use std::time::{Duration, Instant};
 
 use rzab_shared::{AttachedControlBlock, Counter};
 use rzab_tests::{
-    Namespaces, NodeOutput, NodeProcess, assert_identical_replicas, check_history, cleanup,
-    cluster_name, history_args,
+    Namespaces, NodeOutput, NodeProcess, assert_caught_up, assert_identical_replicas,
+    check_history, cleanup, cluster_name, history_args,
 };
 
 fn strings(args: &[&str]) -> Vec<String> {
@@ -149,37 +149,6 @@ fn one_percent_loss_on_udp() {
 #[test]
 fn ten_percent_loss_on_udp() {
     lossy_run("l10udp", &udp_args(1), "10", "2", "2");
-}
-
-/// Every node ended cleanly with the leader's applied zxid and store; node 1 applied the same
-/// sequence as the leader, and node 2 (which caught up by snapshot, so applied only a suffix)
-/// served writes.
-fn assert_caught_up(outputs: &[NodeOutput]) {
-    for output in outputs {
-        assert!(
-            output.success,
-            "node {} failed:\n{}\n{}",
-            output.node, output.stdout, output.stderr
-        );
-    }
-    let summary = |node: usize| outputs[node].summary.as_ref().unwrap();
-    for node in 1..3 {
-        assert_eq!(
-            summary(node)["applied_zxid"],
-            summary(0)["applied_zxid"],
-            "node {node} applied a different prefix"
-        );
-        assert_eq!(
-            summary(node)["store_digest"],
-            summary(0)["store_digest"],
-            "node {node}'s store differs from the leader's"
-        );
-    }
-    assert_eq!(summary(1)["digest"], summary(0)["digest"]);
-    assert!(
-        summary(2)["writes"].as_u64().unwrap() > 0,
-        "the caught-up node served no writes"
-    );
 }
 
 /// Kills follower 2 under load, restarts it as a new process, and checks it caught up.
