@@ -27,24 +27,35 @@ fi
 cluster=bench$$
 logs=$(mktemp -d)
 trap 'pkill -TERM -f "rzab-dataplane --cluster $cluster" 2>/dev/null || true; rm -rf "$logs" /dev/shm/rzab-$cluster-n* /dev/shm/rzab-fabric-$cluster' EXIT
+# run_three ARGS...: a fresh 3-node cluster for $seconds with ARGS on every node, logs in $logs/N.log.
+run_three() {
+  rm -f /dev/shm/rzab-fabric-$cluster
+  for n in 0 1 2; do
+    ./target/release/rzab-dataplane --cluster "$cluster" --node "$n" --nodes 3 --duration "$seconds" \
+      --knob stats_interval_ms=60000 "$@" >"$logs/$n.log" 2>&1 &
+  done
+  wait
+}
+# The nodes' summary lines, for the Python below: `summaries = json_summaries(logs)`.
+summaries_py='import json
+def json_summaries(logs):
+    found = []
+    for n in range(3):
+        for line in open(f"{logs}/{n}.log"):
+            if line.startswith("summary "):
+                found.append(json.loads(line[8:]))
+    return found'
+
 echo "3 nodes, shm, 1 worker each, adaptive polling, 1M keys, 32 B values, 32 sessions per node, $seconds s per row"
 echo "| writes | cluster M ops/s | M reads/s | M writes/s | write p50 (us) | write p99 (us) | replicas identical |"
 echo "|---|---|---|---|---|---|---|"
 for ratio in 0 50 500 1000; do
-  rm -f /dev/shm/rzab-fabric-$cluster
-  for n in 0 1 2; do
-    ./target/release/rzab-dataplane --cluster "$cluster" --node "$n" --nodes 3 --duration "$seconds" \
-      --write-ratio "$ratio" --knob stats_interval_ms=60000 >"$logs/$n.log" 2>&1 &
-  done
-  wait
-  python3 - "$ratio" "$logs" <<'PY'
-import json, sys
+  run_three --write-ratio "$ratio"
+  python3 - "$ratio" "$logs" "$summaries_py" <<'PY'
+import sys
+exec(sys.argv[3])
 ratio, logs = int(sys.argv[1]), sys.argv[2]
-summaries = []
-for n in range(3):
-    for line in open(f"{logs}/{n}.log"):
-        if line.startswith("summary "):
-            summaries.append(json.loads(line[8:]))
+summaries = json_summaries(logs)
 if len(summaries) != 3:
     print(f"| {ratio/10:g}% | failed | | | | | |"); sys.exit(0)
 reads = sum(s["reads"] / s["seconds"] for s in summaries)
@@ -65,22 +76,14 @@ echo "3 nodes, shm, 1 worker each, 20% writes, $seconds s per row; faults inject
 echo "| injected loss | duplicated / reordered | cluster M ops/s | vs lossless | retransmissions (all nodes) | replicas identical |"
 echo "|---|---|---|---|---|---|"
 for loss in 0 1 10; do
-  rm -f /dev/shm/rzab-fabric-$cluster
   faults=()
   if ((loss > 0)); then faults=(--inject-loss "$loss" --inject-duplicate 1 --inject-reorder 1); fi
-  for n in 0 1 2; do
-    ./target/release/rzab-dataplane --cluster "$cluster" --node "$n" --nodes 3 --duration "$seconds" \
-      --write-ratio 200 --knob stats_interval_ms=60000 "${faults[@]}" >"$logs/$n.log" 2>&1 &
-  done
-  wait
-  python3 - "$loss" "$logs" <<'PY'
-import json, os, sys
+  run_three --write-ratio 200 "${faults[@]}"
+  python3 - "$loss" "$logs" "$summaries_py" <<'PY'
+import os, sys
+exec(sys.argv[3])
 loss, logs = int(sys.argv[1]), sys.argv[2]
-summaries = []
-for n in range(3):
-    for line in open(f"{logs}/{n}.log"):
-        if line.startswith("summary "):
-            summaries.append(json.loads(line[8:]))
+summaries = json_summaries(logs)
 if len(summaries) != 3:
     print(f"| {loss}% | | failed | | | |"); sys.exit(0)
 ops = sum((s["reads"] + s["writes"]) / s["seconds"] for s in summaries)

@@ -140,3 +140,15 @@ live_line() {
 now_ns() {
   date +%s%N
 }
+
+# catch_stop_signals: Ctrl-C and SIGTERM only record the exit status (130, 143) in
+# stop_status, so a script can stop what it started in its EXIT trap; its waiting loops call
+# check_stop, which exits with that status once a signal came.
+stop_status=0
+catch_stop_signals() {
+  trap 'stop_status=130' INT
+  trap 'stop_status=143' TERM
+}
+check_stop() {
+  ((stop_status == 0)) || exit "$stop_status"
+}

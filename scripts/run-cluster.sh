@@ -320,12 +320,7 @@ cleanup() {
   exit "$status"
 }
 trap cleanup EXIT
-stop_status=0
-trap 'stop_status=130' INT
-trap 'stop_status=143' TERM
-check_stop() {
-  ((stop_status == 0)) || exit "$stop_status"
-}
+catch_stop_signals
 
 echo "==> registry: memcached on $registry; run generation $generation"
 remote "$registry_host" "$registry_command"

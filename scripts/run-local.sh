@@ -147,12 +147,7 @@ trap cleanup EXIT
 # Ctrl-C reaches the data planes too (same process group), so they may stop before this
 # script notices the signal: the loops below check this status, and a data plane that exits
 # cleanly is taken as the end of the run.
-stop_status=0
-trap 'stop_status=130' INT
-trap 'stop_status=143' TERM
-check_stop() {
-  ((stop_status == 0)) || exit "$stop_status"
-}
+catch_stop_signals
 
 # Shows why a process failed and exits.
 fail_with_log() {

@@ -29,28 +29,26 @@ fn main() -> anyhow::Result<()> {
         signal_hook::flag::register(signal, Arc::clone(&signalled))
             .context("installing a signal handler")?;
     }
-    match rzab_dataplane::node::run(&options) {
-        Ok(summary) => {
-            println!("summary {}", serde_json::to_string(&summary)?);
-            Ok(())
-        }
-        Err(error)
-            if options.on_fall_behind == OnFallBehind::Rejoin
+    let summary = match rzab_dataplane::node::run(&options) {
+        Ok(summary) => summary,
+        Err(error) => {
+            let may_rejoin = options.on_fall_behind == OnFallBehind::Rejoin
                 && fell_behind(&error)
-                && !signalled.load(Ordering::Relaxed) =>
-        {
+                && !signalled.load(Ordering::Relaxed);
             let error = error.context(format!(
                 "node {} of cluster {}",
                 options.node, options.cluster
             ));
-            match remaining_seconds(options.duration, started.elapsed()) {
-                Some(seconds) => Err(rejoin(&options, &error, seconds)),
-                None => Err(error),
-            }
+            return Err(
+                match remaining_seconds(options.duration, started.elapsed()) {
+                    Some(seconds) if may_rejoin => rejoin(&options, &error, seconds),
+                    _ => error,
+                },
+            );
         }
-        Err(error) => Err(error)
-            .with_context(|| format!("node {} of cluster {}", options.node, options.cluster)),
-    }
+    };
+    println!("summary {}", serde_json::to_string(&summary)?);
+    Ok(())
 }
 
 fn fell_behind(error: &anyhow::Error) -> bool {
@@ -68,7 +66,9 @@ fn remaining_seconds(duration: u64, elapsed: Duration) -> Option<u64> {
     if duration == 0 {
         return Some(0);
     }
-    Some(duration.checked_sub(elapsed.as_secs())?).filter(|left| *left > 0)
+    duration
+        .checked_sub(elapsed.as_secs())
+        .filter(|left| *left > 0)
 }
 
 /// Replaces this process with a new one of the same arguments; returns only if that failed.

@@ -182,6 +182,34 @@ pub fn assert_caught_up(outputs: &[NodeOutput]) {
     );
 }
 
+/// Whether every worker of the node has applied the knobs of `epoch` (its `knob_epoch_seen`).
+pub fn workers_applied(block: &rzab_shared::AttachedControlBlock, epoch: u64) -> bool {
+    (0..block.worker_count() as usize).all(|worker| {
+        block
+            .worker(worker)
+            .gauges
+            .knob_epoch_seen
+            .load(std::sync::atomic::Ordering::Acquire)
+            >= epoch
+    })
+}
+
+/// Waits until every worker of the node serves local reads (it has caught up) and its sessions
+/// have completed a write.
+pub fn wait_serving_with_writes(block: &rzab_shared::AttachedControlBlock, node: &str) {
+    ops::wait_until(&format!("{node} serves and completes writes"), || {
+        (0..block.worker_count() as usize).all(|worker| {
+            rzab_shared::SyncState::from_code(
+                block
+                    .worker(worker)
+                    .gauges
+                    .sync_state
+                    .load(std::sync::atomic::Ordering::Acquire),
+            ) == rzab_shared::SyncState::Serving
+        }) && block.counter_total(rzab_shared::Counter::WritesCompleted) > 0
+    });
+}
+
 /// Holds one cluster test of a test binary at a time: clusters busy-poll, the machine may have
 /// two cores, and the tests measure progress (commit stalls) that a second cluster would starve.
 pub fn serial() -> std::sync::MutexGuard<'static, ()> {

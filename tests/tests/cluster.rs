@@ -11,7 +11,7 @@ use rzab_shared::{AttachedControlBlock, Counter, Knob};
 use rzab_tests::ops::wait_until;
 use rzab_tests::{
     Namespaces, NodeProcess, assert_identical_replicas, attach_running, cleanup, cluster_name,
-    run_cluster,
+    run_cluster, workers_applied,
 };
 
 fn common(cluster: &str, seconds: u64) -> Vec<String> {
@@ -71,16 +71,7 @@ fn set_multicast(leader: &AttachedControlBlock, multicast: bool) {
     let epoch = leader.knob_epoch();
     wait_until(
         &format!("the leader's workers apply multicast={multicast}"),
-        || {
-            (0..leader.worker_count() as usize).all(|worker| {
-                leader
-                    .worker(worker)
-                    .gauges
-                    .knob_epoch_seen
-                    .load(Ordering::Acquire)
-                    >= epoch
-            })
-        },
+        || workers_applied(leader, epoch),
     );
 }
 

@@ -29,7 +29,7 @@ use rzab_tests::ops::{
     Cluster, ClusterSpec, Guarded, Memcached, Metrics, PATIENCE, Prometheus, die_with_parent,
     free_port, listening, process_alive, processes_mentioning, signal, wait_until, workspace_root,
 };
-use rzab_tests::{assert_identical_replicas, binary, serial};
+use rzab_tests::{assert_identical_replicas, binary, serial, workers_applied};
 
 fn started(label: &'static str) -> (tempfile::TempDir, Memcached, Cluster) {
     let dir = tempfile::tempdir().unwrap();
@@ -404,16 +404,7 @@ fn a_killed_control_plane_leaves_the_data_plane_running_and_a_restarted_one_reat
         let epoch = reply.json()["epoch"].as_u64().unwrap();
         wait_until(
             &format!("node {node}'s workers confirm epoch {epoch}"),
-            || {
-                (0..blocks[index].worker_count() as usize).all(|worker| {
-                    blocks[index]
-                        .worker(worker)
-                        .gauges
-                        .knob_epoch_seen
-                        .load(std::sync::atomic::Ordering::Acquire)
-                        >= epoch
-                })
-            },
+            || workers_applied(&blocks[index], epoch),
         );
     }
     cluster.wait_for_writes(1_000.0);

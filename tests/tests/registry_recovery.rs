@@ -13,13 +13,13 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use rzab_shared::{AttachedControlBlock, Counter, SyncState};
+use rzab_shared::AttachedControlBlock;
 use rzab_tests::ops::{free_port, listening, wait_until};
 use rzab_tests::{
     NodeOutput, NodeProcess, assert_caught_up, check_history, cleanup, cluster_name, history_args,
+    wait_serving_with_writes,
 };
 
 /// A child process killed when dropped.
@@ -159,25 +159,7 @@ fn memcached_restart_and_a_follower_rejoining_through_the_control_plane() {
         &PathBuf::from(format!("/dev/shm/rzab-{cluster}-n2")),
         Some(old_instance),
     );
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while (0..2).any(|worker| {
-        SyncState::from_code(
-            restarted
-                .worker(worker)
-                .gauges
-                .sync_state
-                .load(Ordering::Relaxed),
-        ) != SyncState::Serving
-    }) {
-        assert!(
-            Instant::now() < deadline,
-            "the restarted follower never caught up"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    wait_until("the rejoined node's sessions complete writes", || {
-        restarted.counter_total(Counter::WritesCompleted) > 0
-    });
+    wait_serving_with_writes(&restarted, "the rejoined node");
     let stall = longest_stall(&leader, Duration::from_millis(1500));
     assert!(
         stall < Duration::from_secs(1),

@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 use rzab_shared::{AttachedControlBlock, Counter};
 use rzab_tests::{
     Namespaces, NodeOutput, NodeProcess, assert_caught_up, assert_identical_replicas,
-    check_history, cleanup, cluster_name, history_args,
+    check_history, cleanup, cluster_name, history_args, wait_serving_with_writes,
 };
 
 fn strings(args: &[&str]) -> Vec<String> {
@@ -91,14 +91,21 @@ fn assert_no_long_stall(longest: Duration) {
     );
 }
 
-/// Runs three nodes for a few seconds with injected faults on every node's sends.
-fn lossy_run(label: &str, transport: &[String], loss: &str, duplicate: &str, reorder: &str) {
-    let _serial = rzab_tests::serial();
+/// A fresh 3-node cluster name (leftovers of an earlier run removed), a history directory, and
+/// the nodes' arguments, which record into it.
+fn recorded_cluster(label: &str) -> (String, tempfile::TempDir, Vec<String>) {
     let cluster = cluster_name(label);
     cleanup(&cluster, 3);
     let history = tempfile::tempdir().unwrap();
     let mut args = rzab_tests::three_node_args(&cluster);
     args.extend(history_args(history.path()));
+    (cluster, history, args)
+}
+
+/// Runs three nodes for a few seconds with injected faults on every node's sends.
+fn lossy_run(label: &str, transport: &[String], loss: &str, duplicate: &str, reorder: &str) {
+    let _serial = rzab_tests::serial();
+    let (cluster, history, mut args) = recorded_cluster(label);
     args.extend(transport.iter().cloned());
     args.extend(strings(&[
         "--duration",
@@ -154,11 +161,7 @@ fn ten_percent_loss_on_udp() {
 /// Kills follower 2 under load, restarts it as a new process, and checks it caught up.
 fn follower_restart(label: &str, prefixes: &[Vec<String>], extra: &[String]) {
     let _serial = rzab_tests::serial();
-    let cluster = cluster_name(label);
-    cleanup(&cluster, 3);
-    let history = tempfile::tempdir().unwrap();
-    let mut args = rzab_tests::three_node_args(&cluster);
-    args.extend(history_args(history.path()));
+    let (cluster, history, mut args) = recorded_cluster(label);
     args.extend(extra.iter().cloned());
     let mut processes: Vec<NodeProcess> = (0..3u8)
         .map(|node| NodeProcess::start_with_prefix(&prefixes[usize::from(node)], node, &args))
@@ -176,28 +179,7 @@ fn follower_restart(label: &str, prefixes: &[Vec<String>], extra: &[String]) {
         &PathBuf::from(format!("/dev/shm/rzab-{cluster}-n2")),
         Some(old_instance),
     );
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while rzab_shared::SyncState::from_code(
-        restarted
-            .worker(0)
-            .gauges
-            .sync_state
-            .load(Ordering::Relaxed),
-    ) != rzab_shared::SyncState::Serving
-    {
-        assert!(
-            Instant::now() < deadline,
-            "the restarted follower never caught up"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    while restarted.counter_total(Counter::WritesCompleted) == 0 {
-        assert!(
-            Instant::now() < deadline,
-            "the restarted follower's sessions never completed a write"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_serving_with_writes(&restarted, "the restarted follower");
     // Committing goes on after the rejoin, which the watch keeps measuring for a while.
     std::thread::sleep(Duration::from_millis(1500));
     let (longest, leader) = watch.stop();
@@ -273,11 +255,7 @@ fn follower_killed_and_restarted_on_udp_between_namespaces() {
 #[test]
 fn a_stopped_follower_that_fell_behind_rejoins_as_a_new_process() {
     let _serial = rzab_tests::serial();
-    let cluster = cluster_name("behind");
-    cleanup(&cluster, 3);
-    let history = tempfile::tempdir().unwrap();
-    let mut args = rzab_tests::three_node_args(&cluster);
-    args.extend(history_args(history.path()));
+    let (cluster, history, mut args) = recorded_cluster("behind");
     // Mostly writes, so that the leader's 32 retained windows run out while node 2 is stopped.
     args.extend(strings(&["--write-ratio", "800"]));
     let processes: Vec<NodeProcess> = (0..3u8)
@@ -304,19 +282,7 @@ fn a_stopped_follower_that_fell_behind_rejoins_as_a_new_process() {
 
     // The same pid comes back as a new instance, catches up by snapshot and serves again.
     let rejoined = rzab_tests::attach_running_instance(&block_of(2), Some(old_instance));
-    while (0..rejoined.worker_count() as usize).any(|worker| {
-        rzab_shared::SyncState::from_code(
-            rejoined
-                .worker(worker)
-                .gauges
-                .sync_state
-                .load(Ordering::Relaxed),
-        ) != rzab_shared::SyncState::Serving
-    }) || rejoined.counter_total(Counter::WritesCompleted) == 0
-    {
-        assert!(Instant::now() < deadline, "node 2 never served again");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_serving_with_writes(&rejoined, "the rejoined node 2");
     let installed = rejoined.counter_total(Counter::CatchupEntriesReceived);
     drop((leader, rejoined));
     for process in &processes {
