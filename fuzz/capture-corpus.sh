@@ -9,8 +9,9 @@
 # once crashed a target) are kept; earlier captured files are replaced.
 #
 # The cluster runs in the capture configuration the harnesses decode with
-# (rzab_dataplane::fuzzing::CAPTURE): cluster fuzzcap, 3 nodes, 2 workers, 32-byte values,
-# 1024 keys, window 1024, 32 sessions. Change both together.
+# (rzab_dataplane::fuzzing::CAPTURE): cluster fuzzcap, run id fuzzcap, 3 nodes, 2 workers,
+# 32-byte values, 1024 keys, window 1024, 32 sessions, and over udp the published test secret
+# CAPTURE.secret (so that the harnesses can check the MACs). Change both together.
 #
 #   fuzz/capture-corpus.sh [--seconds 2] [--transports "shm udp"] [--no-restart]
 set -euo pipefail
@@ -42,12 +43,19 @@ cleanup() {
 trap cleanup EXIT
 
 captured=$work/captured
+secret=$work/secret
+printf '%s' "fuzzcap: a published test secret" >"$secret"
+chmod 600 "$secret"
 for transport in $transports; do
   echo "==> 3-node cluster over $transport for ${seconds}s, capturing"
   base=$((30000 + ($$ % 1000) * 10))
   pids=()
+  # shm datagrams are sealed with CRC32C, udp ones with the MAC.
+  sealing=()
+  [ "$transport" = udp ] && sealing=(--cluster-secret-file "$secret")
   for node in 0 1 2; do
-    "$bin" --cluster fuzzcap --node "$node" --nodes 3 --workers 2 --value-size 32 --keys 1024 \
+    "$bin" --cluster fuzzcap --run-id fuzzcap --node "$node" --nodes 3 --workers 2 \
+      --value-size 32 --keys 1024 "${sealing[@]}" \
       --window 1024 --sessions 32 --write-ratio 300 --transport "$transport" \
       --duration "$seconds" --join-timeout 30 --shm-dir "$work" \
       --control-block "$work/block-$transport-$node" \
@@ -73,7 +81,7 @@ if [ "$restart" = yes ]; then
   echo "==> 3-node cluster over shm with 2% loss, follower 2 killed and restarted, capturing"
   pids=()
   node_args() {
-    echo --cluster fuzzcap --node "$1" --nodes 3 --workers 2 --value-size 32 --keys 1024 \
+    echo --cluster fuzzcap --run-id fuzzcap --node "$1" --nodes 3 --workers 2 --value-size 32 --keys 1024 \
       --window 1024 --sessions 32 --write-ratio 300 --transport shm --duration "$2" \
       --join-timeout 30 --shm-dir "$work" --control-block "$work/block-restart-$1" \
       --inject-loss 2 --inject-duplicate 1 --inject-reorder 1 \

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Measures rzab on this machine and prints markdown tables:
-#  1. the raw message rate of the transports between two processes (rzab-transport-tool bench);
+#  1. the raw message rate of the transports between two processes (rzab-transport-tool bench),
+#     and what sealing and checking a datagram costs (CRC32C and MAC, rzab-transport-tool
+#     seal-bench);
 #  2. a 3-node cluster (shm, 1 worker each, adaptive polling, 1M keys, 32-byte values) at
 #     0%, 5%, 50% and 100% writes: cluster throughput and write latency p50/p99;
 #  3. the same at 20% writes with 0%, 1% and 10% of every node's sends lost (plus 1%
@@ -21,6 +23,8 @@ cargo build --release --bins -q
 
 if ((skip_transport == 0)); then
   ./target/release/rzab-transport-tool bench --seconds 1 --runs 3
+  echo
+  ./target/release/rzab-transport-tool seal-bench --sizes 112,1024,4096,65536
   echo
 fi
 

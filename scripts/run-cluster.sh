@@ -262,13 +262,24 @@ case "$transport" in
     transport_options="--transport udp --udp-hosts $(IFS=,; echo "${addresses[*]}")"
     ;;
 esac
+# Every data plane of the run gets its run id; over udp also a secret made for this run,
+# written on each host by its start command (readable by its owner only), which keys the
+# datagrams' MAC. A dry run shows a placeholder instead of the secret.
+sealing_options="--run-id $generation"
+secret_setup=""
+if [ "$transport" = udp ]; then
+  secret=$(head -c 32 /dev/urandom | base64 -w0)
+  [ "$mode" != dry-run ] || secret="<32 random bytes, base64>"
+  secret_setup="(umask 077 && echo '$secret' | base64 -d >cluster-secret) && "
+  sealing_options+=" --cluster-secret-file $run_dir/cluster-secret"
+fi
 
 start_commands() {
   local n=$1 host=${hosts[$1]}
-  local dataplane="$bin_dir/rzab-dataplane --cluster $cluster --node $n --nodes $nodes --workers $workers $transport_options --peers control-plane --write-ratio $write_ratio --duration $duration${extra[*]:+ ${extra[*]}}"
+  local dataplane="$bin_dir/rzab-dataplane --cluster $cluster --node $n --nodes $nodes --workers $workers $transport_options --peers control-plane --write-ratio $write_ratio --duration $duration${extra[*]:+ ${extra[*]}} $sealing_options"
   local controlplane
   controlplane="$bin_dir/rzab-controlplane --cluster $cluster --node $n --registry $registry --generation $generation --listen $(listen_of "$host")"
-  echo "mkdir -p $run_dir && cd $run_dir && (nohup $dataplane >dataplane-$n.log 2>&1 & echo \$! >dataplane-$n.pid) && (nohup $controlplane >controlplane-$n.log 2>&1 & echo \$! >controlplane-$n.pid)"
+  echo "mkdir -p $run_dir && cd $run_dir && $secret_setup(nohup $dataplane >dataplane-$n.log 2>&1 & echo \$! >dataplane-$n.pid) && (nohup $controlplane >controlplane-$n.log 2>&1 & echo \$! >controlplane-$n.pid)"
 }
 
 registry_command="mkdir -p $run_dir && cd $run_dir && (nohup \$(command -v memcached || echo /usr/bin/memcached) -l $registry_host -p $registry_port -U 0 -m 64 -t 2 \$([ \$(id -u) -ne 0 ] || echo -u root) >memcached.log 2>&1 & echo \$! >memcached.pid)"

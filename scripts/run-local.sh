@@ -169,11 +169,18 @@ wait_listening 127.0.0.1 "$registry_port" "${others[0]}" ||
   fail_with_log "memcached did not start on 127.0.0.1:$registry_port" "$run_dir/memcached.log"
 generation=$(now_ns)
 echo "==> registry: memcached on 127.0.0.1:$registry_port; run generation $generation"
+# The generation is the data planes' run id too (datagrams of an earlier run are dropped);
+# udp datagrams are sealed with a MAC keyed by a secret made for this run.
+sealing=(--run-id "$generation")
+if [ "$transport" = udp ]; then
+  (umask 077 && head -c 32 /dev/urandom >"$run_dir/cluster-secret")
+  sealing+=(--cluster-secret-file "$run_dir/cluster-secret")
+fi
 
 for ((n = 0; n < nodes; n++)); do
   "$bin_dir/rzab-dataplane" --cluster "$cluster" --node "$n" --nodes "$nodes" \
     --workers "$workers" --transport "$transport" --peers control-plane \
-    --write-ratio "$write_ratio" --duration "$duration" "${extra[@]}" \
+    --write-ratio "$write_ratio" --duration "$duration" "${sealing[@]}" "${extra[@]}" \
     >"$run_dir/dataplane-$n.log" 2>&1 &
   dataplanes+=($!)
   "$bin_dir/rzab-controlplane" --cluster "$cluster" --node "$n" \

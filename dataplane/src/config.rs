@@ -2,9 +2,10 @@
 //! optional TOML file whose keys are the long option names, and the checks that turn an
 //! inconsistent configuration into a clear error before anything starts.
 //!
-//! Touches only the configuration file it is pointed at.
+//! Touches only the configuration file it is pointed at, and the cluster secret file.
 
 use std::net::Ipv4Addr;
+use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 
 use clap::{Parser, ValueEnum};
@@ -14,6 +15,7 @@ use rzab_shared::limits::{MAX_NODES, MAX_SESSIONS_PER_WORKER, MAX_WORKERS};
 
 use crate::store::MAX_VALUE_SIZE;
 use crate::workload::KeyDistribution;
+use crate::zab::wire::{Integrity, run_tag};
 
 /// Where peers' endpoints come from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -160,7 +162,20 @@ pub struct Options {
     /// DIR/node{N}-worker{W}.{instance}.hist, for rzab-check-history (off by default).
     #[arg(long, value_name = "DIR")]
     pub history_dir: Option<PathBuf>,
+    /// The run this node belongs to: any text, the same on every node of one run of the
+    /// cluster and new for each run (the scripts pass the registry generation). Datagrams of
+    /// another run are dropped, and the MAC key is derived from it.
+    #[arg(long, default_value = "", env = "RZAB_RUN_ID")]
+    pub run_id: String,
+    /// A file holding the cluster's secret (16 bytes or more, readable by its owner only):
+    /// every datagram is then sealed with a keyed MAC (BLAKE3) instead of a CRC32C, so a host
+    /// without the secret can neither forge nor replay one. Needed with --transport udp.
+    #[arg(long, value_name = "FILE", env = "RZAB_CLUSTER_SECRET_FILE")]
+    pub cluster_secret_file: Option<PathBuf>,
 }
+
+/// Shortest cluster secret accepted, in bytes.
+pub const MIN_SECRET_BYTES: usize = 16;
 
 /// A configuration that cannot work.
 #[derive(Debug, thiserror::Error)]
@@ -181,6 +196,45 @@ pub enum ConfigError {
 }
 
 impl Options {
+    /// How this node seals and checks datagrams: a MAC when a cluster secret is given (which
+    /// udp requires), a CRC32C otherwise.
+    pub fn integrity(&self) -> Result<Integrity, ConfigError> {
+        let run = run_tag(&self.run_id);
+        let Some(path) = &self.cluster_secret_file else {
+            if self.transport == TransportKind::Udp {
+                return Err(ConfigError::Invalid(
+                    "--transport udp needs --cluster-secret-file FILE (or RZAB_CLUSTER_SECRET_FILE): any host that can reach the ports could otherwise forge datagrams; make one with `head -c 32 /dev/urandom > FILE && chmod 600 FILE`".into(),
+                ));
+            }
+            return Ok(Integrity::Crc32c);
+        };
+        let read = |source| ConfigError::Read {
+            path: path.clone(),
+            source,
+        };
+        let metadata = std::fs::metadata(path).map_err(read)?;
+        if metadata.permissions().mode() & 0o077 != 0 {
+            return Err(ConfigError::File {
+                path: path.clone(),
+                message: format!(
+                    "the cluster secret is accessible to others (mode {:o}): chmod 600 it",
+                    metadata.permissions().mode() & 0o777
+                ),
+            });
+        }
+        let secret = std::fs::read(path).map_err(read)?;
+        if secret.len() < MIN_SECRET_BYTES {
+            return Err(ConfigError::File {
+                path: path.clone(),
+                message: format!(
+                    "a cluster secret of {} bytes is too short: at least {MIN_SECRET_BYTES}",
+                    secret.len()
+                ),
+            });
+        }
+        Ok(Integrity::mac(&secret, run))
+    }
+
     /// Parses the command line, with the `--config` file's options placed before it.
     pub fn load(args: Vec<String>) -> Result<Options, ConfigError> {
         let first = Options::try_parse_from(&args).map_err(ConfigError::Options);

@@ -26,7 +26,7 @@ use std::cell::RefCell;
 
 use arbitrary::Unstructured;
 use rzab_shared::knobs::{KNOBS, KnobKind, KnobSpec};
-use rzab_shared::limits::{ENDPOINT_BYTES, MAX_PREPARES_PER_MSG, MAX_WRITES_PER_MSG};
+use rzab_shared::limits::{ENDPOINT_BYTES, MAX_NODES, MAX_PREPARES_PER_MSG, MAX_WRITES_PER_MSG};
 use rzab_shared::{EndpointAddress, EndpointDecodeError, EndpointRecord, Knob};
 
 use crate::replica::NodeReplica;
@@ -35,8 +35,8 @@ use crate::zab::follower::{Follower, LEADER_NODE};
 use crate::zab::leader::Leader;
 use crate::zab::wire::{self, Kind, Message};
 use crate::zab::{
-    CatchupBoard, Completions, FollowerWords, Limits, Outbox, PipelineConfig, Replica, Target,
-    ZXID_START, ZxidSource, hello_words, leader_words,
+    CatchupBoard, Completions, FollowerWords, LEADER_EPOCH, Limits, Outbox, PipelineConfig,
+    Replica, Target, ZXID_START, ZxidSource, leader_words,
 };
 
 /// An invariant that did not hold, with what was seen.
@@ -56,6 +56,11 @@ macro_rules! ensure {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CaptureConfig {
     pub cluster: &'static str,
+    /// `--run-id` of the capture runs.
+    pub run_id: &'static str,
+    /// The cluster secret of the udp capture run: public on purpose, so that the harnesses
+    /// can check its MACs. Never use it for anything else.
+    pub secret: &'static [u8],
     pub nodes: u8,
     pub pipelines: u8,
     pub value_len: usize,
@@ -67,6 +72,8 @@ pub struct CaptureConfig {
 /// See [`CaptureConfig`]; `fuzz/capture-corpus.sh` passes the same values to rzab-dataplane.
 pub const CAPTURE: CaptureConfig = CaptureConfig {
     cluster: "fuzzcap",
+    run_id: "fuzzcap",
+    secret: b"fuzzcap: a published test secret",
     nodes: 3,
     pipelines: 2,
     value_len: 32,
@@ -76,34 +83,82 @@ pub const CAPTURE: CaptureConfig = CaptureConfig {
 };
 
 /// The parameters of [`Message::decode`] besides the datagram.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct WireParams {
-    pub cluster_tag: u32,
-    pub value_len: usize,
-    pub nodes: usize,
-    pub pipelines: usize,
+pub type WireParams = wire::WireContext;
+
+/// The decoding context of the capture configuration, with no integrity check: mutated
+/// datagrams must reach the decoder and the state machines behind it (the checks have their
+/// own harness part, [`check_integrity`]).
+pub fn capture_params() -> WireParams {
+    wire::WireContext {
+        cluster_tag: wire::cluster_tag(CAPTURE.cluster),
+        run: wire::run_tag(CAPTURE.run_id),
+        value_len: CAPTURE.value_len,
+        nodes: usize::from(CAPTURE.nodes),
+        pipelines: usize::from(CAPTURE.pipelines),
+        integrity: wire::Integrity::Unchecked,
+    }
 }
 
-impl WireParams {
-    /// The parameters of the capture configuration.
-    pub fn capture() -> Self {
-        WireParams {
-            cluster_tag: wire::cluster_tag(CAPTURE.cluster),
-            value_len: CAPTURE.value_len,
-            nodes: usize::from(CAPTURE.nodes),
-            pipelines: usize::from(CAPTURE.pipelines),
+/// The MAC the udp capture run sealed with.
+pub fn capture_mac() -> wire::Integrity {
+    wire::Integrity::mac(CAPTURE.secret, wire::run_tag(CAPTURE.run_id))
+}
+
+/// Whatever `datagram` is, checking it under the capture's CRC32C and MAC never panics and
+/// either refuses it as [`wire::WireError::BadCheck`] or decodes it exactly as the unchecked
+/// decoder does; and a datagram the unchecked decoder accepts, sealed again with either,
+/// decodes to the same contents under it. Returns how many checks passed as they were.
+fn check_integrity(datagram: &[u8], params: &WireParams) -> Result<u32, Violation> {
+    let unchecked = params.decode(datagram);
+    let mut verified = 0;
+    for integrity in [wire::Integrity::Crc32c, capture_mac()] {
+        let checked = WireParams {
+            integrity,
+            ..*params
+        };
+        match (checked.decode(datagram), &unchecked) {
+            (Ok(message), Ok(plain)) => {
+                ensure!(
+                    contents(&message) == contents(plain),
+                    "{} changed what a datagram decodes to",
+                    integrity.name()
+                );
+                verified += 1;
+            }
+            (Ok(_), Err(error)) => {
+                return Err(Violation(format!(
+                    "{} accepted what the decoder refuses ({error})",
+                    integrity.name()
+                )));
+            }
+            (Err(wire::WireError::BadCheck), Ok(_)) => {}
+            (Err(error), Ok(_)) => {
+                return Err(Violation(format!(
+                    "{} refused a decodable datagram as {error}",
+                    integrity.name()
+                )));
+            }
+            (Err(_), Err(_)) => {}
+        }
+        if let Ok(plain) = &unchecked {
+            let mut sealed = datagram.to_vec();
+            wire::seal(&mut sealed, &integrity);
+            match checked.decode(&sealed) {
+                Ok(message) => ensure!(
+                    contents(&message) == contents(plain),
+                    "sealing with {} changed the contents",
+                    integrity.name()
+                ),
+                Err(error) => {
+                    return Err(Violation(format!(
+                        "sealed with {} but refused: {error}",
+                        integrity.name()
+                    )));
+                }
+            }
         }
     }
-
-    fn decode<'a>(&self, datagram: &'a [u8]) -> Result<Message<'a>, wire::WireError> {
-        Message::decode(
-            datagram,
-            self.cluster_tag,
-            self.value_len,
-            self.nodes,
-            self.pipelines,
-        )
-    }
+    Ok(verified)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -116,6 +171,8 @@ pub struct WireOutcome {
     pub capture_kind: Option<Kind>,
     /// Decodes (of the three parameter choices) that succeeded.
     pub decoded: u32,
+    /// Of the capture's CRC32C and MAC, how many the datagram passed as it was.
+    pub verified: u32,
 }
 
 /// Decodes `data` three ways: under the capture configuration; under parameters chosen by its
@@ -123,11 +180,12 @@ pub struct WireOutcome {
 /// claims (so random headers get past those two checks). Checks every decoded message.
 pub fn wire_decode(data: &[u8]) -> Result<WireOutcome, Violation> {
     let mut outcome = WireOutcome::default();
-    let capture = WireParams::capture();
+    let capture = capture_params();
     if let Some(kind) = check_datagram(data, &capture)? {
         outcome.capture_kind = Some(kind);
         outcome.decoded += 1;
     }
+    outcome.verified = check_integrity(data, &capture)?;
 
     let mut input = Unstructured::new(data);
     let chosen = (|| -> arbitrary::Result<WireParams> {
@@ -141,6 +199,7 @@ pub fn wire_decode(data: &[u8]) -> Result<WireOutcome, Violation> {
             value_len: input.int_in_range(0..=1100usize)?,
             nodes: input.int_in_range(0..=256usize)?,
             pipelines: input.int_in_range(0..=256usize)?,
+            ..capture
         })
     })();
     if let Ok(params) = chosen {
@@ -153,9 +212,11 @@ pub fn wire_decode(data: &[u8]) -> Result<WireOutcome, Violation> {
     if data.len() >= wire::HEADER_BYTES {
         let own = WireParams {
             cluster_tag: u32::from_le_bytes([data[8], data[9], data[10], data[11]]),
+            run: wire::u64_at(data, 16),
             value_len: usize::from(u16::from_le_bytes([data[12], data[13]])),
             nodes: 256,
             pipelines: 256,
+            integrity: wire::Integrity::Unchecked,
         };
         if check_datagram(data, &own)?.is_some() {
             outcome.decoded += 1;
@@ -239,6 +300,7 @@ fn reencode(contents: &Contents<'_>, value_len: usize) -> Option<Vec<u8>> {
             entry.value,
         );
     }
+    wire::seal(&mut out, &wire::Integrity::Unchecked);
     Some(out)
 }
 
@@ -413,6 +475,8 @@ pub struct PipelineOutcome {
     pub foreign: u64,
     /// Join hellos, which the worker keeps from the pipeline.
     pub hellos: u64,
+    /// Refused because their sender's instance or epoch is not the one the pipeline joined.
+    pub unknown_sender: u64,
     /// Handed to a state machine.
     pub handled: u64,
     /// Messages the state machines emitted.
@@ -569,12 +633,25 @@ struct CheckingOutbox {
 }
 
 impl CheckingOutbox {
-    fn check(&self, target: Target, kind: Kind, len: usize, batch: u64) -> Result<(), Violation> {
+    /// Seals the message as the worker's outbox does, and checks that it decodes under the
+    /// same check.
+    fn check(
+        &mut self,
+        target: Target,
+        kind: Kind,
+        len: usize,
+        batch: u64,
+    ) -> Result<(), Violation> {
         ensure!(
             len <= self.buffer.len(),
             "a {len}-byte message exceeds the MTU"
         );
-        let message = self.params.decode(&self.buffer[..len]).map_err(|error| {
+        let sealed = WireParams {
+            integrity: wire::Integrity::Crc32c,
+            ..self.params
+        };
+        wire::seal(&mut self.buffer[..len], &sealed.integrity);
+        let message = sealed.decode(&self.buffer[..len]).map_err(|error| {
             Violation(format!(
                 "node {} pipeline {} sent a {} that does not decode: {error}",
                 self.node,
@@ -661,6 +738,13 @@ struct Progress {
 }
 
 impl Machine {
+    fn knows(&self, header: &wire::Header) -> bool {
+        match self {
+            Machine::Leader(leader) => leader.knows(header),
+            Machine::Follower(follower) => follower.knows(header),
+        }
+    }
+
     fn progress(&self) -> Progress {
         match self {
             Machine::Leader(leader) => Progress {
@@ -702,11 +786,36 @@ struct NodeHarness {
     completions: CountingCompletions,
     limits: Limits,
     outcome: PipelineOutcome,
+    /// Per pipeline and sender node: whether a datagram of that sender was seen yet, and the
+    /// instance the pipeline joined.
+    introduced: Vec<[bool; MAX_NODES]>,
+    instances: Vec<[u64; MAX_NODES]>,
 }
 
 /// The process instance the harness gives follower `node` (as its hello would say).
 fn follower_instance(node: u8) -> u64 {
     u64::from(node) + 1
+}
+
+/// The process instance the harness gives the leader.
+const LEADER_INSTANCE: u64 = 1;
+
+/// The leader's answer to a follower's hello at the start of the cluster.
+fn join_answer(pipeline: u8, instance: u64) -> wire::Header {
+    let params = capture_params();
+    wire::Header {
+        kind: Kind::Hello,
+        from_node: LEADER_NODE,
+        pipeline,
+        count: 0,
+        cluster_tag: params.cluster_tag,
+        value_len: u16::try_from(CAPTURE.value_len).unwrap_or(u16::MAX),
+        flags: 0,
+        run: params.run,
+        instance,
+        epoch: LEADER_EPOCH,
+        words: [0; wire::WORDS],
+    }
 }
 
 /// The MTU a node of the capture configuration runs with (as `node::needed_mtu`).
@@ -718,7 +827,7 @@ fn capture_mtu() -> usize {
 
 impl NodeHarness {
     fn new(node: u8, limits: Limits) -> Result<Self, Violation> {
-        let params = WireParams::capture();
+        let params = capture_params();
         let leader = node == LEADER_NODE;
         let mut machines = Vec::new();
         for pipeline in 0..CAPTURE.pipelines {
@@ -729,6 +838,9 @@ impl NodeHarness {
                 pipelines: CAPTURE.pipelines,
                 value_len: CAPTURE.value_len,
                 cluster_tag: params.cluster_tag,
+                run: params.run,
+                epoch: LEADER_EPOCH,
+                integrity: wire::Integrity::Crc32c,
                 sessions: CAPTURE.sessions,
                 window: CAPTURE.window,
                 mtu: capture_mtu(),
@@ -742,7 +854,7 @@ impl NodeHarness {
             } else {
                 // Joined at the start of the cluster, as the worker's handshake does.
                 let mut follower = Follower::new(config);
-                follower.start(0, false);
+                follower.start(&join_answer(pipeline, LEADER_INSTANCE));
                 Machine::Follower(Box::new(follower))
             });
         }
@@ -786,6 +898,15 @@ impl NodeHarness {
                 leader,
                 ..PipelineOutcome::default()
             },
+            introduced: vec![[false; MAX_NODES]; usize::from(CAPTURE.pipelines)],
+            instances: vec![
+                std::array::from_fn(|node| match u8::try_from(node) {
+                    Ok(LEADER_NODE) => LEADER_INSTANCE,
+                    Ok(node) => follower_instance(node),
+                    Err(_) => 0,
+                });
+                usize::from(CAPTURE.pipelines)
+            ],
         })
     }
 
@@ -809,7 +930,7 @@ impl NodeHarness {
                 {
                     leader.accept_hello(
                         message.header.from_node,
-                        message.header.words[hello_words::INSTANCE],
+                        message.header.instance,
                         self.now_ns,
                         true,
                         &self.board,
@@ -818,8 +939,59 @@ impl NodeHarness {
                 }
             }
             Ok(message) => {
+                let pipeline = usize::from(message.header.pipeline);
+                let from = usize::from(message.header.from_node);
+                // Captured datagrams carry the instances of the captured run: the first one
+                // seen of each sender joins, as that sender's hello did in the run.
+                if let (Some(machine), Some(introduced)) = (
+                    self.machines.get_mut(pipeline),
+                    self.introduced
+                        .get_mut(pipeline)
+                        .and_then(|nodes| nodes.get_mut(from)),
+                ) {
+                    let role_fits = match machine {
+                        Machine::Leader(_) => message.header.from_node != LEADER_NODE,
+                        Machine::Follower(_) => message.header.from_node == LEADER_NODE,
+                    };
+                    if role_fits && !*introduced && !machine.knows(&message.header) {
+                        match machine {
+                            Machine::Leader(leader) => {
+                                leader.accept_hello(
+                                    message.header.from_node,
+                                    message.header.instance,
+                                    self.now_ns,
+                                    false,
+                                    &self.board,
+                                    &self.replica,
+                                );
+                            }
+                            Machine::Follower(follower) => {
+                                let mut answer =
+                                    join_answer(message.header.pipeline, message.header.instance);
+                                answer.from_node = message.header.from_node;
+                                answer.epoch = message.header.epoch;
+                                follower.start(&answer);
+                            }
+                        }
+                    }
+                    *introduced = true;
+                    if let Some(instance) = self
+                        .instances
+                        .get_mut(pipeline)
+                        .and_then(|nodes| nodes.get_mut(from))
+                    {
+                        if machine.knows(&message.header) {
+                            *instance = message.header.instance;
+                        }
+                    }
+                }
                 // The decoder bounds the pipeline by the configuration's pipeline count.
-                if let Some(machine) = self.machines.get_mut(usize::from(message.header.pipeline)) {
+                if let Some(machine) = self.machines.get_mut(pipeline) {
+                    if !machine.knows(&message.header) {
+                        // As the worker: not a process this pipeline joined.
+                        self.outcome.unknown_sender += 1;
+                        return;
+                    }
                     self.outcome.handled += 1;
                     match machine {
                         Machine::Leader(leader) => leader.handle(&message, self.now_ns),
@@ -833,16 +1005,20 @@ impl NodeHarness {
     /// See [`PipelineRecord::PeersKeepUp`].
     fn peers_keep_up(&mut self) {
         let mut datagram = [0u8; wire::HEADER_BYTES + wire::RANGE_BODY];
-        let cluster_tag = self.params.cluster_tag;
+        let params = self.params;
         for pipeline in 0..CAPTURE.pipelines {
-            let header = |kind, from_node, words| wire::Header {
+            let instances = self.instances[usize::from(pipeline)];
+            let header = |kind, from_node: u8, words| wire::Header {
                 kind,
                 from_node,
                 pipeline,
                 count: 0,
-                cluster_tag,
+                cluster_tag: params.cluster_tag,
                 value_len: u16::try_from(CAPTURE.value_len).unwrap_or(u16::MAX),
                 flags: 0,
+                run: params.run,
+                instance: instances[usize::from(from_node)],
+                epoch: LEADER_EPOCH,
                 words,
             };
             match self.machines.get(usize::from(pipeline)) {
@@ -856,13 +1032,13 @@ impl NodeHarness {
                             received: u64::MAX,
                             applied: u64::MAX,
                             snapshot_installed: 0,
-                            instance: follower_instance(follower),
                         };
                         wire::put_header(
                             &mut datagram,
                             &header(Kind::Ack, follower, words.to_words()),
                         );
                         wire::put_range(&mut datagram, 0, prepared);
+                        wire::seal(&mut datagram, &params.integrity);
                         self.receive(&datagram);
                     }
                 }
@@ -872,11 +1048,13 @@ impl NodeHarness {
                         &header(Kind::Commit, LEADER_NODE, [0; wire::WORDS]),
                     );
                     wire::put_range(&mut datagram, 0, u64::MAX / 2);
+                    wire::seal(&mut datagram, &params.integrity);
                     self.receive(&datagram);
                     let mut words = [0; wire::WORDS];
                     words[leader_words::WRITE_SEEN] = u64::MAX;
                     let credit = header(Kind::Credit, LEADER_NODE, words);
                     wire::put_header(&mut datagram, &credit);
+                    wire::seal(&mut datagram[..wire::HEADER_BYTES], &params.integrity);
                     self.receive(&datagram[..wire::HEADER_BYTES]);
                 }
                 None => {}
@@ -1008,26 +1186,36 @@ fn synthesize(input: &mut Unstructured<'_>, out: &mut [u8]) -> arbitrary::Result
     } else {
         u16::from(input.arbitrary::<bool>()?)
     };
+    let from_node = input.arbitrary::<u8>()? % CAPTURE.nodes;
+    let params = capture_params();
     let header = wire::Header {
         kind,
-        from_node: input.arbitrary::<u8>()? % CAPTURE.nodes,
+        from_node,
         pipeline: input.arbitrary::<u8>()? % CAPTURE.pipelines,
         count,
-        cluster_tag: wire::cluster_tag(CAPTURE.cluster),
+        cluster_tag: params.cluster_tag,
         value_len: u16::try_from(CAPTURE.value_len).unwrap_or(u16::MAX),
         flags: u16::from(input.arbitrary::<bool>()?),
+        run: params.run,
+        // Mostly the sender's real instance and epoch, so the pipelines take its messages.
+        instance: if input.arbitrary::<bool>()? {
+            field(input)?
+        } else if from_node == LEADER_NODE {
+            LEADER_INSTANCE
+        } else {
+            follower_instance(from_node)
+        },
+        epoch: if input.arbitrary::<bool>()? {
+            u32::try_from(field(input)? & 0xffff_ffff).unwrap_or(0)
+        } else {
+            LEADER_EPOCH
+        },
         words: [
             field(input)?,
             field(input)?,
             field(input)?,
             field(input)?,
             field(input)?,
-            // Mostly the sender's real instance, so a leader takes its messages.
-            if input.arbitrary::<bool>()? {
-                field(input)?
-            } else {
-                follower_instance(input.arbitrary::<u8>()? % CAPTURE.nodes)
-            },
         ],
     };
     wire::put_header(out, &header);
@@ -1066,6 +1254,7 @@ fn synthesize(input: &mut Unstructured<'_>, out: &mut [u8]) -> arbitrary::Result
             );
         }
     }
+    wire::seal(&mut out[..len], &params.integrity);
     Ok(len)
 }
 

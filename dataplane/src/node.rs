@@ -30,9 +30,9 @@ use crate::transport::{MulticastGroup, Transport, TransportError};
 use crate::worker::{NodeShared, Peers, Worker};
 use crate::workload::{Sessions, Trace};
 use crate::zab::follower::LEADER_NODE;
-use crate::zab::wire::{self, cluster_tag};
+use crate::zab::wire::{self, cluster_tag, run_tag};
 use crate::zab::{
-    CatchupBoard, PipelineConfig, ZxidSource, follower_recv_slots, leader_recv_slots,
+    CatchupBoard, LEADER_EPOCH, PipelineConfig, ZxidSource, follower_recv_slots, leader_recv_slots,
 };
 
 /// Requests pre-built per worker.
@@ -77,6 +77,8 @@ fn recv_slots(nodes: u8) -> usize {
 /// Runs a node until its duration ends or it is signalled.
 pub fn run(options: &Options) -> anyhow::Result<Summary> {
     options.validate()?;
+    // Refuse a missing or unsafe cluster secret before anything is created.
+    options.integrity()?;
     let stop = Arc::new(AtomicBool::new(false));
     signal_hook::flag::register(signal_hook::consts::SIGINT, Arc::clone(&stop))
         .context("installing SIGINT handler")?;
@@ -333,6 +335,7 @@ where
     let peers_generation = block.handshake.peers_generation.load(Ordering::Acquire);
     let mut history = crate::history::NodeHistory::start(options, block, replica)?; // history hook
     let tag = cluster_tag(&options.cluster);
+    let integrity = options.integrity()?;
     // Write ids hold 32 bits of a session's sequence: a process starts its sessions in a
     // 2^20-wide range chosen by its start time, so a restarted node's write ids are new.
     let started_secs = std::time::SystemTime::now()
@@ -372,6 +375,9 @@ where
             pipelines: options.workers,
             value_len: options.value_size,
             cluster_tag: tag,
+            run: run_tag(&options.run_id),
+            epoch: LEADER_EPOCH,
+            integrity,
             sessions: options.sessions,
             window: options.window,
             mtu: transport.caps().mtu,

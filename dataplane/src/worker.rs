@@ -33,7 +33,7 @@ use crate::transport::{Destination, RecvCompletion, SendRequest, Transport};
 use crate::workload::Sessions;
 use crate::zab::follower::{Follower, LEADER_NODE, Phase};
 use crate::zab::leader::Leader;
-use crate::zab::wire::{self, Kind, Message};
+use crate::zab::wire::{self, DropReason, Integrity, Kind, Message};
 use crate::zab::{
     CatchupBoard, Completions, Limits, Outbox, PipelineConfig, PipelineStats, Target, ZxidSource,
     hello_words,
@@ -76,6 +76,14 @@ impl Pipeline {
         match self {
             Pipeline::Leader(leader) => leader.stats(),
             Pipeline::Follower(follower) => follower.stats(),
+        }
+    }
+
+    /// Whether a (non-hello) message comes from a process this pipeline joined.
+    fn knows(&self, header: &wire::Header) -> bool {
+        match self {
+            Pipeline::Leader(leader) => leader.knows(header),
+            Pipeline::Follower(follower) => follower.knows(header),
         }
     }
 
@@ -162,9 +170,8 @@ fn sent_counters(kind: Kind, multicast: bool) -> (Counter, Counter) {
         (Kind::Ack, _) => (Counter::SentAckUnicast, Counter::BytesAckUnicast),
         (Kind::Commit, false) => (Counter::SentCommitUnicast, Counter::BytesCommitUnicast),
         (Kind::Commit, true) => (Counter::SentCommitMulticast, Counter::BytesCommitMulticast),
-        (Kind::Credit | Kind::Hello, _) => {
-            (Counter::SentCreditUnicast, Counter::BytesCreditUnicast)
-        }
+        (Kind::Credit, _) => (Counter::SentCreditUnicast, Counter::BytesCreditUnicast),
+        (Kind::Hello, _) => (Counter::SentHelloUnicast, Counter::BytesHelloUnicast),
         (Kind::Nack, _) => (Counter::SentNackUnicast, Counter::BytesNackUnicast),
         (Kind::Snapshot, _) => (Counter::SentSnapshotUnicast, Counter::BytesSnapshotUnicast),
     }
@@ -186,7 +193,8 @@ fn received_counter(kind: Kind) -> Counter {
         Kind::Prepare => Counter::ReceivedPrepare,
         Kind::Ack => Counter::ReceivedAck,
         Kind::Commit => Counter::ReceivedCommit,
-        Kind::Credit | Kind::Hello => Counter::ReceivedCredit,
+        Kind::Credit => Counter::ReceivedCredit,
+        Kind::Hello => Counter::ReceivedHello,
         Kind::Nack => Counter::ReceivedNack,
         Kind::Snapshot => Counter::ReceivedSnapshot,
     }
@@ -206,9 +214,17 @@ struct TransportOutbox<'a, T: Transport> {
     multicast: bool,
     fan_out: usize,
     sent: u64,
+    integrity: Integrity,
 }
 
 impl<T: Transport> TransportOutbox<'_, T> {
+    /// Seals the message in the buffer last handed out, before it is queued.
+    fn seal(&mut self, len: usize) {
+        let buffer = self.transport.send_buffer(self.buffers_used);
+        let len = len.min(buffer.len());
+        wire::seal(&mut buffer[..len], &self.integrity);
+    }
+
     fn flush(&mut self) {
         if self.chain.is_empty() {
             return;
@@ -268,6 +284,7 @@ impl<T: Transport> Outbox for TransportOutbox<'_, T> {
     fn resend(&mut self, target: Target, _kind: Kind, len: usize) {
         // Repeats go to one peer; the pipeline counts them as retransmissions.
         if !matches!(target, Target::AllFollowers) {
+            self.seal(len);
             self.push_unicast(target, len);
             self.buffers_used += 1;
             self.sent += 1;
@@ -275,6 +292,7 @@ impl<T: Transport> Outbox for TransportOutbox<'_, T> {
     }
 
     fn send(&mut self, target: Target, kind: Kind, len: usize, batch: u64) {
+        self.seal(len);
         let mut multicast_path = false;
         match target {
             Target::Leader | Target::Follower(_) => self.push_unicast(target, len),
@@ -314,6 +332,7 @@ impl<'a, T: Transport> TransportOutbox<'a, T> {
         peers: &'a Peers<T::Address>,
         counters: &'a WorkerBlock,
         chain: &'a mut Vec<SendRequest<T::Address>>,
+        integrity: Integrity,
     ) -> Self {
         let max_buffers = transport.caps().max_chain.min(MAX_CHAIN);
         TransportOutbox {
@@ -327,6 +346,7 @@ impl<'a, T: Transport> TransportOutbox<'a, T> {
             multicast: false,
             fan_out: 1,
             sent: 0,
+            integrity,
         }
     }
 }
@@ -336,12 +356,11 @@ fn node_id(node: usize) -> u8 {
 }
 
 /// Copies a pipeline's own statistics into its counters (single writer, relaxed).
-fn publish_stats(counters: &WorkerBlock, stats: &PipelineStats, malformed: u64, unexpected: u64) {
+fn publish_stats(counters: &WorkerBlock, stats: &PipelineStats, unexpected: u64) {
     counters.set(Counter::CreditStalls, stats.credit_stalls);
     counters.set(Counter::OrderingStalls, stats.ordering_stalls);
     counters.set(Counter::WindowStalls, stats.window_stalls);
     counters.set(Counter::WritesApplied, stats.writes_applied);
-    counters.set(Counter::DropsMalformed, malformed);
     counters.set(
         Counter::DropsUnexpected,
         stats.dropped_unexpected + unexpected,
@@ -426,10 +445,11 @@ pub struct Worker<T: Transport> {
     counted_serving: bool,
     /// Hellos received this iteration (bit per node) and their words, answered once the
     /// receives are reposted (answering needs the transport, which a payload borrows).
-    hello_words: [[u64; wire::WORDS]; MAX_NODES],
-    /// Datagrams dropped here rather than by the pipeline: undecodable, or for another
-    /// pipeline or a refused hello.
-    malformed: u64,
+    hello_headers: [wire::Header; MAX_NODES],
+    /// What received datagrams are checked against.
+    wire: wire::WireContext,
+    /// Hellos refused for an incompatible configuration (counted with the pipeline's
+    /// unexpected drops).
     unexpected: u64,
     history: WorkerHistory, // history hook
 }
@@ -466,8 +486,8 @@ impl<T: Transport> Worker<T> {
             chain: Vec::with_capacity(MAX_CHAIN),
             peers_generation: 0,
             counted_serving: false,
-            hello_words: [[0; wire::WORDS]; MAX_NODES],
-            malformed: 0,
+            hello_headers: [config.header(Kind::Hello, 0, 0, [0; wire::WORDS]); MAX_NODES],
+            wire: config.wire_context(),
             unexpected: 0,
             history: WorkerHistory::disabled(), // history hook
         }
@@ -511,17 +531,42 @@ impl<T: Transport> Worker<T> {
         self.history = history;
     }
 
-    fn decode<'m>(
-        config: &PipelineConfig,
+    /// Decides whether a received datagram goes to the pipeline, and counts it exactly once:
+    /// in `messages_received_total` if accepted, or in `drops_total` by the first reason it
+    /// was refused. Hellos are accepted from any instance: they are how a pipeline learns one.
+    fn accept<'m>(
+        wire_context: &wire::WireContext,
+        index: usize,
+        pipeline: &Pipeline,
+        counters: &WorkerBlock,
         payload: &'m [u8],
-    ) -> Result<Message<'m>, wire::WireError> {
-        Message::decode(
-            payload,
-            config.cluster_tag,
-            config.value_len,
-            usize::from(config.nodes),
-            usize::from(config.pipelines),
-        )
+    ) -> Option<Message<'m>> {
+        counters.add(Counter::DatagramsReceived, 1);
+        let message = match Message::decode(payload, wire_context) {
+            Ok(message) => message,
+            Err(error) => {
+                counters.add(
+                    match error.reason() {
+                        DropReason::Malformed => Counter::DropsMalformed,
+                        DropReason::Foreign => Counter::DropsForeign,
+                        DropReason::Integrity => Counter::DropsIntegrity,
+                    },
+                    1,
+                );
+                return None;
+            }
+        };
+        if usize::from(message.header.pipeline) != index {
+            counters.add(Counter::DropsMisrouted, 1);
+            return None;
+        }
+        if message.header.kind != Kind::Hello && !pipeline.knows(&message.header) {
+            counters.add(Counter::DropsUnknownSender, 1);
+            return None;
+        }
+        counters.add(received_counter(message.header.kind), 1);
+        counters.add(Counter::BytesReceived, payload.len() as u64);
+        Some(message)
     }
 
     /// Runs the join handshake: returns once every peer of this pipeline has answered.
@@ -589,16 +634,12 @@ impl<T: Transport> Worker<T> {
             for index in 0..received {
                 let completion = self.completions[index];
                 let payload = self.transport.recv_payload(&completion);
-                let Ok(message) = Self::decode(&self.config, payload) else {
-                    self.malformed += 1;
+                let Some(message) =
+                    Self::accept(&self.wire, self.index, &self.pipeline, counters, payload)
+                else {
                     continue;
                 };
                 let from = message.header.from_node;
-                if usize::from(message.header.pipeline) != self.index {
-                    self.unexpected += 1;
-                    continue;
-                }
-                counters.add(received_counter(message.header.kind), 1);
                 if message.header.kind != Kind::Hello {
                     // A peer that joined first may already be sending real traffic.
                     self.pipeline.handle(&message, now_ns, shared.replica);
@@ -625,7 +666,7 @@ impl<T: Transport> Worker<T> {
                     Pipeline::Leader(leader) => {
                         leader.accept_hello(
                             from,
-                            words[hello_words::INSTANCE],
+                            message.header.instance,
                             now_ns,
                             false,
                             shared.board,
@@ -635,10 +676,7 @@ impl<T: Transport> Worker<T> {
                     }
                     Pipeline::Follower(follower) => {
                         if from == LEADER_NODE && follower.phase() == Phase::Joining {
-                            follower.start(
-                                words[hello_words::START_PSEQ],
-                                words[hello_words::CATCH_UP] != 0,
-                            );
+                            follower.start(&message.header);
                             joined[usize::from(from)] = true;
                         }
                     }
@@ -658,6 +696,7 @@ impl<T: Transport> Worker<T> {
                     &self.peers,
                     counters,
                     &mut self.chain,
+                    self.config.integrity,
                 );
                 leader.send_hello_replies(&mut outbox);
                 outbox.flush();
@@ -668,20 +707,16 @@ impl<T: Transport> Worker<T> {
         }
     }
 
-    /// Sends one HELLO with `words` (fingerprint, instance, ...) on its own.
+    /// Sends one HELLO with `words` (fingerprint, start, ...) on its own.
     fn send_hello(&mut self, target: Target, words: [u64; wire::WORDS], counters: &WorkerBlock) {
-        let header = wire::Header {
-            kind: Kind::Hello,
-            from_node: self.config.node,
-            pipeline: self.config.pipeline,
-            count: 0,
-            cluster_tag: self.config.cluster_tag,
-            value_len: u16::try_from(self.config.value_len).unwrap_or(u16::MAX),
-            flags: 0,
-            words,
-        };
-        let mut outbox =
-            TransportOutbox::single(&mut self.transport, &self.peers, counters, &mut self.chain);
+        let header = self.config.header(Kind::Hello, 0, 0, words);
+        let mut outbox = TransportOutbox::single(
+            &mut self.transport,
+            &self.peers,
+            counters,
+            &mut self.chain,
+            self.config.integrity,
+        );
         if let Some(buffer) = outbox.buffer() {
             wire::put_header(buffer, &header);
             outbox.send(target, Kind::Hello, wire::HEADER_BYTES, 0);
@@ -694,14 +729,14 @@ impl<T: Transport> Worker<T> {
     fn accept_hello_while_running(
         &mut self,
         from: u8,
-        words: [u64; wire::WORDS],
+        hello: &wire::Header,
         shared: &NodeShared<'_>,
         counters: &WorkerBlock,
         now_ns: u64,
     ) {
         match &mut self.pipeline {
             Pipeline::Leader(leader) => {
-                if words[hello_words::FINGERPRINT] != self.fingerprint {
+                if hello.words[hello_words::FINGERPRINT] != self.fingerprint {
                     self.unexpected += 1;
                     let mut reply = [0u64; wire::WORDS];
                     reply[hello_words::FINGERPRINT] = self.fingerprint;
@@ -710,7 +745,7 @@ impl<T: Transport> Worker<T> {
                 }
                 leader.accept_hello(
                     from,
-                    words[hello_words::INSTANCE],
+                    hello.instance,
                     now_ns,
                     true,
                     shared.board,
@@ -774,20 +809,17 @@ impl<T: Transport> Worker<T> {
             for index in 0..received {
                 let completion = self.completions[index];
                 let payload = self.transport.recv_payload(&completion);
-                match Self::decode(&self.config, payload) {
-                    Ok(message) if usize::from(message.header.pipeline) == self.index => {
-                        counters.add(received_counter(message.header.kind), 1);
-                        counters.add(Counter::BytesReceived, payload.len() as u64);
-                        let from = usize::from(message.header.from_node);
-                        if message.header.kind == Kind::Hello && from < MAX_NODES {
-                            hellos |= 1 << from;
-                            self.hello_words[from] = message.header.words;
-                        } else {
-                            self.pipeline.handle(&message, now_ns, shared.replica);
-                        }
-                    }
-                    Ok(_) => self.unexpected += 1,
-                    Err(_) => self.malformed += 1,
+                let Some(message) =
+                    Self::accept(&self.wire, self.index, &self.pipeline, counters, payload)
+                else {
+                    continue;
+                };
+                let from = usize::from(message.header.from_node);
+                if message.header.kind == Kind::Hello && from < MAX_NODES {
+                    hellos |= 1 << from;
+                    self.hello_headers[from] = message.header;
+                } else {
+                    self.pipeline.handle(&message, now_ns, shared.replica);
                 }
             }
             // Receives go back before anything that can make peers send more.
@@ -795,8 +827,8 @@ impl<T: Transport> Worker<T> {
             while hellos != 0 {
                 let from = hellos.trailing_zeros() as usize;
                 hellos &= hellos - 1;
-                let words = self.hello_words[from];
-                self.accept_hello_while_running(node_id(from), words, shared, counters, now_ns);
+                let hello = self.hello_headers[from];
+                self.accept_hello_while_running(node_id(from), &hello, shared, counters, now_ns);
             }
 
             if !self.counted_serving && self.pipeline.serving() {
@@ -845,6 +877,7 @@ impl<T: Transport> Worker<T> {
                 multicast: settings.multicast,
                 fan_out,
                 sent: 0,
+                integrity: self.config.integrity,
             };
             let mut completions = SessionCompletions {
                 sessions: &mut self.sessions,
@@ -877,7 +910,7 @@ impl<T: Transport> Worker<T> {
             outbox.flush();
             let sent = outbox.sent;
             let stats = self.pipeline.stats();
-            publish_stats(counters, &stats, self.malformed, self.unexpected);
+            publish_stats(counters, &stats, self.unexpected);
             if iteration % 1024 == 0 {
                 self.publish_gauges(counters, shared.replica, &stats, now_ns);
                 self.refresh_peers(shared.block);
@@ -933,6 +966,10 @@ impl<T: Transport> Worker<T> {
         counters.set(
             Counter::TransportDropsNoReceive,
             self.transport.stats().dropped_no_recv,
+        );
+        counters.set(
+            Counter::TransportDropsOversize,
+            self.transport.stats().dropped_malformed,
         );
         counters
             .gauges

@@ -104,6 +104,13 @@ fn wire_decode_corpus_and_variants() {
         let outcome = expect_ok(fuzzing::wire_decode(bytes), name(path));
         if let Some(kind) = outcome.capture_kind {
             decoded += 1;
+            // Captured from real runs: sealed with the shm run's CRC32C or the udp run's MAC.
+            assert_eq!(
+                outcome.verified,
+                1,
+                "{} passes neither the capture's CRC32C nor its MAC",
+                name(path)
+            );
             if !kinds.contains(&kind) {
                 kinds.push(kind);
             }
@@ -368,7 +375,7 @@ fn endpoint_and_knob_corpora_and_variants() {
 /// overflowed the follower's `first_zxid + index`. The decoder refuses it now.
 #[test]
 fn a_prepare_whose_zxids_wrap_is_refused() {
-    let params = fuzzing::WireParams::capture();
+    let params = fuzzing::capture_params();
     let prepare = |first_zxid: u64| {
         let mut datagram = vec![0u8; wire::prepare_len(2, CAPTURE.value_len)];
         wire::put_header(
@@ -381,21 +388,20 @@ fn a_prepare_whose_zxids_wrap_is_refused() {
                 cluster_tag: params.cluster_tag,
                 value_len: CAPTURE.value_len as u16,
                 flags: 0,
+                run: params.run,
+                instance: 1,
+                epoch: rzab_dataplane::zab::LEADER_EPOCH,
                 words: [0; wire::WORDS],
             },
         );
         wire::put_prepare_prefix(&mut datagram, 0, first_zxid);
+        wire::seal(&mut datagram, &params.integrity);
         datagram
     };
     let decode = |datagram: &[u8]| {
-        wire::Message::decode(
-            datagram,
-            params.cluster_tag,
-            params.value_len,
-            params.nodes,
-            params.pipelines,
-        )
-        .map(|message| message.prepare_start())
+        params
+            .decode(datagram)
+            .map(|message| message.prepare_start())
     };
     assert_eq!(decode(&prepare(u64::MAX)), Err(wire::WireError::ZxidRange));
     assert_eq!(

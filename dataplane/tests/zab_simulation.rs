@@ -29,14 +29,28 @@ use rzab_dataplane::zab::follower::{Follower, Phase};
 use rzab_dataplane::zab::leader::Leader;
 use rzab_dataplane::zab::wire::{self, Message};
 use rzab_dataplane::zab::{
-    CatchupBoard, Completions, Kind, Limits, Outbox, PipelineConfig, PipelineStats, Replica,
-    Target, ZXID_START, ZxidSource, follower_recv_slots, hello_words, leader_recv_slots,
+    CatchupBoard, Completions, Kind, LEADER_EPOCH, Limits, Outbox, PipelineConfig, PipelineStats,
+    Replica, Target, ZXID_START, ZxidSource, follower_recv_slots, leader_recv_slots,
 };
 
 const VALUE_LEN: usize = 16;
 const KEYS: u64 = 2_000;
 const MTU: usize = 1024;
 const TAG: u32 = 0xfeed;
+const RUN: u64 = 0x5eed_0fa1;
+/// Every simulated datagram is sealed and checked, as the workers do.
+const INTEGRITY: wire::Integrity = wire::Integrity::Crc32c;
+
+fn wire_context(scenario: &Scenario) -> wire::WireContext {
+    wire::WireContext {
+        cluster_tag: TAG,
+        run: RUN,
+        value_len: VALUE_LEN,
+        nodes: scenario.nodes,
+        pipelines: scenario.pipelines,
+        integrity: INTEGRITY,
+    }
+}
 
 struct Datagram {
     to_node: usize,
@@ -57,6 +71,7 @@ impl Outbox for SimOutbox {
     }
 
     fn send(&mut self, target: Target, kind: Kind, len: usize, batch: u64) {
+        wire::seal(&mut self.buffer[..len], &INTEGRITY);
         self.sent.push((target, self.buffer[..len].to_vec()));
         let entry = self.batches.entry(kind).or_default();
         entry.0 += batch;
@@ -64,6 +79,7 @@ impl Outbox for SimOutbox {
     }
 
     fn resend(&mut self, target: Target, _kind: Kind, len: usize) {
+        wire::seal(&mut self.buffer[..len], &INTEGRITY);
         self.sent.push((target, self.buffer[..len].to_vec()));
     }
 }
@@ -197,6 +213,9 @@ fn pipeline_config(
         pipelines: scenario.pipelines as u8,
         value_len: VALUE_LEN,
         cluster_tag: TAG,
+        run: RUN,
+        epoch: LEADER_EPOCH,
+        integrity: INTEGRITY,
         sessions: scenario.sessions,
         window: scenario.window,
         mtu: MTU,
@@ -244,7 +263,7 @@ fn new_pipeline(
     }
 }
 
-fn hello(node: usize, pipeline: usize, words: [u64; wire::WORDS]) -> Vec<u8> {
+fn hello(node: usize, pipeline: usize, instance: u64, words: [u64; wire::WORDS]) -> Vec<u8> {
     let mut bytes = vec![0u8; wire::HEADER_BYTES];
     wire::put_header(
         &mut bytes,
@@ -256,9 +275,13 @@ fn hello(node: usize, pipeline: usize, words: [u64; wire::WORDS]) -> Vec<u8> {
             cluster_tag: TAG,
             value_len: VALUE_LEN as u16,
             flags: 0,
+            run: RUN,
+            instance,
+            epoch: LEADER_EPOCH,
             words,
         },
     );
+    wire::seal(&mut bytes, &INTEGRITY);
     bytes
 }
 
@@ -391,11 +414,12 @@ fn run(scenario: &Scenario, seed: u64) -> Outcome {
             let Role::Leader(leader) = &mut pipelines[0][pipeline].role else {
                 unreachable!()
             };
-            let (start, catch_up) =
-                leader.accept_hello(node as u8, instances[node], 0, false, &board, &replicas[0]);
+            leader.accept_hello(node as u8, instances[node], 0, false, &board, &replicas[0]);
             leader.send_hello_replies(&mut outbox);
+            let (_, answer) = outbox.sent.last().unwrap();
+            let answer = Message::decode(answer, &wire_context(scenario)).unwrap();
             if let Role::Follower(follower) = &mut pipelines[node][pipeline].role {
-                follower.start(start, catch_up);
+                follower.start(&answer.header);
             }
         }
     }
@@ -499,20 +523,13 @@ fn run(scenario: &Scenario, seed: u64) -> Outcome {
                 }
                 continue;
             }
-            let message = Message::decode(
-                &datagram.bytes,
-                TAG,
-                VALUE_LEN,
-                scenario.nodes,
-                scenario.pipelines,
-            )
-            .unwrap();
+            let message = Message::decode(&datagram.bytes, &wire_context(scenario)).unwrap();
             let state = &mut pipelines[datagram.to_node][datagram.pipeline];
             match (&mut state.role, message.header.kind) {
                 (Role::Leader(leader), Kind::Hello) => {
                     leader.accept_hello(
                         message.header.from_node,
-                        message.header.words[hello_words::INSTANCE],
+                        message.header.instance,
                         now_ns,
                         true,
                         &board,
@@ -521,11 +538,7 @@ fn run(scenario: &Scenario, seed: u64) -> Outcome {
                 }
                 (Role::Leader(leader), _) => leader.handle(&message, now_ns),
                 (Role::Follower(follower), Kind::Hello) if state.joining => {
-                    let words = message.header.words;
-                    follower.start(
-                        words[hello_words::START_PSEQ],
-                        words[hello_words::CATCH_UP] != 0,
-                    );
+                    follower.start(&message.header);
                     state.joining = false;
                 }
                 (Role::Follower(follower), _) => {
@@ -540,7 +553,7 @@ fn run(scenario: &Scenario, seed: u64) -> Outcome {
             for (node, node_pipelines) in pipelines.iter().enumerate() {
                 for (pipeline, state) in node_pipelines.iter().enumerate() {
                     if let (true, Role::Follower(follower)) = (state.joining, &state.role) {
-                        let bytes = hello(node, pipeline, follower.hello_words());
+                        let bytes = hello(node, pipeline, instances[node], follower.hello_words());
                         sends.push((node, pipeline, Target::Leader, bytes));
                     }
                 }

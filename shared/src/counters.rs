@@ -77,7 +77,7 @@ counters! {
     WindowStalls { "stalls_total", ["reason" = "window"], "Prepares held back because the pipeline window was full." }
     TransportDropsNoReceive { "drops_total", ["reason" = "no_posted_receive"], "Datagrams dropped because the receiver had no posted receive." }
     DropsMalformed { "drops_total", ["reason" = "malformed"], "Datagrams dropped because they could not be decoded." }
-    DropsUnexpected { "drops_total", ["reason" = "unexpected"], "Valid datagrams dropped because they made no sense in this state." }
+    DropsUnexpected { "drops_total", ["reason" = "unexpected"], "Accepted messages (or entries of them) the pipeline ignored because they made no sense in its state." }
     TransportSendsRefused { "drops_total", ["reason" = "send_refused"], "Send requests the transport refused." }
     DropsDuplicate { "drops_total", ["reason" = "duplicate"], "Valid datagrams dropped because everything they carry was already held (duplicates and retransmissions)." }
     RetransmitPrepare { "retransmissions_total", ["type" = "prepare"], "Messages sent again because an earlier copy was not acknowledged in time or was reported missing." }
@@ -86,6 +86,15 @@ counters! {
     GapsDetected { "gaps_detected_total", [], "Gaps in the prepare sequence a follower found and asked the leader to fill." }
     CatchupEntriesSent { "catchup_entries_total", ["direction" = "sent"], "Store entries sent or installed while bringing a restarted follower up to date." }
     CatchupEntriesReceived { "catchup_entries_total", ["direction" = "received"], "Store entries sent or installed while bringing a restarted follower up to date." }
+    DatagramsReceived { "datagrams_received_total", [], "Datagrams the worker took from its transport: each is counted once more, in messages_received_total if accepted or in drops_total by the reason it was refused (malformed, foreign, integrity, unknown_sender, misrouted)." }
+    DropsForeign { "drops_total", ["reason" = "foreign"], "Datagrams dropped because they belong to another cluster or another run of this one." }
+    DropsIntegrity { "drops_total", ["reason" = "integrity"], "Datagrams dropped because their CRC32C or MAC did not match: corrupted, or not sealed with this cluster's secret." }
+    DropsUnknownSender { "drops_total", ["reason" = "unknown_sender"], "Datagrams dropped because their sender's process instance or epoch is not the one this pipeline joined (an old process, or not the leader this node follows)." }
+    DropsMisrouted { "drops_total", ["reason" = "misrouted"], "Datagrams dropped because they name another pipeline than the worker's that received them." }
+    SentHelloUnicast { "messages_sent_total", ["type" = "hello", "path" = "unicast"], "Messages sent, by type and path (repeats are counted in retransmissions_total)." }
+    BytesHelloUnicast { "bytes_sent_total", ["type" = "hello", "path" = "unicast"], "Bytes sent, by type and path." }
+    ReceivedHello { "messages_received_total", ["type" = "hello"], "Messages received, by type." }
+    TransportDropsOversize { "drops_total", ["reason" = "oversize"], "Datagrams the transport dropped because they were larger than its MTU." }
 }
 
 const _: () = assert!(COUNTERS.len() <= MAX_COUNTERS);

@@ -49,6 +49,37 @@ pub fn binary(name: &str) -> PathBuf {
     path
 }
 
+/// The environment variable rzab-dataplane reads its cluster secret file from.
+pub const SECRET_ENV: &str = "RZAB_CLUSTER_SECRET_FILE";
+
+/// A cluster secret file for this test process (readable by its owner only), which every node
+/// the helpers start is given through [`SECRET_ENV`]: udp needs one.
+pub fn test_secret_file() -> PathBuf {
+    static SECRET: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    SECRET
+        .get_or_init(|| {
+            use std::io::Write;
+            use std::os::unix::fs::OpenOptionsExt;
+            let path =
+                std::env::temp_dir().join(format!("rzab-test-secret-{}", std::process::id()));
+            let _ = std::fs::remove_file(&path);
+            let seed = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|elapsed| elapsed.as_nanos())
+                .unwrap_or(0);
+            let mut file = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&path)
+                .unwrap();
+            file.write_all(format!("rzab test secret {seed:032x}").as_bytes())
+                .unwrap();
+            path
+        })
+        .clone()
+}
+
 /// A cluster name unique to this test process and label.
 pub fn cluster_name(label: &str) -> String {
     format!("t{}{label}", std::process::id() % 100_000)
@@ -369,6 +400,7 @@ impl NodeProcess {
             .arg(node.to_string())
             .args(args)
             .env("RUST_BACKTRACE", "0")
+            .env(SECRET_ENV, test_secret_file())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()

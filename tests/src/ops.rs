@@ -556,8 +556,10 @@ impl Cluster {
                 .args(["--sessions", "16", "--join-timeout", "60"])
                 .args(["--write-ratio", &spec.write_ratio.to_string()])
                 .args(["--knob", "stats_interval_ms=1000"])
+                .args(["--run-id", generation])
                 .args(&spec.extra)
-                .env("RUST_BACKTRACE", "0");
+                .env("RUST_BACKTRACE", "0")
+                .env(crate::SECRET_ENV, crate::test_secret_file());
             let log = dir.join(format!("{name}-dataplane-{node}.log"));
             cluster
                 .data_planes

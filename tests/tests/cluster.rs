@@ -187,6 +187,7 @@ fn udp_cluster_across_network_namespaces() {
             std::process::Command::new("ip")
                 .args(&args)
                 .env("RUST_BACKTRACE", "0")
+                .env(rzab_tests::SECRET_ENV, rzab_tests::test_secret_file())
                 .stdout(std::process::Stdio::piped())
                 .stderr(std::process::Stdio::piped())
                 .spawn()

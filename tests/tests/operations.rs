@@ -1107,6 +1107,7 @@ fn run_cluster_dry_run_prints_every_command() {
             "--peers control-plane --write-ratio 100 --duration 30 --keys 2000000".to_owned(),
             format!("/opt/rzab/bin/rzab-controlplane --cluster lab --node {node}"),
             format!("--registry ib0:11211 --generation {generation}"),
+            format!("--run-id {generation}"),
             format!("getent ahostsv4 {host}"),
             ":7100".to_owned(),
             "cd /var/tmp/rz".to_owned(),
@@ -1141,6 +1142,14 @@ fn run_cluster_dry_run_prints_every_command() {
         "{text}"
     );
     assert!(!text.contains("--verbs-device"), "{text}");
+    // udp datagrams carry a MAC keyed by a secret made for the run, written on each host
+    // readable by its owner only; a dry run never prints the secret itself.
+    assert!(
+        text.contains("--cluster-secret-file /tmp/rzab-rdma/cluster-secret")
+            && text.contains("umask 077")
+            && text.contains("<32 random bytes, base64>"),
+        "{text}"
+    );
 
     for (arguments, message) in [
         (

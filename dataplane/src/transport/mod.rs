@@ -90,7 +90,7 @@ pub struct TransportStats {
     pub datagrams_received: u64,
     /// Datagrams that arrived for this endpoint while it had no posted receive.
     pub dropped_no_recv: u64,
-    /// Datagrams received but unusable (truncated, from a foreign configuration).
+    /// Datagrams received but unusable: larger than the MTU (cut short by the kernel).
     pub dropped_malformed: u64,
     /// Send requests refused (oversize, unknown group, ...).
     pub sends_refused: u64,

@@ -28,11 +28,20 @@ pub enum Phase {
     FellBehind,
 }
 
+/// The leader process a follower follows, and the epoch it leads in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LeaderIdentity {
+    pub node: u8,
+    pub instance: u64,
+    pub epoch: u32,
+}
+
 /// The follower's state for one pipeline.
 #[derive(Debug)]
 pub struct Follower {
     config: PipelineConfig,
     phase: Phase,
+    leader: Option<LeaderIdentity>,
     /// Prepares by pseq; `present` marks the ones held.
     pending: EntryRing,
     /// Every prepare below this pseq is held.
@@ -77,6 +86,7 @@ impl Follower {
         let sessions = config.sessions.max(1);
         Follower {
             phase: Phase::Joining,
+            leader: None,
             pending: EntryRing::new(config.window, config.value_len),
             received: 0,
             committed: 0,
@@ -131,9 +141,18 @@ impl Follower {
             && self.applied == self.received
     }
 
-    /// Starts the pipeline at `start_pseq`, as the leader's answer to the hello says; with
-    /// `catch_up`, a snapshot of this pipeline's share of the store follows.
-    pub fn start(&mut self, start_pseq: u64, catch_up: bool) {
+    /// Starts the pipeline as the leader's answer to its hello says: at the pseq it names,
+    /// with a snapshot of this pipeline's share of the store to follow if it says so. From
+    /// then on this follower takes messages only from the process (node, instance) that
+    /// answered, in the epoch it answered in.
+    pub fn start(&mut self, answer: &wire::Header) {
+        let start_pseq = answer.words[hello_words::START_PSEQ];
+        let catch_up = answer.words[hello_words::CATCH_UP] != 0;
+        self.leader = Some(LeaderIdentity {
+            node: answer.from_node,
+            instance: answer.instance,
+            epoch: answer.epoch,
+        });
         self.received = start_pseq;
         self.committed = start_pseq;
         self.applied = start_pseq;
@@ -167,9 +186,26 @@ impl Follower {
         true
     }
 
+    /// Whether a message comes from the leader this follower follows: the node and process
+    /// instance that answered its hello, in that answer's epoch.
+    pub fn knows(&self, header: &wire::Header) -> bool {
+        self.leader.is_some_and(|leader| {
+            leader.node == header.from_node
+                && leader.instance == header.instance
+                && leader.epoch == header.epoch
+        })
+    }
+
+    /// The leader this follower follows, once its hello was answered.
+    pub fn leader(&self) -> Option<LeaderIdentity> {
+        self.leader
+    }
+
     /// Handles one decoded message from the leader.
     pub fn handle(&mut self, message: &Message<'_>, replica: &impl Replica) {
-        if message.header.from_node != LEADER_NODE || self.phase == Phase::Joining {
+        if !self.knows(&message.header) || self.phase == Phase::Joining {
+            // Not from the leader process and epoch this follower follows: a prepare from
+            // anyone else is never stored, let alone applied.
             self.stats.dropped_unexpected += 1;
             return;
         }
@@ -329,7 +365,6 @@ impl Follower {
             received: self.received,
             applied: self.applied,
             snapshot_installed: self.snapshot_installed,
-            instance: self.config.instance,
         }
     }
 
@@ -596,7 +631,6 @@ impl Follower {
     pub fn hello_words(&self) -> [u64; wire::WORDS] {
         let mut words = [0u64; wire::WORDS];
         words[hello_words::FINGERPRINT] = self.config.fingerprint;
-        words[hello_words::INSTANCE] = self.config.instance;
         words
     }
 }

@@ -253,6 +253,19 @@ impl Leader {
         (start_pseq, catch_up)
     }
 
+    /// Whether a message comes from a follower process that joined this pipeline (said
+    /// hello), in this leader's epoch. Hellos are how instances become known: check them with
+    /// [`Leader::accept_hello`] instead.
+    pub fn knows(&self, header: &wire::Header) -> bool {
+        let from = usize::from(header.from_node);
+        from != usize::from(self.config.node)
+            && header.epoch == self.config.epoch
+            && self
+                .links
+                .get(from)
+                .is_some_and(|link| link.instance != 0 && link.instance == header.instance)
+    }
+
     /// Handles one decoded message from a follower (hellos go to [`Leader::accept_hello`]).
     pub fn handle(&mut self, message: &Message<'_>, now_ns: u64) {
         let from = usize::from(message.header.from_node);
@@ -264,7 +277,7 @@ impl Leader {
         let next_pseq = self.next_pseq;
         let (prepares_sent, commits_sent) = (self.prepare_msgs_sent, self.commit_msgs_sent);
         let link = &mut self.links[from];
-        if link.instance == 0 || words.instance != link.instance {
+        if link.instance == 0 || message.header.instance != link.instance {
             // From a process this pipeline has not (or no longer) joined: an old instance's
             // leftovers, or a foreign datagram.
             self.stats.dropped_unexpected += 1;
@@ -442,7 +455,6 @@ impl Leader {
             };
             let mut words = [0u64; wire::WORDS];
             words[hello_words::FINGERPRINT] = self.config.fingerprint;
-            words[hello_words::INSTANCE] = self.config.instance;
             words[hello_words::START_PSEQ] = link.start_pseq;
             words[hello_words::CATCH_UP] = u64::from(link.catch_up);
             wire::put_header(buffer, &self.config.header(Kind::Hello, 0, 0, words));

@@ -15,9 +15,14 @@
 //! lost; it is a high-water scheme, so a lost message never leaks a credit. Multicast PREPAREs
 //! and COMMITs carry a per-type message sequence, and every follower message reports the
 //! highest of each it consumed, the pseq below which it holds every prepare (the cumulative
-//! ACK), the pseq below which it has applied (which bounds the window), its snapshot progress
-//! and its process instance ([`FollowerWords`]). WRITEs carry the follower's own message
-//! sequence, which the leader's CREDITs report back.
+//! ACK), the pseq below which it has applied (which bounds the window) and its snapshot
+//! progress ([`FollowerWords`]). WRITEs carry the follower's own message sequence, which the
+//! leader's CREDITs report back.
+//!
+//! Trust: every datagram names its run, its sender's process instance and its epoch, and is
+//! sealed ([`wire::Integrity`]). A leader takes messages only from the follower instances that
+//! said hello; a follower only from the leader instance and epoch that answered its hello
+//! ([`Follower::knows`](follower::Follower::knows)), so nothing it applies came from anyone else.
 //!
 //! Loss recovery: the leader retransmits, by unicast, the prepares a follower has not
 //! acknowledged after a timeout (doubling while the follower stays silent) or at once when the
@@ -53,6 +58,9 @@ use std::sync::Mutex;
 /// 32 bits carries into the epoch (as ZooKeeper forces a new epoch on rollover), so the 64-bit
 /// zxid keeps increasing and never wraps in any real run.
 pub const ZXID_START: u64 = 1 << 32;
+
+/// The epoch node 0 leads in: the only one until leader election lands.
+pub const LEADER_EPOCH: u32 = 1;
 
 /// Credit maxima (the knob ranges' upper ends), which size the receive rings.
 pub const MAX_PREPARE_CREDITS: usize = 64;
@@ -176,6 +184,12 @@ pub struct PipelineConfig {
     pub pipelines: u8,
     pub value_len: usize,
     pub cluster_tag: u32,
+    /// The run every node of the cluster was started with ([`wire::run_tag`]).
+    pub run: u64,
+    /// The epoch this node's messages speak in (its leader's; fixed until election lands).
+    pub epoch: u32,
+    /// How this node's datagrams are sealed and checked.
+    pub integrity: wire::Integrity,
     pub sessions: usize,
     /// Prepares that may be outstanding (prepared, not yet applied everywhere); a power of two.
     pub window: usize,
@@ -260,7 +274,8 @@ impl PipelineConfig {
         Ok(())
     }
 
-    fn header(
+    /// The header of a message of this pipeline's node (sealed later by the outbox).
+    pub fn header(
         &self,
         kind: Kind,
         count: usize,
@@ -275,7 +290,22 @@ impl PipelineConfig {
             cluster_tag: self.cluster_tag,
             value_len: u16::try_from(self.value_len).unwrap_or(u16::MAX),
             flags,
+            run: self.run,
+            instance: self.instance,
+            epoch: self.epoch,
             words,
+        }
+    }
+
+    /// What this node checks received datagrams against.
+    pub fn wire_context(&self) -> wire::WireContext {
+        wire::WireContext {
+            cluster_tag: self.cluster_tag,
+            run: self.run,
+            value_len: self.value_len,
+            nodes: usize::from(self.nodes),
+            pipelines: usize::from(self.pipelines),
+            integrity: self.integrity,
         }
     }
 }
@@ -300,8 +330,6 @@ pub struct FollowerWords {
     pub applied: u64,
     /// Snapshot entries installed: the next key position expected.
     pub snapshot_installed: u64,
-    /// The follower process's instance.
-    pub instance: u64,
 }
 
 impl FollowerWords {
@@ -312,7 +340,6 @@ impl FollowerWords {
             self.received,
             self.applied,
             self.snapshot_installed,
-            self.instance,
         ]
     }
 
@@ -323,7 +350,6 @@ impl FollowerWords {
             received: words[2],
             applied: words[3],
             snapshot_installed: words[4],
-            instance: words[5],
         }
     }
 }
@@ -340,16 +366,14 @@ pub mod leader_words {
     pub const WRITE_SEEN: usize = 0;
 }
 
-/// Header words of HELLO messages.
+/// Header words of HELLO messages (the sender's instance and epoch are in the header).
 pub mod hello_words {
     /// The sender's configuration fingerprint.
     pub const FINGERPRINT: usize = 0;
-    /// The sender's process instance.
-    pub const INSTANCE: usize = 1;
     /// Leader's answer: the pseq the follower's pipeline starts at.
-    pub const START_PSEQ: usize = 2;
+    pub const START_PSEQ: usize = 1;
     /// Leader's answer: 1 if a snapshot follows (a follower joining a running cluster).
-    pub const CATCH_UP: usize = 3;
+    pub const CATCH_UP: usize = 2;
 }
 
 /// How the leader's workers agree on the base zxid of a restarted follower's snapshot: each

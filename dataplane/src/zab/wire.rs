@@ -1,18 +1,47 @@
-//! Wire formats of the ZAB messages: a fixed 64-byte header (magic, kind, sender, pipeline,
-//! entry count, cluster tag, value length, flags, and six 64-bit words whose meaning depends on
-//! the direction: flow-control and progress counters) followed by a kind-specific body. All
-//! integers are little-endian.
+//! Wire formats of the ZAB messages: a fixed 96-byte header followed by a kind-specific body.
+//! The header names the cluster (a tag of its name), the run (a generation every node of the
+//! cluster is started with), the sender (node, pipeline, process instance) and the epoch it
+//! speaks in; it carries the entry count, value length, flags, five 64-bit words whose meaning
+//! depends on the direction (flow-control and progress counters), the body's length, and an
+//! integrity check over everything else ([`Integrity`]: CRC32C, or a keyed MAC from the
+//! cluster secret). All integers are little-endian.
 //!
-//! Decoding never panics and never trusts a length it has not checked: a short, foreign or
-//! malformed datagram yields a [`WireError`] that callers count and drop. Encoding writes into
-//! a caller-owned buffer and returns the length used. Nothing here allocates.
+//! | bytes  | field |
+//! |--------|-------|
+//! | 0..2   | magic `ZB` |
+//! | 2      | version (3) |
+//! | 3      | kind |
+//! | 4, 5   | sender node, pipeline |
+//! | 6..8   | entry count |
+//! | 8..12  | cluster tag |
+//! | 12..14 | value length |
+//! | 14..16 | flags |
+//! | 16..24 | run |
+//! | 24..32 | sender's process instance |
+//! | 32..36 | epoch the sender speaks in |
+//! | 36..40 | body length |
+//! | 40..80 | five words |
+//! | 80..96 | check: CRC32C (4 bytes, 12 zero) or a 128-bit MAC, over bytes 0..80 and the body |
+//!
+//! Decoding never panics and never trusts a length it has not checked: a short, foreign,
+//! corrupt, forged or malformed datagram yields a [`WireError`] that callers count and drop.
+//! Identity (cluster, run) is checked before the check field, so a datagram of another run is
+//! counted as foreign rather than as corrupt. Encoding writes into a caller-owned buffer and
+//! returns the length used; [`seal`] completes a message once its body is written. Nothing
+//! here allocates.
+
+use std::fmt;
 
 /// "ZB", little-endian.
 pub const MAGIC: u16 = 0x425A;
-pub const VERSION: u8 = 2;
-pub const HEADER_BYTES: usize = 64;
+pub const VERSION: u8 = 3;
+pub const HEADER_BYTES: usize = 96;
 /// Words in the header.
-pub const WORDS: usize = 6;
+pub const WORDS: usize = 5;
+/// Where the check field starts; it covers everything before it and the body.
+const CHECK_AT: usize = 80;
+const CHECK_BYTES: usize = HEADER_BYTES - CHECK_AT;
+const BODY_LEN_AT: usize = 36;
 /// Body prefix of PREPARE: first pipeline sequence and first zxid.
 pub const PREPARE_PREFIX: usize = 16;
 /// Body prefix of WRITE: the follower's message sequence (0 on a retransmission).
@@ -26,6 +55,8 @@ pub const RANGE_BODY: usize = 16;
 pub const SNAPSHOT_PREFIX: usize = 24;
 /// Fixed part of every SNAPSHOT entry (key, zxid of its value); the value follows.
 pub const SNAPSHOT_ENTRY_FIXED: usize = 16;
+
+const _: () = assert!(40 + WORDS * 8 == CHECK_AT && CHECK_BYTES == 16);
 
 /// Header flag: this message repeats something already sent.
 pub const FLAG_RETRANSMIT: u16 = 1;
@@ -99,6 +130,12 @@ pub enum WireError {
     BadKind(u8),
     #[error("datagram from another cluster")]
     ForeignCluster,
+    #[error("datagram from another run of the cluster (run {0:#x})")]
+    ForeignRun(u64),
+    #[error("header claims a {claimed}-byte body, the datagram has {found}")]
+    Truncated { claimed: usize, found: usize },
+    #[error("integrity check failed (corrupt, or not sealed with this cluster's secret)")]
+    BadCheck,
     #[error("value length {found} differs from the configured {expected}")]
     ValueLength { found: usize, expected: usize },
     #[error("body of {found} bytes does not match {count} entries ({expected} bytes)")]
@@ -113,6 +150,135 @@ pub enum WireError {
     ZxidRange,
 }
 
+/// Why a datagram was refused, as the counters group the reasons.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DropReason {
+    /// Not a well-formed message of this protocol version.
+    Malformed,
+    /// Of another cluster or another run of this one.
+    Foreign,
+    /// Its check does not match: corrupted, or forged by a host without the secret.
+    Integrity,
+}
+
+impl WireError {
+    pub fn reason(self) -> DropReason {
+        match self {
+            WireError::ForeignCluster | WireError::ForeignRun(_) => DropReason::Foreign,
+            WireError::BadCheck => DropReason::Integrity,
+            _ => DropReason::Malformed,
+        }
+    }
+}
+
+/// Domain separation for the MAC key: a key derived for anything else never verifies here.
+const MAC_KEY_CONTEXT: &str = "rzab 2026-12 datagram MAC key v1";
+
+/// How datagrams are sealed and verified.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Integrity {
+    /// CRC32C over header and body: catches corruption, not forgery. For fabrics that only
+    /// the cluster's hosts can reach (shm; verbs, where the QKey and the fabric's CRC also
+    /// guard).
+    Crc32c,
+    /// Keyed BLAKE3 truncated to 128 bits, with a key derived from the cluster secret and the
+    /// run: a host without the secret can neither forge a datagram nor replay one of another
+    /// run. For udp.
+    Mac([u8; 32]),
+    /// No check at all: only for fuzzing harnesses, which must reach the decoder behind it.
+    #[doc(hidden)]
+    Unchecked,
+}
+
+impl fmt::Debug for Integrity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Never print the key.
+        f.write_str(self.name())
+    }
+}
+
+impl Integrity {
+    /// The MAC of a cluster whose secret is `secret`, for run `run`.
+    pub fn mac(secret: &[u8], run: u64) -> Self {
+        let mut material = Vec::with_capacity(secret.len() + 8);
+        material.extend_from_slice(&run.to_le_bytes());
+        material.extend_from_slice(secret);
+        Integrity::Mac(blake3::derive_key(MAC_KEY_CONTEXT, &material))
+    }
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            Integrity::Crc32c => "crc32c",
+            Integrity::Mac(_) => "mac",
+            Integrity::Unchecked => "unchecked",
+        }
+    }
+
+    /// The check of a datagram whose header and body are written.
+    fn check(&self, datagram: &[u8]) -> [u8; CHECK_BYTES] {
+        let mut check = [0u8; CHECK_BYTES];
+        let (covered, body) = (&datagram[..CHECK_AT], &datagram[HEADER_BYTES..]);
+        match self {
+            Integrity::Crc32c => {
+                let crc = crc32c::crc32c_append(crc32c::crc32c(covered), body);
+                check[..4].copy_from_slice(&crc.to_le_bytes());
+            }
+            Integrity::Mac(key) => {
+                let mut hasher = blake3::Hasher::new_keyed(key);
+                hasher.update(covered);
+                hasher.update(body);
+                hasher.finalize_xof().fill(&mut check);
+            }
+            Integrity::Unchecked => {}
+        }
+        check
+    }
+
+    fn verify(&self, datagram: &[u8]) -> bool {
+        if *self == Integrity::Unchecked {
+            return true;
+        }
+        let expected = self.check(datagram);
+        // No early exit: the time taken says nothing about how much of a forged tag matched.
+        expected
+            .iter()
+            .zip(&datagram[CHECK_AT..HEADER_BYTES])
+            .fold(0u8, |difference, (a, b)| difference | (a ^ b))
+            == 0
+    }
+}
+
+/// Completes a message whose header and body fill `datagram`: writes the body length and the
+/// check. Outboxes call it on every message before it is posted. A buffer shorter than a
+/// header is left alone (no receiver would take it anyway).
+pub fn seal(datagram: &mut [u8], integrity: &Integrity) {
+    if datagram.len() < HEADER_BYTES {
+        return;
+    }
+    let body = u32::try_from(datagram.len().saturating_sub(HEADER_BYTES)).unwrap_or(u32::MAX);
+    datagram[BODY_LEN_AT..BODY_LEN_AT + 4].copy_from_slice(&body.to_le_bytes());
+    let check = integrity.check(datagram);
+    datagram[CHECK_AT..HEADER_BYTES].copy_from_slice(&check);
+}
+
+/// What a receiver checks a datagram against.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WireContext {
+    pub cluster_tag: u32,
+    pub run: u64,
+    pub value_len: usize,
+    pub nodes: usize,
+    pub pipelines: usize,
+    pub integrity: Integrity,
+}
+
+impl WireContext {
+    /// [`Message::decode`] under this context.
+    pub fn decode<'a>(&self, datagram: &'a [u8]) -> Result<Message<'a>, WireError> {
+        Message::decode(datagram, self)
+    }
+}
+
 /// The decoded fixed header.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Header {
@@ -123,6 +289,11 @@ pub struct Header {
     pub cluster_tag: u32,
     pub value_len: u16,
     pub flags: u16,
+    pub run: u64,
+    /// The sender's process instance: a restarted process has a new one.
+    pub instance: u64,
+    /// The epoch the sender speaks in (its leader's).
+    pub epoch: u32,
     /// Counters whose meaning depends on the direction (see the pipelines).
     pub words: [u64; WORDS],
 }
@@ -147,7 +318,7 @@ pub fn u64_at(bytes: &[u8], at: usize) -> u64 {
     u64::from_le_bytes(word)
 }
 
-/// Encodes the header into `out[..HEADER_BYTES]`.
+/// Encodes the header into `out[..HEADER_BYTES]` (body length and check stay for [`seal`]).
 pub fn put_header(out: &mut [u8], header: &Header) {
     out[0..2].copy_from_slice(&MAGIC.to_le_bytes());
     out[2] = VERSION;
@@ -158,8 +329,11 @@ pub fn put_header(out: &mut [u8], header: &Header) {
     out[8..12].copy_from_slice(&header.cluster_tag.to_le_bytes());
     out[12..14].copy_from_slice(&header.value_len.to_le_bytes());
     out[14..16].copy_from_slice(&header.flags.to_le_bytes());
+    out[16..24].copy_from_slice(&header.run.to_le_bytes());
+    out[24..32].copy_from_slice(&header.instance.to_le_bytes());
+    out[32..36].copy_from_slice(&header.epoch.to_le_bytes());
     for (index, word) in header.words.iter().enumerate() {
-        let at = 16 + index * 8;
+        let at = 40 + index * 8;
         out[at..at + 8].copy_from_slice(&word.to_le_bytes());
     }
 }
@@ -237,15 +411,10 @@ pub struct Message<'a> {
 }
 
 impl<'a> Message<'a> {
-    /// Validates a datagram: header, cluster, sender range, the exact body length, and that a
+    /// Validates a datagram: header, cluster and run, the body length the header claims, the
+    /// integrity check, the sender range, the exact body length for the kind, and that a
     /// PREPARE's zxids do not run past 2^64.
-    pub fn decode(
-        datagram: &'a [u8],
-        cluster_tag: u32,
-        value_len: usize,
-        nodes: usize,
-        pipelines: usize,
-    ) -> Result<Message<'a>, WireError> {
+    pub fn decode(datagram: &'a [u8], context: &WireContext) -> Result<Message<'a>, WireError> {
         if datagram.len() < HEADER_BYTES {
             return Err(WireError::Short(datagram.len()));
         }
@@ -265,18 +434,34 @@ impl<'a> Message<'a> {
             cluster_tag: u32_at(datagram, 8),
             value_len: u16_at(datagram, 12),
             flags: u16_at(datagram, 14),
+            run: u64_at(datagram, 16),
+            instance: u64_at(datagram, 24),
+            epoch: u32_at(datagram, 32),
             words: [
-                u64_at(datagram, 16),
-                u64_at(datagram, 24),
-                u64_at(datagram, 32),
                 u64_at(datagram, 40),
                 u64_at(datagram, 48),
                 u64_at(datagram, 56),
+                u64_at(datagram, 64),
+                u64_at(datagram, 72),
             ],
         };
-        if header.cluster_tag != cluster_tag {
+        if header.cluster_tag != context.cluster_tag {
             return Err(WireError::ForeignCluster);
         }
+        if header.run != context.run {
+            return Err(WireError::ForeignRun(header.run));
+        }
+        let claimed = usize::try_from(u32_at(datagram, BODY_LEN_AT)).unwrap_or(usize::MAX);
+        if claimed != datagram.len() - HEADER_BYTES {
+            return Err(WireError::Truncated {
+                claimed,
+                found: datagram.len() - HEADER_BYTES,
+            });
+        }
+        if !context.integrity.verify(datagram) {
+            return Err(WireError::BadCheck);
+        }
+        let (value_len, nodes, pipelines) = (context.value_len, context.nodes, context.pipelines);
         if usize::from(header.from_node) >= nodes || usize::from(header.pipeline) >= pipelines {
             return Err(WireError::BadSender(header.from_node, header.pipeline));
         }
@@ -419,6 +604,14 @@ pub fn put_range(out: &mut [u8], first: u64, count: u64) {
     out[HEADER_BYTES + 8..HEADER_BYTES + 16].copy_from_slice(&count.to_le_bytes());
 }
 
+/// The 64-bit run of a run id (the generation a cluster's nodes are started with; any
+/// string): datagrams carry it, so those of an earlier run of a cluster with the same name
+/// are dropped, and the MAC key is derived from it.
+pub fn run_tag(run_id: &str) -> u64 {
+    let hash = blake3::hash(run_id.as_bytes());
+    u64_at(hash.as_bytes(), 0)
+}
+
 /// A 32-bit tag of a cluster name, carried by every message so that datagrams of another
 /// cluster sharing a fabric or a multicast group are dropped (FNV-1a).
 pub fn cluster_tag(name: &str) -> u32 {
@@ -438,6 +631,8 @@ pub fn cluster_tag(name: &str) -> u32 {
 mod tests {
     use super::*;
 
+    const RUN: u64 = 0xfeed;
+
     fn header(kind: Kind, count: u16) -> Header {
         Header {
             kind,
@@ -447,8 +642,30 @@ mod tests {
             cluster_tag: 7,
             value_len: 8,
             flags: 0,
-            words: [1, 2, 3, 4, 5, 6],
+            run: RUN,
+            instance: 42,
+            epoch: 3,
+            words: [1, 2, 3, 4, 5],
         }
+    }
+
+    fn context(integrity: Integrity) -> WireContext {
+        WireContext {
+            cluster_tag: 7,
+            run: RUN,
+            value_len: 8,
+            nodes: 3,
+            pipelines: 1,
+            integrity,
+        }
+    }
+
+    fn ack(integrity: &Integrity) -> Vec<u8> {
+        let mut buffer = vec![0u8; HEADER_BYTES + RANGE_BODY];
+        put_header(&mut buffer, &header(Kind::Ack, 0));
+        put_range(&mut buffer, 5, 6);
+        seal(&mut buffer, integrity);
+        buffer
     }
 
     #[test]
@@ -466,8 +683,9 @@ mod tests {
             6,
             &[8; 8],
         );
-        let message = Message::decode(&buffer, 7, 8, 3, 1).unwrap();
-        assert_eq!(message.header.words, [1, 2, 3, 4, 5, 6]);
+        seal(&mut buffer, &Integrity::Crc32c);
+        let message = Message::decode(&buffer, &context(Integrity::Crc32c)).unwrap();
+        assert_eq!(message.header, header(Kind::Prepare, 2));
         assert_eq!(message.prepare_start(), (10, 99));
         assert_eq!(
             message.entry(1),
@@ -482,58 +700,141 @@ mod tests {
     }
 
     #[test]
-    fn malformed_datagrams_are_refused_not_panicked_on() {
-        let mut buffer = vec![0u8; HEADER_BYTES + RANGE_BODY];
-        put_header(&mut buffer, &header(Kind::Ack, 0));
-        put_range(&mut buffer, 5, 6);
+    fn every_flipped_bit_is_caught_by_crc_and_mac() {
+        let mac = Integrity::mac(b"secret", RUN);
+        for integrity in [Integrity::Crc32c, mac] {
+            let good = ack(&integrity);
+            assert!(Message::decode(&good, &context(integrity)).is_ok());
+            for bit in 0..good.len() * 8 {
+                let mut flipped = good.clone();
+                flipped[bit / 8] ^= 1 << (bit % 8);
+                assert!(
+                    Message::decode(&flipped, &context(integrity)).is_err(),
+                    "{} let a flip of bit {bit} through",
+                    integrity.name()
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_mac_of_another_secret_or_run_does_not_verify() {
+        let ours = Integrity::mac(b"secret", RUN);
+        let forged = ack(&Integrity::mac(b"guess", RUN));
         assert_eq!(
-            Message::decode(&buffer, 7, 8, 3, 1).unwrap().range(),
+            Message::decode(&forged, &context(ours)).unwrap_err(),
+            WireError::BadCheck
+        );
+        assert_eq!(
+            Message::decode(&forged, &context(ours))
+                .unwrap_err()
+                .reason(),
+            DropReason::Integrity
+        );
+        // The same secret in another run derives another key: a datagram sealed for run
+        // RUN + 1 but relabelled as RUN fails the check.
+        let mut replayed = ack(&Integrity::mac(b"secret", RUN + 1));
+        replayed[16..24].copy_from_slice(&RUN.to_le_bytes());
+        assert_eq!(
+            Message::decode(&replayed, &context(ours)).unwrap_err(),
+            WireError::BadCheck
+        );
+        // A CRC is not a MAC: a receiver that wants a MAC refuses it.
+        assert_eq!(
+            Message::decode(&ack(&Integrity::Crc32c), &context(ours)).unwrap_err(),
+            WireError::BadCheck
+        );
+        assert!(!format!("{ours:?}").contains(|c: char| c.is_ascii_digit()));
+    }
+
+    #[test]
+    fn identity_is_checked_before_integrity() {
+        let mut other_run = header(Kind::Ack, 0);
+        other_run.run = RUN + 1;
+        let mut buffer = vec![0u8; HEADER_BYTES + RANGE_BODY];
+        put_header(&mut buffer, &other_run);
+        seal(&mut buffer, &Integrity::Crc32c);
+        let error = Message::decode(&buffer, &context(Integrity::Crc32c)).unwrap_err();
+        assert_eq!(error, WireError::ForeignRun(RUN + 1));
+        assert_eq!(error.reason(), DropReason::Foreign);
+        // A body length that disagrees with the datagram is refused before the check.
+        let mut longer = ack(&Integrity::Crc32c);
+        longer.push(0);
+        assert!(matches!(
+            Message::decode(&longer, &context(Integrity::Crc32c)),
+            Err(WireError::Truncated { .. })
+        ));
+    }
+
+    #[test]
+    fn malformed_datagrams_are_refused_not_panicked_on() {
+        let unchecked = context(Integrity::Unchecked);
+        let buffer = ack(&Integrity::Unchecked);
+        assert_eq!(
+            Message::decode(&buffer, &unchecked).unwrap().range(),
             (5, 6)
         );
         assert_eq!(
-            Message::decode(&buffer[..10], 7, 8, 3, 1).unwrap_err(),
+            Message::decode(&buffer[..10], &unchecked).unwrap_err(),
             WireError::Short(10)
         );
         assert_eq!(
-            Message::decode(&buffer, 8, 8, 3, 1).unwrap_err(),
+            Message::decode(
+                &buffer,
+                &WireContext {
+                    cluster_tag: 8,
+                    ..unchecked
+                }
+            )
+            .unwrap_err(),
             WireError::ForeignCluster
         );
+        let mut short_body = buffer[..HEADER_BYTES + 3].to_vec();
+        seal(&mut short_body, &Integrity::Unchecked);
         assert!(matches!(
-            Message::decode(&buffer[..HEADER_BYTES + 3], 7, 8, 3, 1),
+            Message::decode(&short_body, &unchecked),
             Err(WireError::BodyLength { .. })
         ));
         assert_eq!(
-            Message::decode(&buffer, 7, 8, 1, 1).unwrap_err(),
+            Message::decode(
+                &buffer,
+                &WireContext {
+                    nodes: 1,
+                    ..unchecked
+                }
+            )
+            .unwrap_err(),
             WireError::BadSender(1, 0)
         );
         let mut bad = buffer.clone();
         bad[3] = 77;
         assert_eq!(
-            Message::decode(&bad, 7, 8, 3, 1).unwrap_err(),
+            Message::decode(&bad, &unchecked).unwrap_err(),
             WireError::BadKind(77)
         );
         bad[0] = 0;
         assert!(matches!(
-            Message::decode(&bad, 7, 8, 3, 1),
+            Message::decode(&bad, &unchecked),
             Err(WireError::BadMagic(_))
         ));
         // A WRITE whose count claims more entries than the body holds.
         let mut write = vec![0u8; write_len(1, 8)];
         put_header(&mut write, &header(Kind::Write, 1));
         put_write_prefix(&mut write, 9);
-        assert_eq!(Message::decode(&write, 7, 8, 3, 1).unwrap().write_seq(), 9);
+        seal(&mut write, &Integrity::Unchecked);
+        assert_eq!(Message::decode(&write, &unchecked).unwrap().write_seq(), 9);
         put_header(&mut write, &header(Kind::Write, 3));
         assert!(matches!(
-            Message::decode(&write, 7, 8, 3, 1),
+            Message::decode(&write, &unchecked),
             Err(WireError::BodyLength { .. })
         ));
         // Every prefix of a valid message and random garbage decode without panicking.
         for len in 0..write.len() {
-            let _ = Message::decode(&write[..len], 7, 8, 3, 1);
+            let _ = Message::decode(&write[..len], &unchecked);
         }
         let mut state = 12345u64;
         for _ in 0..10_000 {
-            let mut garbage = [0u8; 160];
+            let mut garbage = [0u8; 200];
             for byte in &mut garbage {
                 state = state
                     .wrapping_mul(6364136223846793005)
@@ -542,13 +843,20 @@ mod tests {
             }
             garbage[0..2].copy_from_slice(&MAGIC.to_le_bytes());
             garbage[2] = VERSION;
-            if let Ok(message) = Message::decode(
-                &garbage[..(state as usize % 160)],
-                u32_at(&garbage, 8),
-                usize::from(u16_at(&garbage, 12)),
-                256,
-                256,
-            ) {
+            let len = state as usize % 200;
+            let datagram = &mut garbage[..len];
+            if len >= HEADER_BYTES {
+                seal(datagram, &Integrity::Unchecked);
+            }
+            let own = WireContext {
+                cluster_tag: u32_at(&garbage, 8),
+                run: u64_at(&garbage, 16),
+                value_len: usize::from(u16_at(&garbage, 12)),
+                nodes: 256,
+                pipelines: 256,
+                integrity: Integrity::Unchecked,
+            };
+            if let Ok(message) = Message::decode(&garbage[..len], &own) {
                 for index in 0..usize::from(message.header.count) {
                     let _ = message.entry(index);
                     let _ = message.snapshot_entry(index);
