@@ -368,6 +368,8 @@ impl Follower {
         }
     }
 
+    /// The header of a message about to be sent, marking its words as reported: call it only
+    /// once the send buffer is secured, or words that never left would count as reported.
     fn header(&mut self, kind: Kind, count: usize, flags: u16, now_ns: u64) -> wire::Header {
         let words = self.words();
         self.reported = words;
@@ -441,10 +443,11 @@ impl Follower {
         if now_ns < self.nack_not_before_ns {
             return false;
         }
-        let header = self.header(Kind::Nack, 0, 0, now_ns);
         let Some(buffer) = outbox.buffer() else {
             return false;
         };
+        // Only now that the message will go are its words taken as reported.
+        let header = self.header(Kind::Nack, 0, 0, now_ns);
         wire::put_header(buffer, &header);
         wire::put_range(buffer, first, end - first);
         outbox.send(
@@ -464,10 +467,11 @@ impl Follower {
             return false;
         }
         let count = (self.received - self.acked_sent).min(limits.ack_batch.max(1));
-        let header = self.header(Kind::Ack, 0, 0, now_ns);
         let Some(buffer) = outbox.buffer() else {
             return false;
         };
+        // Only now that the message will go are its words taken as reported.
+        let header = self.header(Kind::Ack, 0, 0, now_ns);
         wire::put_header(buffer, &header);
         wire::put_range(buffer, self.acked_sent, count);
         outbox.send(
@@ -490,10 +494,11 @@ impl Follower {
         now_ns: u64,
         outbox: &mut impl Outbox,
     ) -> bool {
-        let header = self.header(Kind::Write, sessions.len(), flags, now_ns);
         let Some(buffer) = outbox.buffer() else {
             return false;
         };
+        // Only now that the message will go are its words taken as reported.
+        let header = self.header(Kind::Write, sessions.len(), flags, now_ns);
         wire::put_header(buffer, &header);
         wire::put_write_prefix(buffer, seq);
         let mut len = wire::HEADER_BYTES + wire::WRITE_PREFIX;
@@ -619,10 +624,11 @@ impl Follower {
         if !due {
             return;
         }
-        let header = self.header(Kind::Credit, 0, 0, now_ns);
         let Some(buffer) = outbox.buffer() else {
             return;
         };
+        // Only now that the message will go are its words taken as reported.
+        let header = self.header(Kind::Credit, 0, 0, now_ns);
         wire::put_header(buffer, &header);
         outbox.send(Target::Leader, Kind::Credit, wire::HEADER_BYTES, 0);
     }
@@ -632,5 +638,98 @@ impl Follower {
         let mut words = [0u64; wire::WORDS];
         words[hello_words::FINGERPRINT] = self.config.fingerprint;
         words
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, reason = "a test fails by panicking")]
+mod tests {
+    use super::*;
+    use crate::replica::NodeReplica;
+    use crate::store::StoreConfig;
+    use crate::zab::LEADER_EPOCH;
+
+    /// An outbox with no send buffer to give, as when a chain is full.
+    struct FullOutbox;
+
+    impl Outbox for FullOutbox {
+        fn buffer(&mut self) -> Option<&mut [u8]> {
+            None
+        }
+        fn send(&mut self, _: Target, _: Kind, _: usize, _: u64) {
+            panic!("nothing can be sent without a buffer")
+        }
+        fn resend(&mut self, _: Target, _: Kind, _: usize) {
+            panic!("nothing can be sent without a buffer")
+        }
+    }
+
+    struct Recording(Vec<u8>, Vec<Kind>);
+
+    impl Outbox for Recording {
+        fn buffer(&mut self) -> Option<&mut [u8]> {
+            Some(&mut self.0)
+        }
+        fn send(&mut self, _: Target, kind: Kind, _: usize, _: u64) {
+            self.1.push(kind);
+        }
+        fn resend(&mut self, _: Target, kind: Kind, _: usize) {
+            self.1.push(kind);
+        }
+    }
+
+    struct NoCompletions;
+
+    impl Completions for NoCompletions {
+        fn write_applied(&mut self, _: u16, _: u64, _: u64) {}
+    }
+
+    #[test]
+    fn words_count_as_reported_only_once_a_message_carries_them() {
+        let config = PipelineConfig {
+            node: 1,
+            nodes: 3,
+            pipeline: 0,
+            pipelines: 1,
+            value_len: 16,
+            cluster_tag: 1,
+            run: 2,
+            epoch: LEADER_EPOCH,
+            integrity: wire::Integrity::Crc32c,
+            sessions: 4,
+            window: 64,
+            mtu: 1024,
+            keys: 16,
+            instance: 7,
+            fingerprint: 0,
+        };
+        let replica = NodeReplica::new(&StoreConfig {
+            keys: 16,
+            value_size: 16,
+            hugepages: false,
+        })
+        .unwrap();
+        let mut follower = Follower::new(config);
+        let mut answer = config.header(Kind::Hello, 0, 0, [0; wire::WORDS]);
+        answer.from_node = 0;
+        answer.instance = 1;
+        follower.start(&answer);
+        follower.report_due = true;
+        let limits = Limits::default();
+        follower.advance(
+            1_000,
+            &mut FullOutbox,
+            &replica,
+            &mut NoCompletions,
+            &limits,
+        );
+        assert!(
+            follower.report_due && follower.reported_ns == 0,
+            "words were marked reported although no message could carry them"
+        );
+        let mut outbox = Recording(vec![0; 1024], Vec::new());
+        follower.advance(2_000, &mut outbox, &replica, &mut NoCompletions, &limits);
+        assert_eq!(outbox.1, [Kind::Credit]);
+        assert!(!follower.report_due && follower.reported_ns == 2_000);
     }
 }
