@@ -166,7 +166,7 @@ pub struct Health {
     tag = "status",
     responses(
         (status = 200, description = "Attached to the control block and the data plane's heartbeat is fresh", body = Health),
-        (status = 503, description = "Not attached, or the data plane is silent; `reason` says which", body = Health),
+        (status = 503, description = "Not attached, the data plane is silent, or a pipeline hears nothing from its leader (no_leader), from a quorum (no_quorum) or was left behind (fell_behind); `reason` says which", body = Health),
     )
 )]
 pub async fn healthz(State(state): State<AppState>) -> Response {
@@ -182,7 +182,7 @@ pub async fn healthz(State(state): State<AppState>) -> Response {
             Some(age) => format!("the data plane's heartbeat is {age:.1} s old"),
             None => "the data plane has never beaten its heartbeat".to_owned(),
         }),
-        Some(_) => None,
+        Some(block) => crate::state::pipeline_trouble(block),
     };
     let health = Health {
         ok: reason.is_none(),

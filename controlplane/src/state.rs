@@ -6,7 +6,9 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use rzab_shared::{ControlBlock, Lifecycle};
+use std::sync::atomic::Ordering;
+
+use rzab_shared::{ControlBlock, Lifecycle, SyncState};
 
 use crate::attach::Attachment;
 use crate::options::Config;
@@ -68,6 +70,28 @@ pub fn dataplane_heartbeat_age(block: &ControlBlock) -> Option<f64> {
 /// Whether the data plane's heartbeat is fresh.
 pub fn dataplane_fresh(block: &ControlBlock) -> bool {
     block.dataplane_silence_ns() <= u64::try_from(DATAPLANE_FRESH.as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// What keeps the data plane's pipelines from serving, as they report it (a follower that
+/// hears nothing from its leader, a leader that hears from no quorum, a follower left
+/// behind), one clause per troubled pipeline; `None` when none is.
+pub fn pipeline_trouble(block: &ControlBlock) -> Option<String> {
+    let workers = usize::try_from(block.worker_count()).unwrap_or(0);
+    let troubles: Vec<String> = (0..workers)
+        .filter_map(|worker| {
+            let state = SyncState::from_code(
+                block
+                    .worker(worker)
+                    .gauges
+                    .sync_state
+                    .load(Ordering::Relaxed),
+            );
+            state
+                .trouble()
+                .map(|trouble| format!("pipeline {worker} is {}: {trouble}", state.name()))
+        })
+        .collect();
+    (!troubles.is_empty()).then(|| troubles.join("; "))
 }
 
 /// Whether the data plane is running with a fresh heartbeat.

@@ -995,7 +995,9 @@ impl NodeHarness {
                     self.outcome.handled += 1;
                     match machine {
                         Machine::Leader(leader) => leader.handle(&message, self.now_ns),
-                        Machine::Follower(follower) => follower.handle(&message, &self.replica),
+                        Machine::Follower(follower) => {
+                            follower.handle(&message, self.now_ns, &self.replica)
+                        }
                     }
                 }
             }
@@ -1280,6 +1282,8 @@ fn limits_from(input: &mut Unstructured<'_>) -> arbitrary::Result<Limits> {
         commit_credits: knob(Knob::CommitCredits)?,
         retransmit_timeout_ns: knob(Knob::RetransmitTimeoutUs)?.saturating_mul(1000),
         slow_follower_grace_ns: knob(Knob::SlowFollowerGraceUs)?.saturating_mul(1000),
+        heartbeat_interval_ns: knob(Knob::HeartbeatIntervalMs)?.saturating_mul(1_000_000),
+        peer_timeout_ns: knob(Knob::PeerTimeoutMs)?.saturating_mul(1_000_000),
     })
 }
 

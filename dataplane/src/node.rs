@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use rzab_shared::control_block::{ControlBlock, Lifecycle};
+use rzab_shared::control_block::{ControlBlock, Lifecycle, SyncState};
 use rzab_shared::counters::HistogramSnapshot;
 use rzab_shared::limits::MAX_NODES;
 use rzab_shared::{
@@ -517,6 +517,40 @@ fn latency(block: &ControlBlock) -> HistogramSnapshot {
     merged
 }
 
+/// Prints a line whenever a pipeline enters or leaves a state of trouble (no leader heard, no
+/// quorum heard, left behind), so that an operator sees it in the log as well as in the
+/// status, health and metrics.
+fn report_state_changes(options: &Options, block: &ControlBlock, states: &mut [SyncState]) {
+    for (worker, last) in states.iter_mut().enumerate() {
+        let state = SyncState::from_code(
+            block
+                .worker(worker)
+                .gauges
+                .sync_state
+                .load(Ordering::Relaxed),
+        );
+        if state == *last {
+            continue;
+        }
+        match (last.trouble(), state.trouble()) {
+            (_, Some(trouble)) => println!(
+                "node {} pipeline {worker}: {} ({trouble}; peer_timeout_ms = {})",
+                options.node,
+                state.name(),
+                block.knob(Knob::PeerTimeoutMs)
+            ),
+            (Some(_), None) => println!(
+                "node {} pipeline {worker}: {} again (was {})",
+                options.node,
+                state.name(),
+                last.name()
+            ),
+            (None, None) => {}
+        }
+        *last = state;
+    }
+}
+
 fn report_until_stopped(
     options: &Options,
     shared: &NodeShared<'_>,
@@ -535,9 +569,11 @@ fn report_until_stopped(
     let mut last_print = Instant::now();
     let mut start_totals = last;
     let mut announced_serving = false;
+    let mut states = vec![SyncState::Starting; usize::from(options.workers)];
     loop {
         std::thread::sleep(Duration::from_millis(50));
         block.dataplane_heartbeat();
+        report_state_changes(options, block, &mut states);
         if running_since.is_none() && joined.load(Ordering::Acquire) == usize::from(options.workers)
         {
             running_since = Some(Instant::now());

@@ -68,7 +68,7 @@ impl Pipeline {
     pub fn handle(&mut self, message: &Message<'_>, now_ns: u64, replica: &NodeReplica) {
         match self {
             Pipeline::Leader(leader) => leader.handle(message, now_ns),
-            Pipeline::Follower(follower) => follower.handle(message, replica),
+            Pipeline::Follower(follower) => follower.handle(message, now_ns, replica),
         }
     }
 
@@ -94,12 +94,24 @@ impl Pipeline {
         }
     }
 
-    fn sync_state(&self) -> SyncState {
+    /// What the node reports of this pipeline: a leader that hears from no quorum, or a
+    /// follower that hears nothing from its leader, within the peer timeout says so.
+    fn sync_state(&self, now_ns: u64, limits: &Limits) -> SyncState {
         match self {
-            Pipeline::Leader(_) => SyncState::Serving,
+            Pipeline::Leader(leader) => {
+                if leader.quorum_visible(now_ns, limits.peer_timeout_ns) {
+                    SyncState::Serving
+                } else {
+                    SyncState::NoQuorum
+                }
+            }
             Pipeline::Follower(follower) => match follower.phase() {
                 Phase::Joining => SyncState::Starting,
-                Phase::CatchingUp | Phase::FellBehind => SyncState::CatchingUp,
+                Phase::FellBehind => SyncState::FellBehind,
+                _ if !follower.leader_visible(now_ns, limits.peer_timeout_ns) => {
+                    SyncState::NoLeader
+                }
+                Phase::CatchingUp => SyncState::CatchingUp,
                 Phase::Serving => SyncState::Serving,
             },
         }
@@ -420,6 +432,8 @@ impl LiveSettings {
                 commit_credits: knob(Knob::CommitCredits),
                 retransmit_timeout_ns: knob(Knob::RetransmitTimeoutUs).saturating_mul(1000),
                 slow_follower_grace_ns: knob(Knob::SlowFollowerGraceUs).saturating_mul(1000),
+                heartbeat_interval_ns: knob(Knob::HeartbeatIntervalMs).saturating_mul(1_000_000),
+                peer_timeout_ns: knob(Knob::PeerTimeoutMs).saturating_mul(1_000_000),
             },
             doorbell: as_usize(knob(Knob::DoorbellBatch)).clamp(1, MAX_CHAIN),
             multicast: knob(Knob::Multicast) != 0,
@@ -912,7 +926,7 @@ impl<T: Transport> Worker<T> {
             let stats = self.pipeline.stats();
             publish_stats(counters, &stats, self.unexpected);
             if iteration % 1024 == 0 {
-                self.publish_gauges(counters, shared.replica, &stats, now_ns);
+                self.publish_gauges(counters, shared.replica, &stats, now_ns, &settings.limits);
                 self.refresh_peers(shared.block);
             }
 
@@ -931,7 +945,7 @@ impl<T: Transport> Worker<T> {
         }
         let now_ns = u64::try_from(clock.elapsed().as_nanos()).unwrap_or(u64::MAX);
         let stats = self.pipeline.stats();
-        self.publish_gauges(counters, shared.replica, &stats, now_ns);
+        self.publish_gauges(counters, shared.replica, &stats, now_ns, &settings.limits);
         if std::env::var_os("RZAB_DEBUG_SUMMARY").is_some() {
             eprintln!(
                 "{} | transport {:?}",
@@ -953,16 +967,17 @@ impl<T: Transport> Worker<T> {
         replica: &NodeReplica,
         stats: &PipelineStats,
         now_ns: u64,
+        limits: &Limits,
     ) {
         let applied = replica.applied_zxid();
         counters
             .gauges
             .leader_zxid
             .store(stats.leader_zxid.max(applied), Ordering::Relaxed);
-        counters
-            .gauges
-            .sync_state
-            .store(self.pipeline.sync_state() as u64, Ordering::Relaxed);
+        counters.gauges.sync_state.store(
+            self.pipeline.sync_state(now_ns, limits) as u64,
+            Ordering::Relaxed,
+        );
         counters.set(
             Counter::TransportDropsNoReceive,
             self.transport.stats().dropped_no_recv,

@@ -542,7 +542,7 @@ fn run(scenario: &Scenario, seed: u64) -> Outcome {
                     state.joining = false;
                 }
                 (Role::Follower(follower), _) => {
-                    follower.handle(&message, &replicas[datagram.to_node])
+                    follower.handle(&message, now_ns, &replicas[datagram.to_node])
                 }
             }
         }

@@ -250,6 +250,12 @@ pub enum SyncState {
     CatchingUp = 1,
     /// In step: local reads are served.
     Serving = 2,
+    /// A follower that has heard nothing from its leader for `peer_timeout_ms`.
+    NoLeader = 3,
+    /// A leader that has heard from fewer than a quorum of followers for `peer_timeout_ms`.
+    NoQuorum = 4,
+    /// A follower the leader left behind: it restarts (or exits) to catch up by snapshot.
+    FellBehind = 5,
 }
 
 impl SyncState {
@@ -257,7 +263,25 @@ impl SyncState {
         match code {
             1 => SyncState::CatchingUp,
             2 => SyncState::Serving,
+            3 => SyncState::NoLeader,
+            4 => SyncState::NoQuorum,
+            5 => SyncState::FellBehind,
             _ => SyncState::Starting,
+        }
+    }
+
+    /// Why a node in this state does not serve as it should, for health checks; `None` for
+    /// the states of a healthy node (starting and catching up are on the way to serving).
+    pub fn trouble(self) -> Option<&'static str> {
+        match self {
+            SyncState::NoLeader => Some("no word from the leader within peer_timeout_ms"),
+            SyncState::NoQuorum => {
+                Some("fewer than a quorum of followers heard from within peer_timeout_ms")
+            }
+            SyncState::FellBehind => {
+                Some("left behind by the leader; restarting to catch up by snapshot")
+            }
+            SyncState::Starting | SyncState::CatchingUp | SyncState::Serving => None,
         }
     }
 
@@ -266,6 +290,9 @@ impl SyncState {
             SyncState::Starting => "starting",
             SyncState::CatchingUp => "catching_up",
             SyncState::Serving => "serving",
+            SyncState::NoLeader => "no_leader",
+            SyncState::NoQuorum => "no_quorum",
+            SyncState::FellBehind => "fell_behind",
         }
     }
 }

@@ -104,6 +104,10 @@ knobs! {
         "How long a sender waits for progress before it sends unacknowledged prepares, commits, forwarded writes or snapshot chunks again (doubled per silent timeout, up to 32 times)." }
     SlowFollowerGraceUs { "slow_follower_grace_us", KnobKind::Integer, 0, 1_000_000, 1_000,
         "How long the leader holds back for a follower that has run out of credits while a quorum of the others could go on; after it, that follower catches up by retransmission." }
+    HeartbeatIntervalMs { "heartbeat_interval_ms", KnobKind::Integer, 1, 10_000, 20,
+        "How long a pipeline may send its peer nothing before it sends a heartbeat (a CREDIT), so that silence means a dead or cut-off peer, not an idle one." }
+    PeerTimeoutMs { "peer_timeout_ms", KnobKind::Integer, 10, 600_000, 1_000,
+        "How long a follower may hear nothing from its leader, or a leader from a quorum of its followers, before the node reports it: sync_state no_leader or no_quorum, healthz 503 with the reason, a log line." }
 }
 
 const _: () = assert!(KNOBS.len() <= MAX_KNOBS);

@@ -363,6 +363,20 @@ impl Namespaces {
         Some(namespaces)
     }
 
+    /// Takes `node`'s link to the bridge down or up again, as a pulled cable would.
+    pub fn set_link(&self, node: usize, up: bool) {
+        assert!(
+            ip(&[
+                "link",
+                "set",
+                &self.veths[node],
+                if up { "up" } else { "down" }
+            ]),
+            "ip link set {} failed",
+            self.veths[node]
+        );
+    }
+
     pub fn host(&self, node: usize) -> String {
         format!(
             "10.78.{}.{}",

@@ -42,6 +42,8 @@ pub struct Follower {
     config: PipelineConfig,
     phase: Phase,
     leader: Option<LeaderIdentity>,
+    /// When a message of the leader was last taken.
+    leader_heard_ns: Option<u64>,
     /// Prepares by pseq; `present` marks the ones held.
     pending: EntryRing,
     /// Every prepare below this pseq is held.
@@ -87,6 +89,7 @@ impl Follower {
         Follower {
             phase: Phase::Joining,
             leader: None,
+            leader_heard_ns: None,
             pending: EntryRing::new(config.window, config.value_len),
             received: 0,
             committed: 0,
@@ -196,19 +199,27 @@ impl Follower {
         })
     }
 
+    /// Whether this follower has heard from its leader within `timeout_ns` (counting from its
+    /// first step after joining, for a leader that never spoke since).
+    pub fn leader_visible(&self, now_ns: u64, timeout_ns: u64) -> bool {
+        self.leader_heard_ns
+            .is_none_or(|heard| now_ns.saturating_sub(heard) < timeout_ns)
+    }
+
     /// The leader this follower follows, once its hello was answered.
     pub fn leader(&self) -> Option<LeaderIdentity> {
         self.leader
     }
 
     /// Handles one decoded message from the leader.
-    pub fn handle(&mut self, message: &Message<'_>, replica: &impl Replica) {
+    pub fn handle(&mut self, message: &Message<'_>, now_ns: u64, replica: &impl Replica) {
         if !self.knows(&message.header) || self.phase == Phase::Joining {
             // Not from the leader process and epoch this follower follows: a prepare from
             // anyone else is never stored, let alone applied.
             self.stats.dropped_unexpected += 1;
             return;
         }
+        self.leader_heard_ns = Some(now_ns);
         let words = message.header.words;
         match message.header.kind {
             Kind::Prepare => {
@@ -391,6 +402,8 @@ impl Follower {
         if matches!(self.phase, Phase::Joining | Phase::FellBehind) {
             return;
         }
+        // A leader that never spoke since the join is timed from here.
+        self.leader_heard_ns.get_or_insert(now_ns);
         self.apply(replica, completions);
         if self.phase == Phase::CatchingUp {
             if self.serve_at.is_none() && self.snapshot_installed >= self.snapshot_end {
@@ -620,7 +633,9 @@ impl Follower {
             || words.applied - reported.applied.min(words.applied)
                 >= (self.config.window as u64 / 4).max(1)
             || (words != reported
-                && now_ns.saturating_sub(self.reported_ns) >= limits.retransmit_timeout_ns / 4);
+                && now_ns.saturating_sub(self.reported_ns) >= limits.retransmit_timeout_ns / 4)
+            // Silence must mean a dead or cut-off follower, never an idle one.
+            || now_ns.saturating_sub(self.reported_ns) >= limits.heartbeat_interval_ns;
         if !due {
             return;
         }

@@ -92,6 +92,8 @@ pub struct Leader {
     links: [FollowerLink; MAX_NODES],
     /// Highest session sequence ordered, by origin node and session (exactly-once).
     ordered: Vec<u64>,
+    /// When the last PREPARE or COMMIT went to every follower.
+    broadcast_ns: u64,
     stats: PipelineStats,
 }
 
@@ -114,6 +116,7 @@ impl Leader {
             commit_msgs_sent: 0,
             links: [FollowerLink::default(); MAX_NODES],
             ordered: vec![0; MAX_NODES * config.sessions.max(1)],
+            broadcast_ns: 0,
             stats: PipelineStats::default(),
             config,
         }
@@ -251,6 +254,19 @@ impl Leader {
             board.register(index, instance, self.config.pipeline, replica);
         }
         (start_pseq, catch_up)
+    }
+
+    /// Whether this leader has heard, within `timeout_ns`, from enough followers to make a
+    /// quorum with itself. A leader that has not cannot commit, and says so.
+    pub fn quorum_visible(&self, now_ns: u64, timeout_ns: u64) -> bool {
+        let heard = self
+            .follower_ids()
+            .filter(|follower| {
+                let link = &self.links[*follower];
+                link.instance != 0 && now_ns.saturating_sub(link.heard_ns) < timeout_ns
+            })
+            .count();
+        heard >= self.config.quorum_followers()
     }
 
     /// Whether a message comes from a follower process that joined this pipeline (said
@@ -678,6 +694,7 @@ impl Leader {
                 wire::HEADER_BYTES + wire::RANGE_BODY,
                 count,
             );
+            self.broadcast_ns = now_ns;
             self.commit_sent += count;
             self.commit_msgs_sent += 1;
         }
@@ -780,6 +797,7 @@ impl Leader {
             if has_followers {
                 self.prepare_msgs_sent += 1;
                 outbox.send(Target::AllFollowers, Kind::Prepare, len, batch);
+                self.broadcast_ns = now_ns;
             } else {
                 self.committed = self.next_pseq;
             }
@@ -790,7 +808,12 @@ impl Leader {
         for follower in self.follower_ids() {
             let link = self.links[follower];
             let unreported = link.write_seen - link.write_reported.min(link.write_seen);
+            // Silence must mean a dead or cut-off leader, never an idle one.
+            let heartbeat_due = link.instance != 0
+                && now_ns.saturating_sub(link.credit_sent_ns.max(self.broadcast_ns))
+                    >= limits.heartbeat_interval_ns;
             let due = unreported >= half(limits.write_credits)
+                || heartbeat_due
                 || link.credit_due
                 || (unreported > 0
                     && now_ns.saturating_sub(link.credit_sent_ns)

@@ -142,6 +142,11 @@ pub struct Limits {
     pub retransmit_timeout_ns: u64,
     /// How long a follower out of credits may hold the leader back while a quorum could go on.
     pub slow_follower_grace_ns: u64,
+    /// Longest a pipeline sends its peer nothing before it sends a heartbeat.
+    pub heartbeat_interval_ns: u64,
+    /// Longest a follower may hear nothing from its leader (a leader from a quorum) before
+    /// it reports so.
+    pub peer_timeout_ns: u64,
 }
 
 impl Limits {
@@ -171,6 +176,8 @@ impl Default for Limits {
             commit_credits: 64,
             retransmit_timeout_ns: 500_000,
             slow_follower_grace_ns: 1_000_000,
+            heartbeat_interval_ns: 20_000_000,
+            peer_timeout_ns: 1_000_000_000,
         }
     }
 }
