@@ -138,6 +138,11 @@ pub struct Options {
     /// Prepares a pipeline may have outstanding (power of two).
     #[arg(long, default_value_t = 1024)]
     pub window: usize,
+    /// Bytes of the leader's committed-transaction ring (split among the workers): a
+    /// follower that lagged by less than it holds is brought back by DIFF (the prepares it
+    /// missed), one that lagged by more by a snapshot.
+    #[arg(long, default_value_t = crate::zab::DEFAULT_COMMITTED_RING_BYTES)]
+    pub committed_ring_bytes: u64,
     /// Seed of the emulated clients' traces.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,

@@ -843,6 +843,7 @@ impl NodeHarness {
                 integrity: wire::Integrity::Crc32c,
                 sessions: CAPTURE.sessions,
                 window: CAPTURE.window,
+                retained: CAPTURE.window * 32,
                 mtu: capture_mtu(),
                 keys: CAPTURE.keys,
                 instance: if leader { 1 } else { follower_instance(node) },

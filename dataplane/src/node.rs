@@ -33,6 +33,7 @@ use crate::zab::follower::LEADER_NODE;
 use crate::zab::wire::{self, cluster_tag, run_tag};
 use crate::zab::{
     CatchupBoard, LEADER_EPOCH, PipelineConfig, ZxidSource, follower_recv_slots, leader_recv_slots,
+    retained_for_bytes,
 };
 
 /// Requests pre-built per worker.
@@ -380,6 +381,12 @@ where
             integrity,
             sessions: options.sessions,
             window: options.window,
+            retained: retained_for_bytes(
+                options.committed_ring_bytes,
+                usize::from(options.workers),
+                options.value_size,
+                options.window,
+            ),
             mtu: transport.caps().mtu,
             keys: options.keys,
             instance: block.header.instance.load(Ordering::Relaxed).max(1),

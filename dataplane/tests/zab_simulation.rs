@@ -218,6 +218,7 @@ fn pipeline_config(
         integrity: INTEGRITY,
         sessions: scenario.sessions,
         window: scenario.window,
+        retained: scenario.window * 32,
         mtu: MTU,
         keys: KEYS,
         instance,

@@ -256,8 +256,14 @@ fn follower_killed_and_restarted_on_udp_between_namespaces() {
 fn a_stopped_follower_that_fell_behind_rejoins_as_a_new_process() {
     let _serial = rzab_tests::serial();
     let (cluster, history, mut args) = recorded_cluster("behind");
-    // Mostly writes, so that the leader's 32 retained windows run out while node 2 is stopped.
-    args.extend(strings(&["--write-ratio", "800"]));
+    // Mostly writes and a committed-transaction ring of a few MiB (about 64k prepares), so
+    // that the ring runs out while node 2 is stopped.
+    args.extend(strings(&[
+        "--write-ratio",
+        "800",
+        "--committed-ring-bytes",
+        "4194304",
+    ]));
     let processes: Vec<NodeProcess> = (0..3u8)
         .map(|node| NodeProcess::start(node, &args))
         .collect();
@@ -305,4 +311,80 @@ fn a_stopped_follower_that_fell_behind_rejoins_as_a_new_process() {
     assert_eq!(report.processes, 4, "{report}");
     assert_eq!(report.processes_of(2).len(), 2, "{report}");
     assert!(report.crashed().is_empty(), "{report}");
+}
+
+/// A follower stopped (SIGSTOP) for 2 s under a full write load, with the default
+/// committed-transaction ring, comes back by DIFF: the leader repeats the prepares it missed
+/// from the ring, with no restart and no snapshot, and it ends identical to the others.
+#[test]
+fn a_follower_stopped_for_two_seconds_under_full_write_load_comes_back_by_diff() {
+    let _serial = rzab_tests::serial();
+    let (cluster, history, mut args) = recorded_cluster("diff");
+    args.extend(strings(&["--write-ratio", "1000", "--duration", "8"]));
+    let processes: Vec<NodeProcess> = (0..3u8)
+        .map(|node| NodeProcess::start(node, &args))
+        .collect();
+    let block_of = |node: u8| PathBuf::from(format!("/dev/shm/rzab-{cluster}-n{node}"));
+    let leader = rzab_tests::attach_running(&block_of(0));
+    let follower = rzab_tests::attach_running(&block_of(2));
+    wait_serving_with_writes(&follower, "node 2");
+    let instance = rzab_tests::instance_of(&follower);
+    processes[2].signal("STOP");
+    let stopped_at = rzab_tests::committed_zxid(&leader);
+    std::thread::sleep(Duration::from_secs(2));
+    let missed = rzab_tests::committed_zxid(&leader) - stopped_at;
+    let repeated_before = leader.counter_total(Counter::RetransmitPrepare);
+    processes[2].signal("CONT");
+    let outputs: Vec<NodeOutput> = processes.into_iter().map(NodeProcess::finish).collect();
+    cleanup(&cluster, 3);
+    assert!(
+        missed > 50_000,
+        "the leader committed only {missed} writes while node 2 was stopped: not a full load"
+    );
+    assert_eq!(
+        rzab_tests::instance_of(&follower),
+        instance,
+        "node 2 restarted instead of coming back by DIFF"
+    );
+    assert!(
+        !outputs[2].stdout.contains("fell behind"),
+        "{}",
+        outputs[2].stdout
+    );
+    assert_eq!(
+        follower.counter_total(Counter::CatchupEntriesReceived),
+        0,
+        "node 2 was sent a snapshot"
+    );
+    assert!(
+        leader.counter_total(Counter::RetransmitPrepare) > repeated_before,
+        "the leader repeated nothing to node 2"
+    );
+    // All writes, so no reads for `assert_identical_replicas` to require.
+    for output in &outputs {
+        assert!(
+            output.success,
+            "node {} failed:\n{}",
+            output.node, output.stderr
+        );
+        let summary = output.summary.as_ref().unwrap();
+        let leader = outputs[0].summary.as_ref().unwrap();
+        for field in ["applied_zxid", "digest", "store_digest"] {
+            assert_eq!(
+                summary[field], leader[field],
+                "node {}'s {field}",
+                output.node
+            );
+        }
+    }
+    // `check_history` wants reads too; a write-only run is checked directly.
+    let report = rzab_tests::history::check_dirs(
+        &[history.path().to_owned()],
+        &rzab_tests::history::CheckOptions::default(),
+    )
+    .unwrap();
+    assert!(report.is_clean(), "{report}");
+    assert_eq!(report.processes, 3, "{report}");
+    assert!(report.crashed().is_empty(), "{report}");
+    assert!(report.writes_completed > 0, "{report}");
 }

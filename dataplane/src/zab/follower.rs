@@ -713,6 +713,7 @@ mod tests {
             integrity: wire::Integrity::Crc32c,
             sessions: 4,
             window: 64,
+            retained: 128,
             mtu: 1024,
             keys: 16,
             instance: 7,

@@ -14,9 +14,6 @@ use super::{
     Target, ZxidSource, half, hello_words, leader_words,
 };
 
-/// The leader keeps this many windows of prepares for retransmission.
-pub const RETENTION_WINDOWS: usize = 32;
-
 /// Snapshot transfer towards one follower.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 enum SnapshotSend {
@@ -81,7 +78,8 @@ pub struct Leader {
     incoming: EntryRing,
     incoming_head: u64,
     incoming_tail: u64,
-    /// Prepared writes by pseq, kept [`RETENTION_WINDOWS`] windows deep for retransmission.
+    /// Prepared writes by pseq, [`PipelineConfig::retained`] deep: the committed-transaction
+    /// ring that retransmissions and DIFF catch-up are served from.
     pending: EntryRing,
     next_pseq: u64,
     committed: u64,
@@ -107,7 +105,7 @@ impl Leader {
             incoming: EntryRing::new(incoming_capacity.max(1), config.value_len),
             incoming_head: 0,
             incoming_tail: 0,
-            pending: EntryRing::new(config.window * RETENTION_WINDOWS, config.value_len),
+            pending: EntryRing::new(config.retained, config.value_len),
             next_pseq: 0,
             committed: 0,
             applied: 0,
