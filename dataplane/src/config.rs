@@ -453,20 +453,27 @@ impl Options {
     /// A hash of everything that must be equal on every node.
     pub fn fingerprint(&self) -> u64 {
         // Sessions size the leader's exactly-once table and snapshot ranges follow the keys.
-        let text = format!(
-            "{}|{}|{}|{}|{}|{}|{}",
-            self.cluster,
-            self.nodes,
-            self.workers,
-            self.value_size,
-            self.keys,
-            self.window,
-            self.sessions
-        );
-        text.bytes().fold(0xcbf2_9ce4_8422_2325u64, |hash, byte| {
+        configuration_fingerprint(&[
+            &self.cluster,
+            &self.nodes.to_string(),
+            &self.workers.to_string(),
+            &self.value_size.to_string(),
+            &self.keys.to_string(),
+            &self.window.to_string(),
+            &self.sessions.to_string(),
+        ])
+    }
+}
+
+/// The fingerprint of the options every node must share (cluster, nodes, workers, value size,
+/// keys, window, sessions, in that order): FNV-1a of them joined with `|`.
+pub fn configuration_fingerprint(parts: &[&str]) -> u64 {
+    parts
+        .join("|")
+        .bytes()
+        .fold(0xcbf2_9ce4_8422_2325u64, |hash, byte| {
             (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3)
         })
-    }
 }
 
 fn find_config_flag(args: &[String]) -> Option<PathBuf> {

@@ -31,8 +31,8 @@ use rzab_shared::{EndpointAddress, EndpointDecodeError, EndpointRecord, Knob};
 
 use crate::replica::NodeReplica;
 use crate::store::StoreConfig;
-use crate::zab::follower::{Follower, LEADER_NODE};
-use crate::zab::leader::Leader;
+use crate::zab::follower::LEADER_NODE;
+use crate::zab::node::{Node, Role};
 use crate::zab::wire::{self, Kind, Message};
 use crate::zab::{
     CatchupBoard, Completions, FollowerWords, LEADER_EPOCH, Limits, Outbox, PipelineConfig,
@@ -721,12 +721,6 @@ impl Completions for CountingCompletions {
     }
 }
 
-#[derive(Debug)]
-enum Machine {
-    Leader(Box<Leader>),
-    Follower(Box<Follower>),
-}
-
 /// Positions that may only move forward, per pipeline.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 struct Progress {
@@ -737,24 +731,17 @@ struct Progress {
     dropped_unexpected: u64,
 }
 
-impl Machine {
-    fn knows(&self, header: &wire::Header) -> bool {
-        match self {
-            Machine::Leader(leader) => leader.knows(header),
-            Machine::Follower(follower) => follower.knows(header),
-        }
-    }
-
-    fn progress(&self) -> Progress {
-        match self {
-            Machine::Leader(leader) => Progress {
+impl Progress {
+    fn of(node: &Node) -> Progress {
+        match node.role() {
+            Role::Leader(leader) => Progress {
                 prepared: leader.prepared(),
                 committed: leader.committed(),
                 applied: 0,
                 writes_applied: leader.stats().writes_applied,
                 dropped_unexpected: leader.stats().dropped_unexpected,
             },
-            Machine::Follower(follower) => Progress {
+            Role::Follower(follower) => Progress {
                 prepared: 0,
                 committed: 0,
                 applied: follower.applied(),
@@ -775,7 +762,7 @@ fn is_hello(message: &Message<'_>) -> bool {
 #[derive(Debug)]
 struct NodeHarness {
     params: WireParams,
-    machines: Vec<Machine>,
+    machines: Vec<Node>,
     progress: Vec<Progress>,
     replica: CheckingReplica,
     zxids: ZxidSource,
@@ -818,6 +805,20 @@ fn join_answer(pipeline: u8, instance: u64) -> wire::Header {
     }
 }
 
+/// The configuration fingerprint of the capture runs (as `Options::fingerprint`), so that
+/// their captured hellos are taken, not refused.
+fn capture_fingerprint() -> u64 {
+    crate::config::configuration_fingerprint(&[
+        CAPTURE.cluster,
+        &CAPTURE.nodes.to_string(),
+        &CAPTURE.pipelines.to_string(),
+        &CAPTURE.value_len.to_string(),
+        &CAPTURE.keys.to_string(),
+        &CAPTURE.window.to_string(),
+        &CAPTURE.sessions.to_string(),
+    ])
+}
+
 /// The MTU a node of the capture configuration runs with (as `node::needed_mtu`).
 fn capture_mtu() -> usize {
     wire::prepare_len(MAX_PREPARES_PER_MSG, CAPTURE.value_len)
@@ -847,37 +848,29 @@ impl NodeHarness {
                 mtu: capture_mtu(),
                 keys: CAPTURE.keys,
                 instance: if leader { 1 } else { follower_instance(node) },
-                fingerprint: 0,
+                fingerprint: capture_fingerprint(),
             };
             config.validate().map_err(Violation)?;
-            machines.push(if leader {
-                Machine::Leader(Box::new(Leader::new(config)))
-            } else {
-                // Joined at the start of the cluster, as the worker's handshake does.
-                let mut follower = Follower::new(config);
-                follower.start(&join_answer(pipeline, LEADER_INSTANCE));
-                Machine::Follower(Box::new(follower))
-            });
+            machines.push(Node::new(config, LEADER_NODE));
         }
         let replica = CheckingReplica::new(CAPTURE.keys, CAPTURE.value_len)?;
         let board = CatchupBoard::new(usize::from(CAPTURE.pipelines));
-        for machine in &mut machines {
-            if let Machine::Leader(leader) = machine {
+        // Joined at the start of the cluster, as the workers' handshake does.
+        for (pipeline, machine) in (0u8..).zip(&mut machines) {
+            if machine.is_leader() {
                 for follower in (0..CAPTURE.nodes).filter(|node| *node != LEADER_NODE) {
-                    leader.accept_hello(
-                        follower,
-                        follower_instance(follower),
-                        0,
-                        false,
-                        &board,
-                        &replica,
-                    );
+                    let mut hello = join_answer(pipeline, follower_instance(follower));
+                    hello.from_node = follower;
+                    machine.introduce(&hello, 0, &replica, &board);
                 }
+            } else {
+                machine.introduce(&join_answer(pipeline, LEADER_INSTANCE), 0, &replica, &board);
             }
+            machine.set_running();
         }
         Ok(NodeHarness {
             params,
-            progress: machines.iter().map(Machine::progress).collect(),
+            progress: machines.iter().map(Progress::of).collect(),
             machines,
             replica,
             zxids: ZxidSource::new(),
@@ -925,18 +918,10 @@ impl NodeHarness {
             Ok(message) if is_hello(&message) => {
                 self.outcome.hellos += 1;
                 // As the running worker: a leader takes a follower's hello (a restarted
-                // process, to catch up); a follower ignores repeated answers.
-                if let Some(Machine::Leader(leader)) =
-                    self.machines.get_mut(usize::from(message.header.pipeline))
-                {
-                    leader.accept_hello(
-                        message.header.from_node,
-                        message.header.instance,
-                        self.now_ns,
-                        true,
-                        &self.board,
-                        &self.replica,
-                    );
+                // process, to catch up) or refuses another configuration's; a follower
+                // ignores repeated answers.
+                if let Some(machine) = self.machines.get_mut(usize::from(message.header.pipeline)) {
+                    machine.handle(&message, self.now_ns, &self.replica, &self.board);
                 }
             }
             Ok(message) => {
@@ -950,30 +935,10 @@ impl NodeHarness {
                         .get_mut(pipeline)
                         .and_then(|nodes| nodes.get_mut(from)),
                 ) {
-                    let role_fits = match machine {
-                        Machine::Leader(_) => message.header.from_node != LEADER_NODE,
-                        Machine::Follower(_) => message.header.from_node == LEADER_NODE,
-                    };
+                    let role_fits =
+                        machine.is_leader() == (message.header.from_node != LEADER_NODE);
                     if role_fits && !*introduced && !machine.knows(&message.header) {
-                        match machine {
-                            Machine::Leader(leader) => {
-                                leader.accept_hello(
-                                    message.header.from_node,
-                                    message.header.instance,
-                                    self.now_ns,
-                                    false,
-                                    &self.board,
-                                    &self.replica,
-                                );
-                            }
-                            Machine::Follower(follower) => {
-                                let mut answer =
-                                    join_answer(message.header.pipeline, message.header.instance);
-                                answer.from_node = message.header.from_node;
-                                answer.epoch = message.header.epoch;
-                                follower.start(&answer);
-                            }
-                        }
+                        machine.introduce(&message.header, self.now_ns, &self.replica, &self.board);
                     }
                     *introduced = true;
                     if let Some(instance) = self
@@ -994,12 +959,7 @@ impl NodeHarness {
                         return;
                     }
                     self.outcome.handled += 1;
-                    match machine {
-                        Machine::Leader(leader) => leader.handle(&message, self.now_ns),
-                        Machine::Follower(follower) => {
-                            follower.handle(&message, self.now_ns, &self.replica)
-                        }
-                    }
+                    machine.handle(&message, self.now_ns, &self.replica, &self.board);
                 }
             }
         }
@@ -1024,8 +984,8 @@ impl NodeHarness {
                 epoch: LEADER_EPOCH,
                 words,
             };
-            match self.machines.get(usize::from(pipeline)) {
-                Some(Machine::Leader(leader)) => {
+            match self.machines.get(usize::from(pipeline)).map(Node::role) {
+                Some(Role::Leader(leader)) => {
                     let prepared = leader.prepared();
                     for follower in (0..CAPTURE.nodes).filter(|node| *node != LEADER_NODE) {
                         // The leader clamps the counters to what it has sent.
@@ -1045,7 +1005,7 @@ impl NodeHarness {
                         self.receive(&datagram);
                     }
                 }
-                Some(Machine::Follower(_)) => {
+                Some(Role::Follower(_)) => {
                     wire::put_header(
                         &mut datagram,
                         &header(Kind::Commit, LEADER_NODE, [0; wire::WORDS]),
@@ -1070,14 +1030,8 @@ impl NodeHarness {
         value[..8].copy_from_slice(&seq.to_le_bytes());
         value[8..16].copy_from_slice(&key.to_le_bytes());
         let session = session % u16::try_from(CAPTURE.sessions).unwrap_or(u16::MAX);
-        match self.machines.get_mut(pipeline) {
-            Some(Machine::Leader(leader)) => {
-                let _ = leader.submit_write(session, seq, key, &value);
-            }
-            Some(Machine::Follower(follower)) => {
-                let _ = follower.submit_write(session, seq, key, &value);
-            }
-            None => {}
+        if let Some(machine) = self.machines.get_mut(pipeline) {
+            let _ = machine.submit_write(session, seq, key, &value);
         }
     }
 
@@ -1087,24 +1041,15 @@ impl NodeHarness {
         self.now_ns += 100_000;
         for (pipeline, machine) in self.machines.iter_mut().enumerate() {
             self.outbox.pipeline = u8::try_from(pipeline).unwrap_or(u8::MAX);
-            match machine {
-                Machine::Leader(leader) => leader.advance(
-                    self.now_ns,
-                    &mut self.outbox,
-                    &self.replica,
-                    &self.zxids,
-                    &self.board,
-                    &mut self.completions,
-                    &self.limits,
-                ),
-                Machine::Follower(follower) => follower.advance(
-                    self.now_ns,
-                    &mut self.outbox,
-                    &self.replica,
-                    &mut self.completions,
-                    &self.limits,
-                ),
-            }
+            machine.advance(
+                self.now_ns,
+                &mut self.outbox,
+                &self.replica,
+                &self.zxids,
+                &self.board,
+                &mut self.completions,
+                &self.limits,
+            );
         }
     }
 
@@ -1122,7 +1067,7 @@ impl NodeHarness {
         );
         let mut writes_applied = 0;
         for (index, machine) in self.machines.iter().enumerate() {
-            let now = machine.progress();
+            let now = Progress::of(machine);
             let before = self.progress[index];
             ensure!(
                 now.prepared >= before.prepared

@@ -397,7 +397,7 @@ where
         let trace = Trace::build(options.keys, options.key_distribution(), TRACE_LEN, seed)?;
         let sessions = Sessions::new(node, worker, options.sessions, trace, options.value_size)
             .with_first_sequence(first_sequence);
-        let mut worker = Worker::new(config, options.fingerprint(), transport, sessions, peers);
+        let mut worker = Worker::new(config, LEADER_NODE, transport, sessions, peers);
         worker.set_peers_generation(peers_generation);
         workers.push(worker);
     }

@@ -1,28 +1,31 @@
-//! The worker: one pinned thread that runs one pipeline's poll loop over a transport.
+//! The worker: one pinned thread that runs one pipeline's poll loop over a transport, driving
+//! that pipeline's [`Node`] state machine (role, join handshake, leader and follower logic).
 //!
-//! One iteration: poll a batch of receive completions, hand each message to the pipeline's
-//! state machine, re-post the receives (before anything that could trigger more traffic), let
-//! idle sessions issue requests (reads served locally at once, writes handed to the pipeline),
-//! let the pipeline commit, apply and fill outgoing messages, and post them as doorbell-batched
-//! chains. One clock read per iteration; no allocation, lock or syscall (the udp transport's
-//! own aside) after start-up. Counters go to this worker's block of the control block with
-//! relaxed single-writer stores; knobs are re-read only when the knob epoch changes.
+//! One iteration, in named steps: [`Worker::receive`] (poll a batch of completions, count each
+//! datagram once, hand the accepted ones to the node, re-post the receives before anything
+//! that could trigger more traffic); issue (idle sessions issue requests: reads served locally
+//! at once, writes handed to the node); advance (the node commits, applies and fills outgoing
+//! messages, posted as doorbell-batched chains); publish (counters every iteration, gauges and
+//! peers every 1024); idle (an adaptive worker yields its core after a run of empty
+//! iterations). One clock read per iteration; no allocation, lock or syscall (the udp
+//! transport's own aside) after start-up. Counters go to this worker's block of the control
+//! block with relaxed single-writer stores; knobs are re-read only when the knob epoch changes.
 //!
-//! Before the loop, a join handshake makes sure every peer of the pipeline has its receives
-//! posted and runs a compatible configuration: followers send HELLOs carrying a configuration
-//! fingerprint and their process instance until the leader answers with the pseq to start at.
-//! A follower that says hello to a running leader (a restarted process) is brought up to date
-//! by snapshot; its node serves reads only once every pipeline has caught up.
+//! Before the loop, [`Worker::join`] runs the node's start-up handshake until every peer of the
+//! pipeline has its receives posted and runs a compatible configuration: followers send HELLOs
+//! (configuration fingerprint, process instance) until the leader answers with the pseq to
+//! start at. A follower that says hello to a running leader (a restarted process) is brought
+//! up to date by snapshot; its node serves reads only once every pipeline has caught up.
 //!
-//! Touches: its transport, the node replica (through the pipeline), its control-block block
-//! and the remote endpoint table (re-read when the control plane publishes a new one).
+//! Touches: its transport, the node replica (through the node), its control-block block and
+//! the remote endpoint table (re-read when the control plane publishes a new one).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use std::sync::atomic::AtomicUsize;
 
-use rzab_shared::control_block::{ControlBlock, SyncState, WorkerBlock};
+use rzab_shared::control_block::{ControlBlock, WorkerBlock};
 use rzab_shared::knobs::{Knob, POLL_MODE_BUSY};
 use rzab_shared::limits::MAX_NODES;
 use rzab_shared::{Counter, EndpointAddress};
@@ -31,12 +34,10 @@ use crate::history::WorkerHistory; // history hook
 use crate::replica::NodeReplica;
 use crate::transport::{Destination, RecvCompletion, SendRequest, Transport};
 use crate::workload::Sessions;
-use crate::zab::follower::{Follower, LEADER_NODE, Phase};
-use crate::zab::leader::Leader;
+use crate::zab::node::Node;
 use crate::zab::wire::{self, DropReason, Integrity, Kind, Message};
 use crate::zab::{
     CatchupBoard, Completions, Limits, Outbox, PipelineConfig, PipelineStats, Target, ZxidSource,
-    hello_words,
 };
 
 /// Completions polled per iteration.
@@ -54,68 +55,6 @@ pub struct Peers<A> {
     pub followers: [Option<A>; MAX_NODES],
     /// The pipeline's multicast group, when this node is the leader and the transport has one.
     pub group: Option<A>,
-}
-
-/// The role this worker plays in its pipeline.
-#[derive(Debug)]
-pub enum Pipeline {
-    Leader(Box<Leader>),
-    Follower(Box<Follower>),
-}
-
-impl Pipeline {
-    /// Hands a decoded message (not a hello) to the state machine.
-    pub fn handle(&mut self, message: &Message<'_>, now_ns: u64, replica: &NodeReplica) {
-        match self {
-            Pipeline::Leader(leader) => leader.handle(message, now_ns),
-            Pipeline::Follower(follower) => follower.handle(message, now_ns, replica),
-        }
-    }
-
-    fn stats(&self) -> PipelineStats {
-        match self {
-            Pipeline::Leader(leader) => leader.stats(),
-            Pipeline::Follower(follower) => follower.stats(),
-        }
-    }
-
-    /// Whether a (non-hello) message comes from a process this pipeline joined.
-    fn knows(&self, header: &wire::Header) -> bool {
-        match self {
-            Pipeline::Leader(leader) => leader.knows(header),
-            Pipeline::Follower(follower) => follower.knows(header),
-        }
-    }
-
-    fn serving(&self) -> bool {
-        match self {
-            Pipeline::Leader(_) => true,
-            Pipeline::Follower(follower) => follower.phase() == Phase::Serving,
-        }
-    }
-
-    /// What the node reports of this pipeline: a leader that hears from no quorum, or a
-    /// follower that hears nothing from its leader, within the peer timeout says so.
-    fn sync_state(&self, now_ns: u64, limits: &Limits) -> SyncState {
-        match self {
-            Pipeline::Leader(leader) => {
-                if leader.quorum_visible(now_ns, limits.peer_timeout_ns) {
-                    SyncState::Serving
-                } else {
-                    SyncState::NoQuorum
-                }
-            }
-            Pipeline::Follower(follower) => match follower.phase() {
-                Phase::Joining => SyncState::Starting,
-                Phase::FellBehind => SyncState::FellBehind,
-                _ if !follower.leader_visible(now_ns, limits.peer_timeout_ns) => {
-                    SyncState::NoLeader
-                }
-                Phase::CatchingUp => SyncState::CatchingUp,
-                Phase::Serving => SyncState::Serving,
-            },
-        }
-    }
 }
 
 /// Everything the workers of a node share.
@@ -363,20 +302,13 @@ impl<'a, T: Transport> TransportOutbox<'a, T> {
     }
 }
 
-fn node_id(node: usize) -> u8 {
-    u8::try_from(node).unwrap_or(u8::MAX)
-}
-
 /// Copies a pipeline's own statistics into its counters (single writer, relaxed).
-fn publish_stats(counters: &WorkerBlock, stats: &PipelineStats, unexpected: u64) {
+fn publish_stats(counters: &WorkerBlock, stats: &PipelineStats) {
     counters.set(Counter::CreditStalls, stats.credit_stalls);
     counters.set(Counter::OrderingStalls, stats.ordering_stalls);
     counters.set(Counter::WindowStalls, stats.window_stalls);
     counters.set(Counter::WritesApplied, stats.writes_applied);
-    counters.set(
-        Counter::DropsUnexpected,
-        stats.dropped_unexpected + unexpected,
-    );
+    counters.set(Counter::DropsUnexpected, stats.dropped_unexpected);
     counters.set(Counter::DropsDuplicate, stats.duplicates_dropped);
     counters.set(Counter::RetransmitPrepare, stats.retransmitted_prepares);
     counters.set(Counter::RetransmitCommit, stats.retransmitted_commits);
@@ -448,23 +380,18 @@ impl LiveSettings {
 pub struct Worker<T: Transport> {
     index: usize,
     config: PipelineConfig,
-    fingerprint: u64,
     transport: T,
-    pipeline: Pipeline,
+    node: Node,
+    /// The clock every `now_ns` of this worker is read from.
+    clock: Instant,
     sessions: Sessions,
     peers: Peers<T::Address>,
     completions: Vec<RecvCompletion>,
     chain: Vec<SendRequest<T::Address>>,
     peers_generation: u64,
     counted_serving: bool,
-    /// Hellos received this iteration (bit per node) and their words, answered once the
-    /// receives are reposted (answering needs the transport, which a payload borrows).
-    hello_headers: [wire::Header; MAX_NODES],
     /// What received datagrams are checked against.
     wire: wire::WireContext,
-    /// Hellos refused for an incompatible configuration (counted with the pipeline's
-    /// unexpected drops).
-    unexpected: u64,
     history: WorkerHistory, // history hook
 }
 
@@ -474,35 +401,28 @@ const _: () = assert!(
 );
 
 impl<T: Transport> Worker<T> {
-    /// A worker for pipeline `config.pipeline`, whose transport already has its receives
-    /// posted and its peers resolved.
+    /// A worker for pipeline `config.pipeline` of a cluster led by `leader_node`, whose
+    /// transport already has its receives posted and its peers resolved.
     pub fn new(
         config: PipelineConfig,
-        fingerprint: u64,
+        leader_node: u8,
         transport: T,
         sessions: Sessions,
         peers: Peers<T::Address>,
     ) -> Self {
-        let pipeline = if config.node == LEADER_NODE {
-            Pipeline::Leader(Box::new(Leader::new(config)))
-        } else {
-            Pipeline::Follower(Box::new(Follower::new(config)))
-        };
         Worker {
             index: usize::from(config.pipeline),
             config,
-            fingerprint,
             transport,
-            pipeline,
+            node: Node::new(config, leader_node),
+            clock: Instant::now(),
             sessions,
             peers,
             completions: vec![RecvCompletion::default(); RECV_BATCH],
             chain: Vec::with_capacity(MAX_CHAIN),
             peers_generation: 0,
             counted_serving: false,
-            hello_headers: [config.header(Kind::Hello, 0, 0, [0; wire::WORDS]); MAX_NODES],
             wire: config.wire_context(),
-            unexpected: 0,
             history: WorkerHistory::disabled(), // history hook
         }
     }
@@ -526,7 +446,7 @@ impl<T: Transport> Worker<T> {
                 block.remote.get(usize::from(node))?[self.index].load()?;
             transport.resolve(&address).ok()
         };
-        if self.config.node == LEADER_NODE {
+        if self.node.is_leader() {
             for node in 0..self.config.nodes {
                 if node != self.config.node {
                     if let Some(address) = resolve(&mut self.transport, node) {
@@ -534,7 +454,7 @@ impl<T: Transport> Worker<T> {
                     }
                 }
             }
-        } else if let Some(address) = resolve(&mut self.transport, LEADER_NODE) {
+        } else if let Some(address) = resolve(&mut self.transport, self.node.leader_node()) {
             self.peers.leader = Some(address);
         }
     }
@@ -551,7 +471,7 @@ impl<T: Transport> Worker<T> {
     fn accept<'m>(
         wire_context: &wire::WireContext,
         index: usize,
-        pipeline: &Pipeline,
+        node: &Node,
         counters: &WorkerBlock,
         payload: &'m [u8],
     ) -> Option<Message<'m>> {
@@ -574,7 +494,7 @@ impl<T: Transport> Worker<T> {
             counters.add(Counter::DropsMisrouted, 1);
             return None;
         }
-        if message.header.kind != Kind::Hello && !pipeline.knows(&message.header) {
+        if message.header.kind != Kind::Hello && !node.knows(&message.header) {
             counters.add(Counter::DropsUnknownSender, 1);
             return None;
         }
@@ -585,49 +505,48 @@ impl<T: Transport> Worker<T> {
 
     /// Runs the join handshake: returns once every peer of this pipeline has answered.
     pub fn join(&mut self, shared: &NodeShared<'_>, timeout: Duration) -> Result<(), WorkerError> {
-        let started = Instant::now();
-        let deadline = started + timeout;
+        let deadline = Instant::now() + timeout;
         let counters = shared.block.worker(self.index);
-        let is_leader = self.config.node == LEADER_NODE;
-        let mut joined = [false; MAX_NODES];
-        joined[usize::from(self.config.node)] = true;
-        for (node, done) in joined
-            .iter_mut()
-            .enumerate()
-            .take(usize::from(self.config.nodes))
-        {
-            // The leader waits for every follower it sends to; a follower only for the leader.
-            *done |= if is_leader {
-                self.peers.followers[node].is_none()
-            } else {
-                node != usize::from(LEADER_NODE)
-            };
-        }
-        let mut last_hello: Option<Instant> = None;
-        let mut mismatch: Option<(u8, u64)> = None;
+        // The leader waits for every follower it sends to; a follower only for its leader.
+        let awaited: Vec<u8> = (0..self.config.nodes)
+            .filter(|node| {
+                if self.node.is_leader() {
+                    self.peers.followers[usize::from(*node)].is_some()
+                } else {
+                    *node == self.node.leader_node()
+                }
+            })
+            .collect();
         loop {
             if shared.stop.load(Ordering::Relaxed) {
                 return Err(WorkerError::Stopped(self.index));
             }
-            let all_joined = joined[..usize::from(self.config.nodes)]
-                .iter()
-                .all(|done| *done);
-            if all_joined {
-                return Ok(());
-            }
-            let now = Instant::now();
-            let now_ns = duration_ns(now - started);
-            if now > deadline {
-                if let Some((node, theirs)) = mismatch {
+            if !self.node.is_leader() {
+                if let Some((node, theirs)) = self.node.incompatible() {
                     return Err(WorkerError::Incompatible {
                         pipeline: self.index,
                         node,
                         theirs,
-                        ours: self.fingerprint,
+                        ours: self.config.fingerprint,
                     });
                 }
-                let waiting: Vec<String> = (0..usize::from(self.config.nodes))
-                    .filter(|node| !joined[*node])
+            }
+            if awaited.iter().all(|node| self.node.joined(*node)) {
+                self.node.set_running();
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                if let Some((node, theirs)) = self.node.incompatible() {
+                    return Err(WorkerError::Incompatible {
+                        pipeline: self.index,
+                        node,
+                        theirs,
+                        ours: self.config.fingerprint,
+                    });
+                }
+                let waiting: Vec<String> = awaited
+                    .iter()
+                    .filter(|node| !self.node.joined(**node))
                     .map(|node| format!("node {node}"))
                     .collect();
                 return Err(WorkerError::JoinTimeout {
@@ -636,146 +555,51 @@ impl<T: Transport> Worker<T> {
                     seconds: timeout.as_secs(),
                 });
             }
-            if let Pipeline::Follower(follower) = &self.pipeline {
-                if last_hello.is_none_or(|sent| now - sent >= Duration::from_millis(10)) {
-                    let words = follower.hello_words();
-                    self.send_hello(Target::Leader, words, counters);
-                    last_hello = Some(now);
-                }
-            }
-            let received = self.transport.poll_recv(&mut self.completions);
-            let mut refused = [false; MAX_NODES];
-            for index in 0..received {
-                let completion = self.completions[index];
-                let payload = self.transport.recv_payload(&completion);
-                let Some(message) =
-                    Self::accept(&self.wire, self.index, &self.pipeline, counters, payload)
-                else {
-                    continue;
-                };
-                let from = message.header.from_node;
-                if message.header.kind != Kind::Hello {
-                    // A peer that joined first may already be sending real traffic.
-                    self.pipeline.handle(&message, now_ns, shared.replica);
-                    continue;
-                }
-                let words = message.header.words;
-                let theirs = words[hello_words::FINGERPRINT];
-                if theirs != self.fingerprint {
-                    if !is_leader {
-                        return Err(WorkerError::Incompatible {
-                            pipeline: self.index,
-                            node: from,
-                            theirs,
-                            ours: self.fingerprint,
-                        });
-                    }
-                    // Answered, so the follower learns of it and stops with a clear error
-                    // instead of waiting out its timeout.
-                    mismatch = Some((from, theirs));
-                    refused[usize::from(from)] = true;
-                    continue;
-                }
-                match &mut self.pipeline {
-                    Pipeline::Leader(leader) => {
-                        leader.accept_hello(
-                            from,
-                            message.header.instance,
-                            now_ns,
-                            false,
-                            shared.board,
-                            shared.replica,
-                        );
-                        joined[usize::from(from)] = true;
-                    }
-                    Pipeline::Follower(follower) => {
-                        if from == LEADER_NODE && follower.phase() == Phase::Joining {
-                            follower.start(&message.header);
-                            joined[usize::from(from)] = true;
-                        }
-                    }
-                }
-            }
-            self.transport.post_recv(received);
-            for (node, refuse) in refused.iter().enumerate() {
-                if *refuse {
-                    let mut words = [0u64; wire::WORDS];
-                    words[hello_words::FINGERPRINT] = self.fingerprint;
-                    self.send_hello(Target::Follower(node_id(node)), words, counters);
-                }
-            }
-            if let Pipeline::Leader(leader) = &mut self.pipeline {
-                let mut outbox = TransportOutbox::single(
-                    &mut self.transport,
-                    &self.peers,
-                    counters,
-                    &mut self.chain,
-                    self.config.integrity,
-                );
-                leader.send_hello_replies(&mut outbox);
-                outbox.flush();
-            }
+            let now_ns = self.now_ns();
+            let received = self.receive(now_ns, shared, counters);
+            let mut outbox = TransportOutbox::single(
+                &mut self.transport,
+                &self.peers,
+                counters,
+                &mut self.chain,
+                self.config.integrity,
+            );
+            self.node.advance_join(now_ns, &mut outbox);
+            outbox.flush();
             if received == 0 {
                 std::thread::sleep(Duration::from_micros(200));
             }
         }
     }
 
-    /// Sends one HELLO with `words` (fingerprint, start, ...) on its own.
-    fn send_hello(&mut self, target: Target, words: [u64; wire::WORDS], counters: &WorkerBlock) {
-        let header = self.config.header(Kind::Hello, 0, 0, words);
-        let mut outbox = TransportOutbox::single(
-            &mut self.transport,
-            &self.peers,
-            counters,
-            &mut self.chain,
-            self.config.integrity,
-        );
-        if let Some(buffer) = outbox.buffer() {
-            wire::put_header(buffer, &header);
-            outbox.send(target, Kind::Hello, wire::HEADER_BYTES, 0);
-        }
-        outbox.flush();
+    /// Nanoseconds on this worker's clock.
+    fn now_ns(&self) -> u64 {
+        duration_ns(self.clock.elapsed())
     }
 
-    /// A hello from a follower while running: a restarted process to bring up to date, or a
-    /// repeat whose answer was lost.
-    fn accept_hello_while_running(
-        &mut self,
-        from: u8,
-        hello: &wire::Header,
-        shared: &NodeShared<'_>,
-        counters: &WorkerBlock,
-        now_ns: u64,
-    ) {
-        match &mut self.pipeline {
-            Pipeline::Leader(leader) => {
-                if hello.words[hello_words::FINGERPRINT] != self.fingerprint {
-                    self.unexpected += 1;
-                    let mut reply = [0u64; wire::WORDS];
-                    reply[hello_words::FINGERPRINT] = self.fingerprint;
-                    self.send_hello(Target::Follower(from), reply, counters);
-                    return;
-                }
-                leader.accept_hello(
-                    from,
-                    hello.instance,
-                    now_ns,
-                    true,
-                    shared.board,
-                    shared.replica,
-                );
+    /// Polls one batch of receive completions, hands every accepted message to the state
+    /// machine and re-posts the receives; returns how many datagrams came.
+    fn receive(&mut self, now_ns: u64, shared: &NodeShared<'_>, counters: &WorkerBlock) -> usize {
+        let received = self.transport.poll_recv(&mut self.completions);
+        for index in 0..received {
+            let completion = self.completions[index];
+            let payload = self.transport.recv_payload(&completion);
+            if let Some(message) =
+                Self::accept(&self.wire, self.index, &self.node, counters, payload)
+            {
+                self.node
+                    .handle(&message, now_ns, shared.replica, shared.board);
             }
-            // A repeated answer to this follower's hello: nothing new.
-            Pipeline::Follower(_) => {}
         }
+        // Receives go back before anything that can make peers send more.
+        self.transport.post_recv(received);
+        received
     }
 
     /// The poll loop; once `shared.stop` is set it drains (see [`NodeShared::stop`]) and returns.
     pub fn run(&mut self, shared: &NodeShared<'_>) -> Result<(), WorkerError> {
         let counters = shared.block.worker(self.index);
         let store = shared.replica.store();
-        let clock = Instant::now();
         let mut settings = LiveSettings::read(shared.block);
         let mut knob_epoch = shared.block.knob_epoch();
         counters
@@ -792,15 +616,12 @@ impl<T: Transport> Worker<T> {
         let mut node_serving = false;
         loop {
             iteration += 1;
-            let now_ns = u64::try_from(clock.elapsed().as_nanos()).unwrap_or(u64::MAX);
+            let now_ns = self.now_ns();
             if shared.stop.load(Ordering::Relaxed) || fell_behind {
                 let started = *drain_started_ns.get_or_insert(now_ns);
                 let quiet = now_ns.saturating_sub(last_received_ns) >= duration_ns(DRAIN_QUIET)
                     && self.sessions.writing() == 0;
-                let settled = match &self.pipeline {
-                    Pipeline::Leader(leader) => leader.settled(now_ns, duration_ns(DRAIN_QUIET)),
-                    Pipeline::Follower(follower) => follower.settled(),
-                };
+                let settled = self.node.settled(now_ns, duration_ns(DRAIN_QUIET));
                 if (quiet && settled)
                     || fell_behind
                     || now_ns.saturating_sub(started) >= duration_ns(DRAIN_MAX)
@@ -818,41 +639,16 @@ impl<T: Transport> Worker<T> {
                     .store(epoch, Ordering::Relaxed);
             }
 
-            let received = self.transport.poll_recv(&mut self.completions);
-            let mut hellos = 0u32;
-            for index in 0..received {
-                let completion = self.completions[index];
-                let payload = self.transport.recv_payload(&completion);
-                let Some(message) =
-                    Self::accept(&self.wire, self.index, &self.pipeline, counters, payload)
-                else {
-                    continue;
-                };
-                let from = usize::from(message.header.from_node);
-                if message.header.kind == Kind::Hello && from < MAX_NODES {
-                    hellos |= 1 << from;
-                    self.hello_headers[from] = message.header;
-                } else {
-                    self.pipeline.handle(&message, now_ns, shared.replica);
-                }
-            }
-            // Receives go back before anything that can make peers send more.
-            self.transport.post_recv(received);
-            while hellos != 0 {
-                let from = hellos.trailing_zeros() as usize;
-                hellos &= hellos - 1;
-                let hello = self.hello_headers[from];
-                self.accept_hello_while_running(node_id(from), &hello, shared, counters, now_ns);
-            }
+            let received = self.receive(now_ns, shared, counters);
 
-            if !self.counted_serving && self.pipeline.serving() {
+            if !self.counted_serving && self.node.serving() {
                 self.counted_serving = true;
                 shared.serving.fetch_add(1, Ordering::AcqRel);
             }
             // Once every pipeline serves, the node does for good: stop reading the counter.
             node_serving =
                 node_serving || shared.serving.load(Ordering::Relaxed) >= shared.pipelines;
-            let pipeline = &mut self.pipeline;
+            let node = &mut self.node;
             // A draining worker issues nothing new; a node catching up serves nothing yet.
             let issued = if drain_started_ns.is_some() || !node_serving {
                 crate::workload::Issued::default()
@@ -864,14 +660,7 @@ impl<T: Transport> Worker<T> {
                     settings.write_ratio_permille,
                     store,
                     |session, seq, key, value| {
-                        let accepted = match pipeline {
-                            Pipeline::Leader(leader) => {
-                                leader.submit_write(session, seq, key, value)
-                            }
-                            Pipeline::Follower(follower) => {
-                                follower.submit_write(session, seq, key, value)
-                            }
-                        };
+                        let accepted = node.submit_write(session, seq, key, value);
                         history.write_issued(session, seq, key, value, accepted); // history hook
                         accepted
                     },
@@ -900,31 +689,20 @@ impl<T: Transport> Worker<T> {
                 history: &self.history, // history hook
             };
             let replica = self.history.replica(shared.replica); // history hook
-            match &mut self.pipeline {
-                Pipeline::Leader(leader) => leader.advance(
-                    now_ns,
-                    &mut outbox,
-                    &replica, // history hook
-                    shared.zxids,
-                    shared.board,
-                    &mut completions,
-                    &settings.limits,
-                ),
-                Pipeline::Follower(follower) => {
-                    follower.advance(
-                        now_ns,
-                        &mut outbox,
-                        &replica, // history hook
-                        &mut completions,
-                        &settings.limits,
-                    );
-                    fell_behind = follower.phase() == Phase::FellBehind;
-                }
-            }
+            self.node.advance(
+                now_ns,
+                &mut outbox,
+                &replica, // history hook
+                shared.zxids,
+                shared.board,
+                &mut completions,
+                &settings.limits,
+            );
+            fell_behind = self.node.fell_behind();
             outbox.flush();
             let sent = outbox.sent;
-            let stats = self.pipeline.stats();
-            publish_stats(counters, &stats, self.unexpected);
+            let stats = self.node.stats();
+            publish_stats(counters, &stats);
             if iteration % 1024 == 0 {
                 self.publish_gauges(counters, shared.replica, &stats, now_ns, &settings.limits);
                 self.refresh_peers(shared.block);
@@ -943,8 +721,8 @@ impl<T: Transport> Worker<T> {
                 idle_spins = 0;
             }
         }
-        let now_ns = u64::try_from(clock.elapsed().as_nanos()).unwrap_or(u64::MAX);
-        let stats = self.pipeline.stats();
+        let now_ns = self.now_ns();
+        let stats = self.node.stats();
         self.publish_gauges(counters, shared.replica, &stats, now_ns, &settings.limits);
         if std::env::var_os("RZAB_DEBUG_SUMMARY").is_some() {
             eprintln!(
@@ -975,7 +753,7 @@ impl<T: Transport> Worker<T> {
             .leader_zxid
             .store(stats.leader_zxid.max(applied), Ordering::Relaxed);
         counters.gauges.sync_state.store(
-            self.pipeline.sync_state(now_ns, limits) as u64,
+            self.node.sync_state(now_ns, limits) as u64,
             Ordering::Relaxed,
         );
         counters.set(
@@ -1004,9 +782,6 @@ impl<T: Transport> Worker<T> {
 
     /// A one-line summary of the pipeline, for diagnostics.
     pub fn summary(&self) -> String {
-        match &self.pipeline {
-            Pipeline::Leader(leader) => leader.summary(),
-            Pipeline::Follower(follower) => follower.summary(),
-        }
+        self.node.summary()
     }
 }

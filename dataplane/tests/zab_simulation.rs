@@ -25,8 +25,7 @@ use rand::{Rng, SeedableRng};
 use rzab_dataplane::replica::NodeReplica;
 use rzab_dataplane::store::StoreConfig;
 use rzab_dataplane::workload::{KeyDistribution, Sessions, Trace};
-use rzab_dataplane::zab::follower::{Follower, Phase};
-use rzab_dataplane::zab::leader::Leader;
+use rzab_dataplane::zab::node::Node;
 use rzab_dataplane::zab::wire::{self, Message};
 use rzab_dataplane::zab::{
     CatchupBoard, Completions, Kind, LEADER_EPOCH, Limits, Outbox, PipelineConfig, PipelineStats,
@@ -139,13 +138,8 @@ impl Replica for LoggedReplica {
     }
 }
 
-enum Role {
-    Leader(Box<Leader>),
-    Follower(Box<Follower>),
-}
-
 struct Pipeline {
-    role: Role,
+    role: Node,
     sessions: Sessions,
     /// Per session: key -> zxid of its last completed write.
     own_writes: Vec<HashMap<u64, u64>>,
@@ -236,11 +230,7 @@ fn new_pipeline(
     instance: u64,
 ) -> Pipeline {
     let config = pipeline_config(scenario, node, pipeline, instance);
-    let role = if node == 0 {
-        Role::Leader(Box::new(Leader::new(config)))
-    } else {
-        Role::Follower(Box::new(Follower::new(config)))
-    };
+    let role = Node::new(config, 0);
     let trace = Trace::build(
         KEYS,
         KeyDistribution::Zipf { theta: 0.9 },
@@ -262,28 +252,6 @@ fn new_pipeline(
         in_flight: vec![HashMap::new(); scenario.sessions],
         joining: false,
     }
-}
-
-fn hello(node: usize, pipeline: usize, instance: u64, words: [u64; wire::WORDS]) -> Vec<u8> {
-    let mut bytes = vec![0u8; wire::HEADER_BYTES];
-    wire::put_header(
-        &mut bytes,
-        &wire::Header {
-            kind: Kind::Hello,
-            from_node: node as u8,
-            pipeline: pipeline as u8,
-            count: 0,
-            cluster_tag: TAG,
-            value_len: VALUE_LEN as u16,
-            flags: 0,
-            run: RUN,
-            instance,
-            epoch: LEADER_EPOCH,
-            words,
-        },
-    );
-    wire::seal(&mut bytes, &INTEGRITY);
-    bytes
 }
 
 /// The network: datagrams in flight, by due step, with seeded loss, duplication and delay.
@@ -375,10 +343,7 @@ impl Network {
 fn dump(pipelines: &[Vec<Pipeline>], replicas: &[LoggedReplica]) {
     for node in pipelines {
         for pipeline in node {
-            match &pipeline.role {
-                Role::Leader(leader) => eprintln!("{}", leader.summary()),
-                Role::Follower(follower) => eprintln!("{}", follower.summary()),
-            }
+            eprintln!("{}", pipeline.role.summary());
         }
     }
     for (node, replica) in replicas.iter().enumerate() {
@@ -408,21 +373,28 @@ fn run(scenario: &Scenario, seed: u64) -> Outcome {
         sent: Vec::new(),
         batches: HashMap::new(),
     };
-    // The join handshake at cluster start, as the workers run it (its answers were sent by
-    // the workers, so they are dropped here).
+    // The join handshake at cluster start, as the workers run it, without loss: each
+    // follower's hello, the leader's answer.
+    let context = wire_context(scenario);
     for node in 1..scenario.nodes {
         for pipeline in 0..scenario.pipelines {
-            let Role::Leader(leader) = &mut pipelines[0][pipeline].role else {
-                unreachable!()
-            };
-            leader.accept_hello(node as u8, instances[node], 0, false, &board, &replicas[0]);
-            leader.send_hello_replies(&mut outbox);
-            let (_, answer) = outbox.sent.last().unwrap();
-            let answer = Message::decode(answer, &wire_context(scenario)).unwrap();
-            if let Role::Follower(follower) = &mut pipelines[node][pipeline].role {
-                follower.start(&answer.header);
-            }
+            pipelines[node][pipeline].role.advance_join(0, &mut outbox);
+            let (_, hello) = outbox.sent.pop().unwrap();
+            let hello = Message::decode(&hello, &context).unwrap();
+            pipelines[0][pipeline]
+                .role
+                .handle(&hello, 0, &replicas[0], &board);
+            pipelines[0][pipeline].role.advance_join(0, &mut outbox);
+            let (_, answer) = outbox.sent.pop().unwrap();
+            let answer = Message::decode(&answer, &context).unwrap();
+            pipelines[node][pipeline]
+                .role
+                .handle(&answer, 0, &replicas[node], &board);
+            assert!(pipelines[node][pipeline].role.joined(0));
         }
+    }
+    for state in pipelines.iter_mut().flatten() {
+        state.role.set_running();
     }
     outbox.sent.clear();
     outbox.batches.clear();
@@ -451,7 +423,6 @@ fn run(scenario: &Scenario, seed: u64) -> Outcome {
     let mut restart_done = false;
     let mut resumed: Option<usize> = None;
     let mut held: Vec<Datagram> = Vec::new();
-    let mut last_hello = 0u64;
     let mut applied_at_crash = 0u64;
     let mut steps_to_complete = 0u64;
     let mut applied_while_down = 0u64;
@@ -483,10 +454,9 @@ fn run(scenario: &Scenario, seed: u64) -> Outcome {
                 }
             }
             let left_behind = resumed == Some(crash.node)
-                && pipelines[crash.node].iter().any(|state| {
-                    matches!(&state.role, Role::Follower(follower)
-                        if follower.phase() == Phase::FellBehind)
-                });
+                && pipelines[crash.node]
+                    .iter()
+                    .any(|state| state.role.fell_behind());
             if left_behind {
                 resumed = None;
                 restarted = Some(crash.node);
@@ -526,36 +496,22 @@ fn run(scenario: &Scenario, seed: u64) -> Outcome {
             }
             let message = Message::decode(&datagram.bytes, &wire_context(scenario)).unwrap();
             let state = &mut pipelines[datagram.to_node][datagram.pipeline];
-            match (&mut state.role, message.header.kind) {
-                (Role::Leader(leader), Kind::Hello) => {
-                    leader.accept_hello(
-                        message.header.from_node,
-                        message.header.instance,
-                        now_ns,
-                        true,
-                        &board,
-                        &replicas[0],
-                    );
-                }
-                (Role::Leader(leader), _) => leader.handle(&message, now_ns),
-                (Role::Follower(follower), Kind::Hello) if state.joining => {
-                    follower.start(&message.header);
-                    state.joining = false;
-                }
-                (Role::Follower(follower), _) => {
-                    follower.handle(&message, now_ns, &replicas[datagram.to_node])
-                }
+            state
+                .role
+                .handle(&message, now_ns, &replicas[datagram.to_node], &board);
+            if state.joining && state.role.joined(0) {
+                state.joining = false;
+                state.role.set_running();
             }
         }
         let mut sends: Vec<(usize, usize, Target, Vec<u8>)> = Vec::new();
-        // A restarting follower's workers say hello every 10 ms until answered.
-        if now - last_hello >= 10_000 {
-            last_hello = now;
-            for (node, node_pipelines) in pipelines.iter().enumerate() {
-                for (pipeline, state) in node_pipelines.iter().enumerate() {
-                    if let (true, Role::Follower(follower)) = (state.joining, &state.role) {
-                        let bytes = hello(node, pipeline, instances[node], follower.hello_words());
-                        sends.push((node, pipeline, Target::Leader, bytes));
+        // A restarting follower's workers say hello (every 10 ms) until answered.
+        for (node, node_pipelines) in pipelines.iter_mut().enumerate() {
+            for (pipeline, state) in node_pipelines.iter_mut().enumerate() {
+                if state.joining && down != Some(node) {
+                    state.role.advance_join(now_ns, &mut outbox);
+                    for (target, bytes) in outbox.sent.drain(..) {
+                        sends.push((node, pipeline, target, bytes));
                     }
                 }
             }
@@ -571,30 +527,22 @@ fn run(scenario: &Scenario, seed: u64) -> Outcome {
             if down == Some(node) || pipelines[node][pipeline].joining {
                 continue;
             }
-            let node_serving = pipelines[node].iter().all(|state| match &state.role {
-                Role::Leader(_) => true,
-                Role::Follower(follower) => follower.phase() == Phase::Serving,
-            });
+            let node_serving = pipelines[node].iter().all(|state| state.role.serving());
             let replica = &replicas[node];
             let state = &mut pipelines[node][pipeline];
             let mut done = Done(Vec::new());
-            match &mut state.role {
-                Role::Leader(leader) => leader.advance(
-                    now_ns,
-                    &mut outbox,
-                    replica,
-                    &zxids,
-                    &board,
-                    &mut done,
-                    &scenario.limits,
-                ),
-                Role::Follower(follower) => {
-                    follower.advance(now_ns, &mut outbox, replica, &mut done, &scenario.limits);
-                    if follower.phase() == Phase::FellBehind && resumed != Some(node) {
-                        dump(&pipelines, &replicas);
-                        panic!("node {node} fell behind");
-                    }
-                }
+            state.role.advance(
+                now_ns,
+                &mut outbox,
+                replica,
+                &zxids,
+                &board,
+                &mut done,
+                &scenario.limits,
+            );
+            if state.role.fell_behind() && resumed != Some(node) {
+                dump(&pipelines, &replicas);
+                panic!("node {node} fell behind");
             }
             let state = &mut pipelines[node][pipeline];
             for (session, seq, zxid) in done.0 {
@@ -622,10 +570,7 @@ fn run(scenario: &Scenario, seed: u64) -> Outcome {
                 } = state;
                 let mut submissions = Vec::new();
                 let issued = sessions.issue(now, scenario.write_permille, replica.inner.store(), |session, seq, key, value| {
-                    let accepted = match role {
-                        Role::Leader(leader) => leader.submit_write(session, seq, key, value),
-                        Role::Follower(follower) => follower.submit_write(session, seq, key, value),
-                    };
+                    let accepted = role.submit_write(session, seq, key, value);
                     if accepted {
                         submissions.push((session, seq, key, u64::from_le_bytes(value[..8].try_into().unwrap())));
                     }
@@ -655,10 +600,10 @@ fn run(scenario: &Scenario, seed: u64) -> Outcome {
             let everyone_applied = replicas
                 .iter()
                 .all(|replica| replica.inner.applied_zxid() == zxids.last_issued());
-            let settled = pipelines.iter().flatten().all(|state| match &state.role {
-                Role::Leader(leader) => leader.settled(now_ns, u64::MAX),
-                Role::Follower(follower) => follower.settled(),
-            });
+            let settled = pipelines
+                .iter()
+                .flatten()
+                .all(|state| state.role.settled(now_ns, u64::MAX));
             if everyone_applied && settled {
                 break;
             }
@@ -711,10 +656,7 @@ fn run(scenario: &Scenario, seed: u64) -> Outcome {
     let stats = pipelines
         .iter()
         .flatten()
-        .map(|state| match &state.role {
-            Role::Leader(leader) => leader.stats(),
-            Role::Follower(follower) => follower.stats(),
-        })
+        .map(|state| state.role.stats())
         .collect();
     Outcome {
         completed,

@@ -42,6 +42,7 @@
 
 pub mod follower;
 pub mod leader;
+pub mod node;
 pub mod wire;
 
 use std::sync::atomic::{AtomicU64, Ordering};
