@@ -6,28 +6,40 @@
 //!   right after the zxid it started from; a restarted process, which caught up by a snapshot,
 //!   from wherever it starts), and a zxid applied by two processes carries the same key and
 //!   write id on both;
+//! - every write was applied at most once: its write id is at one zxid only (a duplicated
+//!   datagram must not be ordered twice), unless the id was invoked more than once (an older
+//!   recorder reused ids across restarts);
 //! - nothing was lost: every completed write is applied at its zxid with its key and write id,
-//!   by its own node and in the leader's (node 0's) sequence, and every node's last process
-//!   reaches the cluster's last zxid (unless lagging replicas are allowed);
-//! - sessions are FIFO: one operation at a time, writes' sequence numbers and zxids increase in
-//!   issue order;
+//!   by its own node and in the leader's (node 0's) sequence; every process's applied sequence
+//!   reaches the zxid its own records show the node had applied (so an earlier process of a
+//!   node, stopped cleanly or not, cannot lose its last applies); and every node's last
+//!   process reaches the cluster's last zxid (unless lagging replicas are allowed);
+//! - sessions are FIFO: one operation at a time, every completion matching its invocation's
+//!   seq, key and write id, writes' sequence numbers increasing in issue order, and each
+//!   write's zxid above the session's frontier (its earlier writes' zxids and the zxids of the
+//!   values it read);
 //! - every read returned a value some write produced (write id 0: the initial value), applied at
 //!   the zxid the store reported, by a write invoked before the read completed, and no older than
-//!   what the session had seen (its frontier: its own completed writes' zxids and the zxids of
-//!   the values it read) or than what its node had applied when the read was issued;
+//!   what the session had seen (its frontier) or than what its node had applied when the read
+//!   was issued;
 //! - writes are linearizable: no write completed before another was invoked yet got a larger
 //!   zxid.
 //!
-//! A process killed without shutting down (SIGKILL) leaves files without a trailer whose last
-//! buffers were never written: it is reported as crashed, its whole records are checked like
-//! any others, and only what the lost tail makes unknowable is excused. Every worker file is a
+//! A worker records an apply before anything it does afterwards and every worker file is a
 //! prefix, in time, of what that worker recorded, so a worker's file holds every apply the
 //! worker made up to the largest zxid any of its records shows the node had applied; the least
-//! of these over the process's files bounds the zxids up to which its applied sequence must be
-//! contiguous and must hold its completed writes. Beyond it, and for the end of its sequence,
-//! nothing is required; its writes left without a completion are not violations (no process's
-//! are); a value read whose write's invocation is missing is accepted when the write's node has
-//! a crashed process (the invocation may have been in the lost tail).
+//! of these over a process's files (its `complete_to`) is a zxid up to which its applied
+//! sequence must be contiguous, which it must reach, and up to which it must hold its completed
+//! writes. That holds for every process; for one that shut down cleanly its files hold
+//! everything, so it is checked everywhere besides.
+//!
+//! A process killed without shutting down (SIGKILL) leaves files without a trailer whose last
+//! buffers were never written: it is reported as crashed, its whole records are checked like
+//! any others, and only what the lost tail makes unknowable is excused. Beyond its
+//! `complete_to` nothing is required of its applies; its writes left without a completion are
+//! not violations (no process's are); a value read whose write's invocation is missing is
+//! accepted when the write's node has a crashed process (the invocation may have been in the
+//! lost tail).
 //!
 //! Touches only the files it is pointed at, read-only.
 
@@ -141,6 +153,16 @@ impl fmt::Display for Process {
 pub enum SessionOrderError {
     #[error("write seq {seq} completed without being invoked")]
     CompletionWithoutInvocation { seq: u64 },
+    #[error(
+        "write seq {seq} completed as write {write_id:#x} to key {key}, but was invoked as write {invoked_write_id:#x} to key {invoked_key}"
+    )]
+    CompletionMismatch {
+        seq: u64,
+        key: u64,
+        write_id: u64,
+        invoked_key: u64,
+        invoked_write_id: u64,
+    },
     #[error("invoked write seq {seq} while seq {waiting} was outstanding")]
     InvokedWhileWaiting { waiting: u64, seq: u64 },
     #[error("read while write seq {waiting} was outstanding")]
@@ -156,6 +178,10 @@ pub enum SessionOrderError {
         seq: u64,
         zxid: u64,
     },
+    #[error(
+        "write seq {seq} got zxid {zxid:#x}, not above zxid {read_zxid:#x} of a value the session had already read"
+    )]
+    ZxidNotAboveRead { seq: u64, zxid: u64, read_zxid: u64 },
 }
 
 /// Why a value read cannot have been produced by a write.
@@ -198,6 +224,17 @@ pub enum Violation {
         first_worker: u8,
         second_worker: u8,
     },
+    #[error(
+        "write {write_id:#x} applied at zxid {first_zxid:#x} (key {key}) and again at zxid {zxid:#x} (key {other_key}), more often than it was invoked ({invocations})"
+    )]
+    DuplicateWrite {
+        write_id: u64,
+        key: u64,
+        first_zxid: u64,
+        zxid: u64,
+        other_key: u64,
+        invocations: u64,
+    },
     #[error("{process}: the applied sequence jumps from zxid {after:#x} to {next:#x}")]
     Gap {
         process: Process,
@@ -223,6 +260,14 @@ pub enum Violation {
         other: Process,
         other_key: u64,
         other_write_id: u64,
+    },
+    #[error(
+        "{process}: its records show the node had applied zxid {complete_to:#x}, but its applied sequence stops at {last:#x}: the applies after it are lost"
+    )]
+    LostApplies {
+        process: Process,
+        last: u64,
+        complete_to: u64,
     },
     #[error("{process} stops at zxid {last:#x} but the cluster applied up to {expected:#x}")]
     ReplicaBehind {
@@ -292,9 +337,11 @@ impl Violation {
         match self {
             Violation::DroppedRecords { .. } => "dropped records",
             Violation::AppliedTwice { .. } => "applied twice",
+            Violation::DuplicateWrite { .. } => "duplicate write",
             Violation::Gap { .. } => "gap",
             Violation::LateStart { .. } => "late start",
             Violation::Diverged { .. } => "diverged",
+            Violation::LostApplies { .. } => "lost applies",
             Violation::ReplicaBehind { .. } => "replica behind",
             Violation::LostWrite { .. } => "lost write",
             Violation::SessionOrder { .. } => "session order",
@@ -339,7 +386,9 @@ pub struct ProcessReport {
     pub zxids: Option<(u64, u64)>,
     /// Some file of it has no trailer: the process was killed (or still runs).
     pub crashed: bool,
-    /// For a crashed process: the zxid up to which its recorded applies are known complete.
+    /// The zxid up to which its files must hold every apply it made, which its applied
+    /// sequence must reach: the least, over its files, of the largest zxid each shows the node
+    /// had applied. For a crashed process, also where its record stops being known complete.
     pub complete_to: Option<u64>,
 }
 
@@ -478,7 +527,8 @@ impl fmt::Display for ReportSummary<'_> {
             Some((first, last)) => writeln!(
                 f,
                 "zxids: {first:#x}..={last:#x} ({} writes ordered)",
-                last - first + 1
+                // Saturating: corrupt zxids may span the whole range.
+                (last - first).saturating_add(1)
             )?,
             None => writeln!(f, "zxids: none applied")?,
         }
@@ -786,9 +836,10 @@ struct ProcessGathered {
     applies: Vec<(u64, AppliedWrite, u8)>,
     /// Some file has no trailer: the process was killed (or still runs).
     crashed: bool,
-    /// For a crashed process: the zxid up to which every apply it made is in its files (the
-    /// least, over its files without a trailer, of the largest zxid each file shows the node
-    /// had applied).
+    /// The zxid up to which every apply it made is in its files: the least, over its files,
+    /// of the largest zxid each file shows the node had applied. Taken over every file, not
+    /// only a crashed process's: a process that stopped cleanly and was followed by another
+    /// is held to it as much as one that was killed.
     complete_to: Option<u64>,
     records: u64,
     reads: u64,
@@ -797,13 +848,20 @@ struct ProcessGathered {
     applies_recorded: u64,
 }
 
+/// The invocations of one write id.
+#[derive(Clone, Copy, Debug)]
+struct Invocations {
+    earliest_ns: u64,
+    count: u64,
+}
+
 /// What the first pass over all files gathers.
 #[derive(Debug, Default)]
 struct Gathered {
     /// By node process.
     processes: BTreeMap<Process, ProcessGathered>,
-    /// By write id: the earliest invocation.
-    earliest_invocation: HashMap<u64, u64>,
+    /// By write id.
+    invocations: HashMap<u64, Invocations>,
     completed: Vec<CompletedWrite>,
     /// Nodes with a crashed process: invocations of their writes may be in a lost tail.
     crashed_nodes: BTreeSet<u8>,
@@ -814,7 +872,10 @@ struct Gathered {
 struct Applied {
     /// Ascending, each once.
     zxids: Vec<u64>,
-    /// The zxid up to which the record is complete: `u64::MAX` unless the process crashed.
+    /// The zxid up to which the record shows whether the process applied a zxid: `u64::MAX`
+    /// unless the process crashed (a clean shutdown wrote every buffer).
+    known_to: u64,
+    /// [`ProcessGathered::complete_to`]: its sequence must reach this far.
     complete_to: u64,
     crashed: bool,
 }
@@ -834,7 +895,7 @@ impl Applied {
 
     /// Whether the record shows whether the process applied `zxid`.
     fn knows(&self, zxid: u64) -> bool {
-        zxid <= self.complete_to
+        zxid <= self.known_to
     }
 }
 
@@ -967,7 +1028,18 @@ fn group_processes(files: &[WorkerFile]) -> Result<BTreeMap<Process, Vec<usize>>
         let workers = processes
             .entry(file.process())
             .or_insert_with(|| vec![None; usize::from(shape.1)]);
-        let slot = &mut workers[usize::from(file.header.worker)];
+        // Decoding refuses such a header; an in-memory one has not been decoded.
+        let slot = workers
+            .get_mut(usize::from(file.header.worker))
+            .ok_or_else(|| CheckError::Header {
+                path: PathBuf::from(&file.name),
+                source: FormatError::OutOfRange {
+                    node: file.header.node,
+                    worker: file.header.worker,
+                    nodes: file.header.nodes,
+                    workers: file.header.workers,
+                },
+            })?;
         if let Some(other) = slot {
             return Err(CheckError::DuplicateFile {
                 first: files[*other].name.clone(),
@@ -995,15 +1067,15 @@ fn group_processes(files: &[WorkerFile]) -> Result<BTreeMap<Process, Vec<usize>>
         .collect()
 }
 
-/// First pass: applies and counts by process, how far a crashed process's record is
-/// complete, earliest invocation by write id, completed writes.
+/// First pass: applies and counts by process, how far each process's record is known
+/// complete, invocations by write id, completed writes.
 fn gather(files: &[WorkerFile], report: &mut Report) -> Result<Gathered, CheckError> {
     let mut gathered = Gathered::default();
     for file in files {
         let process = file.process();
         let worker = file.header.worker;
         let found = gathered.processes.entry(process).or_default();
-        let earliest = &mut gathered.earliest_invocation;
+        let invocations = &mut gathered.invocations;
         let completed = &mut gathered.completed;
         found.records += file.records;
         // The largest zxid this file shows the node had applied: the worker recorded every
@@ -1029,12 +1101,19 @@ fn gather(files: &[WorkerFile], report: &mut Report) -> Result<Gathered, CheckEr
             } => {
                 report.writes_invoked += 1;
                 found.writes_invoked += 1;
-                // With unique write ids per run this is the invocation; should ids repeat
-                // (an older recorder), the earliest keeps the read checks sound.
-                earliest
+                // With unique write ids per run there is one invocation; should ids repeat
+                // (an older recorder), the earliest keeps the read checks sound and the count
+                // says how often the id may be applied.
+                invocations
                     .entry(write_id)
-                    .and_modify(|earliest| *earliest = (*earliest).min(invoke_ns))
-                    .or_insert(invoke_ns);
+                    .and_modify(|invoked| {
+                        invoked.earliest_ns = invoked.earliest_ns.min(invoke_ns);
+                        invoked.count += 1;
+                    })
+                    .or_insert(Invocations {
+                        earliest_ns: invoke_ns,
+                        count: 1,
+                    });
             }
             Record::WriteComplete {
                 session,
@@ -1070,9 +1149,9 @@ fn gather(files: &[WorkerFile], report: &mut Report) -> Result<Gathered, CheckEr
             }
             Record::Trailer { .. } => {}
         })?;
+        found.complete_to = Some(found.complete_to.map_or(horizon, |to| to.min(horizon)));
         if !file.clean {
             found.crashed = true;
-            found.complete_to = Some(found.complete_to.map_or(horizon, |to| to.min(horizon)));
             gathered.crashed_nodes.insert(process.node);
         }
     }
@@ -1089,11 +1168,8 @@ fn merge_sequences(
 ) -> Sequence {
     let mut sequence = Sequence::default();
     for (process, found) in &mut gathered.processes {
-        let complete_to = if found.crashed {
-            found.complete_to.unwrap_or(0)
-        } else {
-            u64::MAX
-        };
+        let complete_to = found.complete_to.unwrap_or(0);
+        let known_to = if found.crashed { complete_to } else { u64::MAX };
         let mut applies = std::mem::take(&mut found.applies);
         applies.sort_by_key(|(zxid, _, _)| *zxid);
         let mut zxids: Vec<u64> = Vec::with_capacity(applies.len());
@@ -1112,7 +1188,7 @@ fn merge_sequences(
                 }
                 // Beyond what a crashed process's files are known to hold, a missing zxid
                 // may have been in a lost buffer.
-                if last + 1 != zxid && last < complete_to {
+                if last + 1 != zxid && last < known_to {
                     report.violation(Violation::Gap {
                         process: *process,
                         after: last,
@@ -1145,6 +1221,7 @@ fn merge_sequences(
             *process,
             Applied {
                 zxids,
+                known_to,
                 complete_to,
                 crashed: found.crashed,
             },
@@ -1153,19 +1230,51 @@ fn merge_sequences(
     for (zxid, (write, _)) in &sequence.writes {
         sequence.by_key.entry(write.key).or_default().push(*zxid);
     }
-    if let Some((_, last)) = sequence.range() {
-        check_starts_and_ends(processes, files, &sequence, last, options, report);
-    }
+    check_writes_applied_once(&sequence, &gathered.invocations, report);
+    let cluster_last = sequence.range().map(|(_, last)| last);
+    check_starts_and_ends(processes, files, &sequence, cluster_last, options, report);
     sequence
 }
 
-/// Each node's first process starts right after its initial zxid; each node's last process
-/// reaches the cluster's last zxid, unless it crashed.
+/// No write id is at more zxids than it was invoked (once, with unique ids): a write ordered
+/// twice, as a duplicated request datagram could make it, would be applied twice.
+fn check_writes_applied_once(
+    sequence: &Sequence,
+    invocations: &HashMap<u64, Invocations>,
+    report: &mut Report,
+) {
+    // By write id: the first zxid that applied it, with its key, and how many did.
+    let mut seen: HashMap<u64, (u64, u64, u64)> = HashMap::with_capacity(sequence.writes.len());
+    for (zxid, (write, _)) in &sequence.writes {
+        let (first_zxid, key, applied) =
+            seen.entry(write.write_id).or_insert((*zxid, write.key, 0));
+        *applied += 1;
+        // A write whose invocation was lost with a crashed process's tail was still invoked
+        // once.
+        let invoked = invocations
+            .get(&write.write_id)
+            .map_or(1, |invoked| invoked.count.max(1));
+        if *applied > invoked {
+            report.violation(Violation::DuplicateWrite {
+                write_id: write.write_id,
+                key: *key,
+                first_zxid: *first_zxid,
+                zxid: *zxid,
+                other_key: write.key,
+                invocations: invoked,
+            });
+        }
+    }
+}
+
+/// Each node's first process starts right after its initial zxid; every process reaches its
+/// `complete_to`; each node's last process reaches the cluster's last zxid (`cluster_last`,
+/// `None` when nothing was applied), unless it crashed.
 fn check_starts_and_ends(
     processes: &BTreeMap<Process, Vec<usize>>,
     files: &[WorkerFile],
     sequence: &Sequence,
-    cluster_last: u64,
+    cluster_last: Option<u64>,
     options: &CheckOptions,
     report: &mut Report,
 ) {
@@ -1195,7 +1304,22 @@ fn check_starts_and_ends(
                 }
             }
         }
-        if let Some((_, process, initial)) = starts.last() {
+        for (index, (_, process, initial)) in starts.iter().enumerate() {
+            let Some(applied) = sequence.applied.get(process) else {
+                continue;
+            };
+            // A node's first process applies from its initial zxid on; a later one may have
+            // caught up by a snapshot, so without applies it shows no end to check.
+            let last = applied.last().or_else(|| (index == 0).then_some(*initial));
+            if let Some(last) = last.filter(|last| *last < applied.complete_to) {
+                report.violation(Violation::LostApplies {
+                    process: *process,
+                    last,
+                    complete_to: applied.complete_to,
+                });
+            }
+        }
+        if let (Some((_, process, initial)), Some(cluster_last)) = (starts.last(), cluster_last) {
             let applied = sequence.applied.get(process);
             if applied.is_some_and(|applied| applied.crashed) {
                 continue;
@@ -1289,13 +1413,23 @@ fn check_real_time_order(completed: &[CompletedWrite], report: &mut Report) {
 /// One session's state during the second pass.
 #[derive(Clone, Copy, Debug, Default)]
 struct SessionState {
-    /// The largest zxid the session has observed.
+    /// The largest zxid the session has observed: of its completed writes and values read.
     frontier: u64,
-    /// The seq of the write it waits for.
-    waiting: Option<u64>,
+    /// The largest zxid of a value it read (0: none, or only initial values).
+    read_frontier: u64,
+    /// The write it waits for.
+    waiting: Option<Invoked>,
     last_seq: Option<u64>,
     /// The last completed write: (seq, zxid).
     last_completed: Option<(u64, u64)>,
+}
+
+/// A session's outstanding write, as its invocation recorded it.
+#[derive(Clone, Copy, Debug)]
+struct Invoked {
+    seq: u64,
+    key: u64,
+    write_id: u64,
 }
 
 /// Second pass over one file: session order, values read and staleness.
@@ -1315,12 +1449,21 @@ fn check_sessions(
     let mut sessions: HashMap<u16, SessionState> = HashMap::new();
     let mut found: Vec<Violation> = Vec::new();
     file.for_each_record(|record| match *record {
-        Record::WriteInvoke { session, seq, .. } => {
+        Record::WriteInvoke {
+            session,
+            seq,
+            key,
+            write_id,
+            ..
+        } => {
             let state = sessions.entry(session).or_default();
             if let Some(waiting) = state.waiting {
                 found.push(Violation::SessionOrder {
                     session: session_id(session),
-                    reason: SessionOrderError::InvokedWhileWaiting { waiting, seq },
+                    reason: SessionOrderError::InvokedWhileWaiting {
+                        waiting: waiting.seq,
+                        seq,
+                    },
                 });
             }
             if let Some(previous) = state.last_seq.filter(|previous| *previous >= seq) {
@@ -1329,31 +1472,64 @@ fn check_sessions(
                     reason: SessionOrderError::SeqNotIncreasing { previous, seq },
                 });
             }
-            state.waiting = Some(seq);
+            state.waiting = Some(Invoked { seq, key, write_id });
             state.last_seq = Some(seq);
         }
         Record::WriteComplete {
-            session, seq, zxid, ..
+            session,
+            seq,
+            key,
+            write_id,
+            zxid,
+            ..
         } => {
             let state = sessions.entry(session).or_default();
-            if state.waiting != Some(seq) {
+            let reason = match state.waiting.filter(|invoked| invoked.seq == seq) {
+                None => Some(SessionOrderError::CompletionWithoutInvocation { seq }),
+                // The seq alone could match another write's completion (a recorder mixing up
+                // its pending writes).
+                Some(invoked) if invoked.key != key || invoked.write_id != write_id => {
+                    Some(SessionOrderError::CompletionMismatch {
+                        seq,
+                        key,
+                        write_id,
+                        invoked_key: invoked.key,
+                        invoked_write_id: invoked.write_id,
+                    })
+                }
+                Some(_) => None,
+            };
+            if let Some(reason) = reason {
                 found.push(Violation::SessionOrder {
                     session: session_id(session),
-                    reason: SessionOrderError::CompletionWithoutInvocation { seq },
+                    reason,
                 });
             }
-            if let Some((earlier_seq, earlier_zxid)) = state.last_completed {
-                if earlier_zxid >= zxid {
-                    found.push(Violation::SessionOrder {
-                        session: session_id(session),
-                        reason: SessionOrderError::ZxidNotIncreasing {
-                            earlier_seq,
-                            earlier_zxid,
-                            seq,
-                            zxid,
-                        },
-                    });
+            let reason = match state.last_completed {
+                Some((earlier_seq, earlier_zxid)) if earlier_zxid >= zxid => {
+                    Some(SessionOrderError::ZxidNotIncreasing {
+                        earlier_seq,
+                        earlier_zxid,
+                        seq,
+                        zxid,
+                    })
                 }
+                // A value the session read was ordered before this write was even invoked,
+                // so the leader must have ordered the write after it.
+                _ if state.read_frontier > 0 && state.read_frontier >= zxid => {
+                    Some(SessionOrderError::ZxidNotAboveRead {
+                        seq,
+                        zxid,
+                        read_zxid: state.read_frontier,
+                    })
+                }
+                _ => None,
+            };
+            if let Some(reason) = reason {
+                found.push(Violation::SessionOrder {
+                    session: session_id(session),
+                    reason,
+                });
             }
             state.waiting = None;
             state.last_completed = Some((seq, zxid));
@@ -1372,7 +1548,9 @@ fn check_sessions(
             if let Some(waiting) = state.waiting {
                 found.push(Violation::SessionOrder {
                     session: session_id(session),
-                    reason: SessionOrderError::ReadWhileWaiting { waiting },
+                    reason: SessionOrderError::ReadWhileWaiting {
+                        waiting: waiting.seq,
+                    },
                 });
             }
             let bad_value = |reason| Violation::BadValue {
@@ -1410,6 +1588,7 @@ fn check_sessions(
                 });
             }
             state.frontier = state.frontier.max(value_zxid);
+            state.read_frontier = state.read_frontier.max(value_zxid);
         }
         Record::Apply { .. } | Record::Trailer { .. } => {}
     })?;
@@ -1434,14 +1613,14 @@ fn value_problem(
     }
     // Write ids carry their node in the top byte (`workload::write_id`).
     let writer = u8::try_from(write_id >> 56).unwrap_or(u8::MAX);
-    match gathered.earliest_invocation.get(&write_id) {
+    match gathered.invocations.get(&write_id) {
         // A crashed process's invocation may have been in its lost tail: the value is still
         // checked against the applied sequence.
         None if gathered.crashed_nodes.contains(&writer) => {}
         None => return Some(BadValue::NeverInvoked),
-        Some(invoke_ns) if *invoke_ns > complete_ns => {
+        Some(invoked) if invoked.earliest_ns > complete_ns => {
             return Some(BadValue::InvokedAfterRead {
-                invoke_ns: *invoke_ns,
+                invoke_ns: invoked.earliest_ns,
             });
         }
         Some(_) => {}

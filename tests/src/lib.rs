@@ -229,16 +229,29 @@ pub fn workers_applied(block: &rzab_shared::AttachedControlBlock, epoch: u64) ->
 /// have completed a write.
 pub fn wait_serving_with_writes(block: &rzab_shared::AttachedControlBlock, node: &str) {
     ops::wait_until(&format!("{node} serves and completes writes"), || {
-        (0..block.worker_count() as usize).all(|worker| {
-            rzab_shared::SyncState::from_code(
-                block
-                    .worker(worker)
-                    .gauges
-                    .sync_state
-                    .load(std::sync::atomic::Ordering::Acquire),
-            ) == rzab_shared::SyncState::Serving
-        }) && block.counter_total(rzab_shared::Counter::WritesCompleted) > 0
+        serving(block) && block.counter_total(rzab_shared::Counter::WritesCompleted) > 0
     });
+}
+
+/// Waits until every worker of the node serves local reads and its sessions have completed
+/// one (for a node whose sessions only read).
+pub fn wait_serving_with_reads(block: &rzab_shared::AttachedControlBlock, node: &str) {
+    ops::wait_until(&format!("{node} serves and completes reads"), || {
+        serving(block) && block.counter_total(rzab_shared::Counter::ReadsCompleted) > 0
+    });
+}
+
+/// Whether every worker of the node serves local reads (it has caught up).
+fn serving(block: &rzab_shared::AttachedControlBlock) -> bool {
+    (0..block.worker_count() as usize).all(|worker| {
+        rzab_shared::SyncState::from_code(
+            block
+                .worker(worker)
+                .gauges
+                .sync_state
+                .load(std::sync::atomic::Ordering::Acquire),
+        ) == rzab_shared::SyncState::Serving
+    })
 }
 
 /// Holds one cluster test of a test binary at a time: clusters busy-poll, the machine may have

@@ -420,6 +420,82 @@ mod tests {
         assert_eq!(Record::decode(&bytes), Err(FormatError::UnknownKind(9)));
     }
 
+    /// The table of `docs/history-format.md`: kind, session, then the six words at offsets
+    /// 8, 16, 24, 32, 40 and 48, for every kind.
+    #[test]
+    fn every_kind_puts_its_fields_where_the_format_page_says() {
+        let cases = [
+            (
+                Record::Read {
+                    session: 7,
+                    invoke_ns: 10,
+                    complete_ns: 11,
+                    key: 12,
+                    write_id: 13,
+                    value_zxid: 14,
+                    applied_zxid: 15,
+                },
+                (1, 7, [10, 11, 12, 13, 14, 15]),
+            ),
+            (
+                Record::WriteInvoke {
+                    session: 7,
+                    seq: 20,
+                    invoke_ns: 21,
+                    key: 22,
+                    write_id: 23,
+                },
+                (2, 7, [21, 0, 22, 23, 0, 20]),
+            ),
+            (
+                Record::WriteComplete {
+                    session: 7,
+                    seq: 30,
+                    invoke_ns: 31,
+                    complete_ns: 32,
+                    key: 33,
+                    write_id: 34,
+                    zxid: 35,
+                },
+                (3, 7, [31, 32, 33, 34, 35, 30]),
+            ),
+            (
+                Record::Apply {
+                    zxid: 40,
+                    key: 41,
+                    write_id: 42,
+                },
+                (4, 0, [0, 0, 41, 42, 40, 0]),
+            ),
+            (
+                Record::Trailer {
+                    records: 50,
+                    dropped: 51,
+                },
+                (0xff, 0, [50, 51, 0, 0, 0, 0x0044_4e45_4241_5a52]),
+            ),
+        ];
+        for (record, (kind, session, words)) in cases {
+            let mut bytes = [0xaau8; RECORD_BYTES];
+            record.encode(&mut bytes);
+            assert_eq!(bytes[0], kind, "{record:?}");
+            assert_eq!([bytes[1], bytes[4], bytes[5], bytes[6], bytes[7]], [0; 5]);
+            assert_eq!(u16::from_le_bytes([bytes[2], bytes[3]]), session);
+            for (index, word) in words.into_iter().enumerate() {
+                assert_eq!(
+                    u64_at(&bytes, 8 + 8 * index),
+                    word,
+                    "{record:?} word {index}"
+                );
+            }
+            // Reserved bytes are not read back.
+            bytes[1] = 0xff;
+            bytes[5] = 0xff;
+            assert_eq!(Record::decode(&bytes), Ok(record));
+        }
+        assert_eq!(TRAILER_MAGIC.to_le_bytes(), *b"RZABEND\0");
+    }
+
     #[test]
     fn headers_round_trip_and_reject_foreign_files() {
         let header = FileHeader {
@@ -433,6 +509,19 @@ mod tests {
             clock: CLOCK_MONOTONIC_ID,
         };
         let bytes = header.encode();
+        // The offsets of `docs/history-format.md`.
+        assert_eq!(bytes[0..8], *b"RZABHIST");
+        assert_eq!(
+            [u32_at(&bytes, 8), u32_at(&bytes, 12), u32_at(&bytes, 16)],
+            [1, 64, 56]
+        );
+        assert_eq!(bytes[20..24], [1, 2, 3, 4]);
+        assert_eq!(
+            [u64_at(&bytes, 24), u64_at(&bytes, 32), u64_at(&bytes, 40)],
+            [0xdead_beef, 77, 1 << 32]
+        );
+        assert_eq!(u32_at(&bytes, 48), CLOCK_MONOTONIC_ID);
+        assert_eq!(bytes[52..64], [0; 12]);
         assert_eq!(FileHeader::decode(&bytes), Ok(header));
         let mut foreign = bytes;
         foreign[0] = b'X';

@@ -171,6 +171,11 @@ impl Run {
     /// Removes the records of `node`'s current process that `matches`.
     fn remove(&mut self, node: u8, matches: impl Fn(&Record) -> bool) {
         let instance = self.current[usize::from(node)];
+        self.remove_from(node, instance, matches);
+    }
+
+    /// Removes the records of process `instance` of `node` that `matches`.
+    fn remove_from(&mut self, node: u8, instance: u64, matches: impl Fn(&Record) -> bool) {
         for ((log_node, log_instance, _), records) in &mut self.logs {
             if *log_node == node && *log_instance == instance {
                 records.retain(|record| !matches(record));
@@ -873,4 +878,164 @@ fn a_restarted_process_must_follow_the_leader_from_wherever_it_starts() {
         |record| matches!(record, Record::Apply { zxid, .. } if *zxid == Z + 5),
     );
     assert_found(&run.check(), "gap");
+}
+
+#[test]
+fn a_write_applied_at_two_zxids_is_found() {
+    // The leader ordered node 1's first write (zxid Z + 1) a second time, at Z + 5, as a
+    // duplicated request datagram could make it; every replica applied both.
+    let mut run = good_run();
+    let a = write_id(1, 0, 0, 1);
+    run.apply_everywhere(Z + 5, 7, a);
+    let report = run.check();
+    assert!(
+        matches!(
+            report.violations[..],
+            [Violation::DuplicateWrite { write_id, key: 7, first_zxid, zxid, other_key: 7, invocations: 1 }]
+                if write_id == a && first_zxid == Z + 1 && zxid == Z + 5
+        ),
+        "{report}"
+    );
+
+    // Invoked twice (an id reused by a restarted process, as an older recorder's were), it may
+    // be applied twice; a third time it may not.
+    let mut run = good_run();
+    run.start_process(1, 201, Z);
+    let (id, _) = run.invoke(1, 0, 0, 1, 7);
+    run.apply_everywhere(Z + 5, 7, id);
+    run.complete(1, 0, 0, 1, 7, Z + 5);
+    assert!(run.check().is_clean());
+    run.apply_everywhere(Z + 6, 7, id);
+    assert_found(&run.check(), "duplicate write");
+}
+
+#[test]
+fn a_completion_must_match_its_invocation() {
+    // The completion of node 1's seq 1 carries its seq but another key...
+    let mut run = good_run();
+    for record in run.log(1, 0) {
+        if let Record::WriteInvoke { seq: 1, key, .. } = record {
+            *key = 8;
+        }
+    }
+    let report = run.check();
+    assert!(
+        matches!(
+            report.violations[..],
+            [Violation::SessionOrder {
+                reason: SessionOrderError::CompletionMismatch {
+                    seq: 1,
+                    key: 7,
+                    invoked_key: 8,
+                    ..
+                },
+                ..
+            }]
+        ),
+        "{report}"
+    );
+    // ...or another write id.
+    let mut run = good_run();
+    let other = write_id(1, 0, 0, 9);
+    for record in run.log(1, 0) {
+        if let Record::WriteComplete {
+            seq: 1, write_id, ..
+        } = record
+        {
+            *write_id = other;
+        }
+    }
+    let report = run.check();
+    assert!(
+        report.violations.iter().any(|violation| matches!(
+            violation,
+            Violation::SessionOrder {
+                reason: SessionOrderError::CompletionMismatch {
+                    seq: 1,
+                    write_id,
+                    ..
+                },
+                ..
+            } if *write_id == other
+        )),
+        "{report}"
+    );
+}
+
+#[test]
+fn a_write_must_be_ordered_after_the_values_its_session_read() {
+    // Session 5 of node 1 worker 1 reads node 2's write at Z + 3, then its own write is
+    // ordered at `own`; node 0's write fills the other zxid. Neither of the others completes,
+    // so the real-time order says nothing.
+    let below = |own_zxid, other_zxid| {
+        let mut run = Run::new();
+        run.write(1, 0, 0, 1, 7);
+        let (id, _) = run.invoke(2, 0, 0, 1, 8);
+        run.apply_everywhere(Z + 3, 8, id);
+        run.read(1, 1, 5, 8, (id, Z + 3));
+        let (own, _) = run.invoke(1, 1, 5, 1, 9);
+        run.apply_everywhere(own_zxid, 9, own);
+        run.complete(1, 1, 5, 1, 9, own_zxid);
+        let (other, _) = run.invoke(0, 0, 0, 1, 10);
+        run.apply_everywhere(other_zxid, 10, other);
+        run.check()
+    };
+    let report = below(Z + 2, Z + 4);
+    assert!(
+        matches!(
+            report.violations[..],
+            [Violation::SessionOrder {
+                session: SessionId { node: 1, worker: 1, session: 5, .. },
+                reason: SessionOrderError::ZxidNotAboveRead { seq: 1, zxid, read_zxid },
+            }] if zxid == Z + 2 && read_zxid == Z + 3
+        ),
+        "{report}"
+    );
+    // Ordered after the value read, the same history is consistent.
+    let report = below(Z + 4, Z + 2);
+    assert!(report.is_clean(), "{report}");
+}
+
+#[test]
+fn an_earlier_process_must_keep_the_applies_its_records_show() {
+    // Node 2's first process reads at Z + 2 on both workers, stops cleanly and is followed by
+    // a new process that catches up by snapshot and applies from Z + 3.
+    let mut run = Run::new();
+    let a = run.write(1, 0, 0, 1, 7);
+    let b = run.write(1, 0, 0, 2, 8);
+    run.read_with(2, 0, 0, 8, b, Z + 2);
+    run.read_with(2, 1, 1, 7, a, Z + 2);
+    run.start_process(2, 202, Z);
+    let c = run.write(0, 0, 1, 1, 9);
+    run.read(2, 0, 0, 9, c);
+    let good = run;
+    let report = good.check();
+    assert!(report.is_clean(), "{report}");
+    assert_eq!(report.processes_of(2)[0].complete_to, Some(Z + 2));
+
+    // Its last apply (Z + 2, none of its own writes) is gone from its files: whether it
+    // stopped cleanly or was killed, its reads show the node had applied it.
+    for crashed in [false, true] {
+        let mut run = good.clone();
+        run.remove_from(
+            2,
+            102,
+            |record| matches!(record, Record::Apply { zxid, .. } if *zxid == Z + 2),
+        );
+        if crashed {
+            run.crashed.insert((2, 102));
+        }
+        let report = run.check();
+        assert!(
+            matches!(
+                report.violations[..],
+                [Violation::LostApplies {
+                    process: Process { node: 2, instance: 102 },
+                    last,
+                    complete_to,
+                }] if last == Z + 1 && complete_to == Z + 2
+            ),
+            "crashed {crashed}: {report}"
+        );
+    }
 }
