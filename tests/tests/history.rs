@@ -207,8 +207,9 @@ fn record_run() -> Vec<HistoryFile> {
     let history = tempfile::tempdir().unwrap();
     let mut args = rzab_tests::three_node_args(&cluster);
     args.extend(history_args(history.path()));
-    // A window of 64 prepares: the leader retains 32 windows per pipeline, so it leaves a
-    // stopped follower behind after a few thousand writes, and the history stays small.
+    // A window of 64 prepares and a committed-transaction ring of 256 KiB (2,048 prepares per
+    // pipeline): the leader leaves a stopped follower behind after a few thousand writes, and
+    // the history stays small.
     args.extend(
         [
             "--workers",
@@ -219,6 +220,8 @@ fn record_run() -> Vec<HistoryFile> {
             "1",
             "--window",
             "64",
+            "--committed-ring-bytes",
+            "262144",
         ]
         .iter()
         .map(|arg| (*arg).to_owned()),
