@@ -339,6 +339,20 @@ impl Completions for SessionCompletions<'_> {
     }
 }
 
+/// The idle step: an adaptive worker that found nothing to do for [`SPINS_BEFORE_YIELD`]
+/// iterations in a row yields its core (processes outnumber cores on small machines); returns
+/// the new count of idle iterations.
+fn yield_when_idle(idle: bool, idle_spins: u32) -> u32 {
+    if !idle {
+        return 0;
+    }
+    if idle_spins + 1 >= SPINS_BEFORE_YIELD {
+        std::thread::yield_now();
+        return 0;
+    }
+    idle_spins + 1
+}
+
 /// Live settings the worker re-reads when the knob epoch changes.
 #[derive(Clone, Copy, Debug)]
 struct LiveSettings {
@@ -572,6 +586,74 @@ impl<T: Transport> Worker<T> {
         }
     }
 
+    /// The issue step: idle sessions issue requests; reads are served from the local store at
+    /// once, writes are handed to the node.
+    fn issue(
+        &mut self,
+        now_ns: u64,
+        settings: &LiveSettings,
+        shared: &NodeShared<'_>,
+    ) -> crate::workload::Issued {
+        let node = &mut self.node;
+        let history = &self.history; // history hook
+        history.begin_issue(shared.replica); // history hook
+        self.sessions.issue(
+            now_ns,
+            settings.write_ratio_permille,
+            shared.replica.store(),
+            |session, seq, key, value| {
+                let accepted = node.submit_write(session, seq, key, value);
+                history.write_issued(session, seq, key, value, accepted); // history hook
+                accepted
+            },
+            |read| history.read_observed(&read), // history hook
+        )
+    }
+
+    /// The advance step: the node commits, applies (completing this node's sessions) and
+    /// fills outgoing messages, posted as doorbell-batched chains; returns the messages sent.
+    fn advance(
+        &mut self,
+        now_ns: u64,
+        settings: &LiveSettings,
+        shared: &NodeShared<'_>,
+        counters: &WorkerBlock,
+        max_buffers: usize,
+        fan_out: usize,
+    ) -> u64 {
+        let mut outbox = TransportOutbox {
+            transport: &mut self.transport,
+            peers: &self.peers,
+            counters,
+            chain: &mut self.chain,
+            buffers_used: 0,
+            max_buffers,
+            doorbell: settings.doorbell,
+            multicast: settings.multicast,
+            fan_out,
+            sent: 0,
+            integrity: self.config.integrity,
+        };
+        let mut completions = SessionCompletions {
+            sessions: &mut self.sessions,
+            counters,
+            now_ns,
+            history: &self.history, // history hook
+        };
+        let replica = self.history.replica(shared.replica); // history hook
+        self.node.advance(
+            now_ns,
+            &mut outbox,
+            &replica, // history hook
+            shared.zxids,
+            shared.board,
+            &mut completions,
+            &settings.limits,
+        );
+        outbox.flush();
+        outbox.sent
+    }
+
     /// Nanoseconds on this worker's clock.
     fn now_ns(&self) -> u64 {
         duration_ns(self.clock.elapsed())
@@ -599,7 +681,6 @@ impl<T: Transport> Worker<T> {
     /// The poll loop; once `shared.stop` is set it drains (see [`NodeShared::stop`]) and returns.
     pub fn run(&mut self, shared: &NodeShared<'_>) -> Result<(), WorkerError> {
         let counters = shared.block.worker(self.index);
-        let store = shared.replica.store();
         let mut settings = LiveSettings::read(shared.block);
         let mut knob_epoch = shared.block.knob_epoch();
         counters
@@ -648,78 +729,26 @@ impl<T: Transport> Worker<T> {
             // Once every pipeline serves, the node does for good: stop reading the counter.
             node_serving =
                 node_serving || shared.serving.load(Ordering::Relaxed) >= shared.pipelines;
-            let node = &mut self.node;
             // A draining worker issues nothing new; a node catching up serves nothing yet.
             let issued = if drain_started_ns.is_some() || !node_serving {
                 crate::workload::Issued::default()
             } else {
-                let history = &self.history; // history hook
-                history.begin_issue(shared.replica); // history hook
-                self.sessions.issue(
-                    now_ns,
-                    settings.write_ratio_permille,
-                    store,
-                    |session, seq, key, value| {
-                        let accepted = node.submit_write(session, seq, key, value);
-                        history.write_issued(session, seq, key, value, accepted); // history hook
-                        accepted
-                    },
-                    |read| history.read_observed(&read), // history hook
-                )
+                self.issue(now_ns, &settings, shared)
             };
             counters.add(Counter::ReadsCompleted, issued.reads);
-
-            let mut outbox = TransportOutbox {
-                transport: &mut self.transport,
-                peers: &self.peers,
-                counters,
-                chain: &mut self.chain,
-                buffers_used: 0,
-                max_buffers,
-                doorbell: settings.doorbell,
-                multicast: settings.multicast,
-                fan_out,
-                sent: 0,
-                integrity: self.config.integrity,
-            };
-            let mut completions = SessionCompletions {
-                sessions: &mut self.sessions,
-                counters,
-                now_ns,
-                history: &self.history, // history hook
-            };
-            let replica = self.history.replica(shared.replica); // history hook
-            self.node.advance(
-                now_ns,
-                &mut outbox,
-                &replica, // history hook
-                shared.zxids,
-                shared.board,
-                &mut completions,
-                &settings.limits,
-            );
+            let sent = self.advance(now_ns, &settings, shared, counters, max_buffers, fan_out);
             fell_behind = self.node.fell_behind();
-            outbox.flush();
-            let sent = outbox.sent;
             let stats = self.node.stats();
             publish_stats(counters, &stats);
             if iteration % 1024 == 0 {
                 self.publish_gauges(counters, shared.replica, &stats, now_ns, &settings.limits);
                 self.refresh_peers(shared.block);
             }
-
             if received > 0 {
                 last_received_ns = now_ns;
             }
-            if received == 0 && sent == 0 && issued.writes == 0 && !settings.busy_poll {
-                idle_spins += 1;
-                if idle_spins >= SPINS_BEFORE_YIELD {
-                    idle_spins = 0;
-                    std::thread::yield_now();
-                }
-            } else {
-                idle_spins = 0;
-            }
+            let idle = received == 0 && sent == 0 && issued.writes == 0;
+            idle_spins = yield_when_idle(idle && !settings.busy_poll, idle_spins);
         }
         let now_ns = self.now_ns();
         let stats = self.node.stats();
