@@ -7,6 +7,8 @@
 //! stdout (stats lines), SIGINT/SIGTERM (to stop cleanly), and, with `--capture-corpus`, the
 //! corpus directory at shutdown.
 
+pub mod memory;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -14,7 +16,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use rzab_shared::control_block::{ControlBlock, Lifecycle, SyncState};
 use rzab_shared::counters::HistogramSnapshot;
-use rzab_shared::limits::MAX_NODES;
+use rzab_shared::limits::{MAX_NODES, MAX_WORKERS};
 use rzab_shared::{
     ControlBlockInit, Counter, EndpointAddress, Knob, OwnedControlBlock, TransportKind,
 };
@@ -71,6 +73,14 @@ fn needed_mtu(value_size: usize) -> usize {
     )
 }
 
+// The receive rings are sized by zab's credit maxima, which must be the tops of the credit
+// knobs' ranges (shared/src/limits.rs): a knob set above them would overrun the rings.
+const _: () = assert!(
+    crate::zab::MAX_PREPARE_CREDITS == rzab_shared::limits::MAX_PREPARE_CREDITS
+        && crate::zab::MAX_WRITE_CREDITS == rzab_shared::limits::MAX_WRITE_CREDITS
+        && crate::zab::MAX_COMMIT_CREDITS == rzab_shared::limits::MAX_COMMIT_CREDITS
+);
+
 fn recv_slots(nodes: u8) -> usize {
     leader_recv_slots(usize::from(nodes).saturating_sub(1).max(1)).max(follower_recv_slots())
 }
@@ -80,6 +90,9 @@ pub fn run(options: &Options) -> anyhow::Result<Summary> {
     options.validate()?;
     // Refuse a missing or unsafe cluster secret before anything is created.
     options.integrity()?;
+    // Before anything is allocated: a configuration the machine cannot hold is refused with
+    // the sizes and the options that ask for them, not aborted in the allocator.
+    memory::check(options)?;
     let stop = Arc::new(AtomicBool::new(false));
     signal_hook::flag::register(signal_hook::consts::SIGINT, Arc::clone(&stop))
         .context("installing SIGINT handler")?;
@@ -131,10 +144,21 @@ pub fn run(options: &Options) -> anyhow::Result<Summary> {
             run_maybe_faulty(options, &block, &replica, &zxids, &stop, open, address)
         }
         TransportKind::Udp => {
-            let workers = u16::from(options.workers);
-            let port = |node: u8, worker: u8| {
-                options.udp_port_base + u16::from(node) * workers + u16::from(worker)
-            };
+            // Every node's ports, computed once: validate() refused a base whose ports would
+            // pass 65535, and a port that still did not fit is an error, never a wrapped sum.
+            let mut ports = [[0u16; MAX_WORKERS]; MAX_NODES];
+            for node in 0..options.nodes {
+                for worker in 0..options.workers {
+                    ports[usize::from(node)][usize::from(worker)] =
+                        options.udp_port(node, worker).with_context(|| {
+                            format!(
+                                "udp port of node {node} worker {worker} is past 65535 (--udp-port-base {})",
+                                options.udp_port_base
+                            )
+                        })?;
+                }
+            }
+            let port = |node: u8, worker: u8| ports[usize::from(node)][usize::from(worker)];
             let open = |worker: u8| {
                 UdpTransport::open(&UdpConfig {
                     bind: std::net::SocketAddrV4::new(

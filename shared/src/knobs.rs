@@ -3,7 +3,8 @@
 //! Knob values live in the control block as `AtomicU64`s; this module only describes them.
 
 use crate::limits::{
-    MAX_DOORBELL_BATCH, MAX_KNOBS, MAX_PREPARES_PER_MSG, MAX_RANGE_PER_MSG, MAX_WRITES_PER_MSG,
+    MAX_COMMIT_CREDITS, MAX_DOORBELL_BATCH, MAX_KNOBS, MAX_PREPARE_CREDITS, MAX_PREPARES_PER_MSG,
+    MAX_RANGE_PER_MSG, MAX_WRITE_CREDITS, MAX_WRITES_PER_MSG,
 };
 
 /// How a knob's `u64` value is to be read.
@@ -46,6 +47,12 @@ pub enum KnobError {
         name: &'static str,
         value: String,
         allowed: &'static [&'static str],
+    },
+    #[error("knob `{name}` expects an integer within {min}..={max}")]
+    NotAnInteger {
+        name: &'static str,
+        min: u64,
+        max: u64,
     },
     #[error("knob `{name}` expects {expected}")]
     WrongType {
@@ -92,11 +99,11 @@ knobs! {
         "busy: spin on dedicated cores; adaptive: spin, then yield the core while idle." }
     WriteRatioPermille { "write_ratio_permille", KnobKind::Integer, 0, 1000, 50,
         "Share of emulated client requests that are writes, in per-mille." }
-    PrepareCredits { "prepare_credits", KnobKind::Integer, 1, 64, 16,
+    PrepareCredits { "prepare_credits", KnobKind::Integer, 1, MAX_PREPARE_CREDITS as u64, 16,
         "PREPARE messages the leader may have outstanding towards each follower." }
-    WriteCredits { "write_credits", KnobKind::Integer, 1, 64, 8,
+    WriteCredits { "write_credits", KnobKind::Integer, 1, MAX_WRITE_CREDITS as u64, 8,
         "Forwarded WRITE messages a follower may have outstanding towards the leader." }
-    CommitCredits { "commit_credits", KnobKind::Integer, 1, 512, 64,
+    CommitCredits { "commit_credits", KnobKind::Integer, 1, MAX_COMMIT_CREDITS as u64, 64,
         "COMMIT messages the leader may have outstanding towards each follower." }
     StatsIntervalMs { "stats_interval_ms", KnobKind::Integer, 100, 60_000, 2_000,
         "How often the data plane prints its stats line, in milliseconds." }
@@ -113,8 +120,8 @@ knobs! {
 const _: () = assert!(KNOBS.len() <= MAX_KNOBS);
 
 impl Knob {
-    /// The knob's definition.
-    pub fn spec(self) -> &'static KnobSpec {
+    /// The knob's definition (a `const fn`, so that an option can take its range from it).
+    pub const fn spec(self) -> &'static KnobSpec {
         &KNOBS[self as usize]
     }
 
@@ -160,17 +167,9 @@ impl KnobSpec {
                 });
             }
             (KnobKind::Integer, serde_json::Value::Number(number)) => {
-                number.as_u64().ok_or(KnobError::WrongType {
-                    name: self.name,
-                    expected: "a non-negative integer",
-                })?
+                number.as_u64().ok_or_else(|| self.not_an_integer())?
             }
-            (KnobKind::Integer, _) => {
-                return Err(KnobError::WrongType {
-                    name: self.name,
-                    expected: "a non-negative integer",
-                });
-            }
+            (KnobKind::Integer, _) => return Err(self.not_an_integer()),
             (KnobKind::Choice(names), serde_json::Value::String(text)) => {
                 self.parse_choice(names, text)?
             }
@@ -197,13 +196,27 @@ impl KnobSpec {
                     });
                 }
             },
-            KnobKind::Integer => text.parse::<u64>().map_err(|_| KnobError::WrongType {
-                name: self.name,
-                expected: "a non-negative integer",
-            })?,
+            KnobKind::Integer => text.parse::<u64>().map_err(|_| self.not_an_integer())?,
             KnobKind::Choice(names) => self.parse_choice(names, text)?,
         };
         self.validate(raw)
+    }
+
+    fn not_an_integer(&self) -> KnobError {
+        KnobError::NotAnInteger {
+            name: self.name,
+            min: self.min,
+            max: self.max,
+        }
+    }
+
+    /// The values this knob accepts, as `--help` and the README show them.
+    pub fn accepted(&self) -> String {
+        match self.kind {
+            KnobKind::Bool => "true or false".to_owned(),
+            KnobKind::Integer => format!("{}..={}", self.min, self.max),
+            KnobKind::Choice(names) => names.join(" or "),
+        }
     }
 
     fn parse_choice(&self, names: &'static [&'static str], text: &str) -> Result<u64, KnobError> {
@@ -246,6 +259,15 @@ mod tests {
                 "{}",
                 spec.name
             );
+            // The range is the whole definition of what a knob accepts: a bool or a choice
+            // must not admit a value that has no meaning.
+            match spec.kind {
+                KnobKind::Bool => assert_eq!((spec.min, spec.max), (0, 1), "{}", spec.name),
+                KnobKind::Choice(names) => {
+                    assert_eq!((spec.min, spec.max + 1), (0, names.len() as u64));
+                }
+                KnobKind::Integer => assert!(spec.max < u64::MAX / 2, "{}", spec.name),
+            }
         }
     }
 
@@ -257,10 +279,18 @@ mod tests {
             error.to_string(),
             "knob `prepare_batch`: 99 is outside the allowed range 1..=16"
         );
-        assert!(matches!(
-            spec.parse_json(&serde_json::json!("x")),
-            Err(KnobError::WrongType { .. })
-        ));
+        assert_eq!(
+            spec.parse_json(&serde_json::json!("x"))
+                .unwrap_err()
+                .to_string(),
+            "knob `prepare_batch` expects an integer within 1..=16"
+        );
+        assert_eq!(
+            spec.parse_text("-1").unwrap_err().to_string(),
+            "knob `prepare_batch` expects an integer within 1..=16"
+        );
+        assert_eq!(spec.accepted(), "1..=16");
+        assert_eq!(Knob::PollMode.spec().accepted(), "busy or adaptive");
         assert_eq!(Knob::PollMode.spec().parse_text("busy"), Ok(POLL_MODE_BUSY));
         assert!(Knob::PollMode.spec().parse_text("lazy").is_err());
         assert_eq!(

@@ -28,8 +28,25 @@ pub const MAX_RANGE_PER_MSG: usize = 4096;
 pub const MAX_DOORBELL_BATCH: usize = 32;
 /// Most emulated client sessions per worker.
 pub const MAX_SESSIONS_PER_WORKER: usize = 256;
+/// Fewest prepares a pipeline's window may hold: two full PREPARE messages, so that the leader
+/// can fill one while the other is acknowledged.
+pub const MIN_WINDOW: usize = 2 * MAX_PREPARES_PER_MSG;
+/// Most prepares a pipeline's window may hold. The leader keeps several windows of prepares for
+/// retransmission, so this bounds the largest ring a node allocates (a few GiB at the largest
+/// value size, which the start-up memory check weighs against the machine).
+pub const MAX_WINDOW: usize = 1 << 20;
+/// Most PREPARE messages the leader may have outstanding towards one follower (the top of the
+/// `prepare_credits` knob): receive rings are sized for it, so the knob can never outgrow them.
+pub const MAX_PREPARE_CREDITS: usize = 64;
+/// Most forwarded WRITE messages a follower may have outstanding (the top of `write_credits`).
+pub const MAX_WRITE_CREDITS: usize = 64;
+/// Most COMMIT messages the leader may have outstanding per follower (the top of
+/// `commit_credits`).
+pub const MAX_COMMIT_CREDITS: usize = 512;
 
 const _: () = assert!(MAX_NODES <= 64, "multicast membership is a 64-bit mask");
 const _: () = assert!(MAX_WORKERS * MAX_NODES <= 1024);
 const _: () = assert!(ENDPOINT_BYTES % 8 == 0);
 const _: () = assert!(CLUSTER_NAME_BYTES % 8 == 0);
+const _: () = assert!(MIN_WINDOW.is_power_of_two() && MAX_WINDOW.is_power_of_two());
+const _: () = assert!(MIN_WINDOW <= MAX_WINDOW);

@@ -34,7 +34,7 @@ pub mod table;
 mod tests;
 
 pub use region::PageBacking;
-pub use table::{Store, StoreLayout};
+pub use table::{Store, StoreLayout, StoreSize};
 
 /// The largest value a store can be configured for, in bytes.
 pub const MAX_VALUE_SIZE: usize = 1024;

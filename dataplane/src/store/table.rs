@@ -127,6 +127,28 @@ pub struct StoreLayout {
     pub entries_backing: PageBacking,
 }
 
+/// The sizes of a store's regions, from its configuration alone ([`Store::size_for`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StoreSize {
+    /// Buckets in the index (a power of two).
+    pub buckets: usize,
+    /// Words per value (the value size rounded up to a multiple of 8 bytes, in words).
+    pub value_words: usize,
+    /// Words per entry (a multiple of a cache line).
+    pub stride: usize,
+    /// Bytes of the bucket index.
+    pub index_bytes: usize,
+    /// Bytes of the entry array.
+    pub entries_bytes: usize,
+}
+
+impl StoreSize {
+    /// Bytes of both regions.
+    pub fn total_bytes(&self) -> u64 {
+        (self.index_bytes as u64).saturating_add(self.entries_bytes as u64)
+    }
+}
+
 /// The MICA-style table; see the [module docs](super) for layout and sharing rules.
 pub struct Store {
     index: Region,
@@ -152,6 +174,28 @@ impl Store {
     /// Maps the index and the entries once and inserts keys `0..config.keys`, each with a
     /// zero-filled value and zxid 0.
     pub fn new(config: &StoreConfig) -> Result<Self, StoreError> {
+        let size = Self::size_for(config)?;
+        let index = Region::new(size.index_bytes, config.hugepages)?;
+        let entries = Region::new(size.entries_bytes, config.hugepages)?;
+        let mut store = Self {
+            index,
+            entries,
+            keys: config.keys,
+            buckets: size.buckets,
+            bucket_mask: (size.buckets as u64) - 1,
+            max_probe: 0,
+            value_size: size.value_words * 8,
+            value_words: size.value_words,
+            stride: size.stride,
+        };
+        store.populate()?;
+        Ok(store)
+    }
+
+    /// What a store of `config` would map, computed without mapping anything: [`Store::new`]
+    /// sizes its regions with it, and a node weighs it against the machine's memory before it
+    /// builds anything (explicit huge pages round each region up to 2 MiB at most).
+    pub fn size_for(config: &StoreConfig) -> Result<StoreSize, StoreError> {
         if config.keys == 0 || config.keys > MAX_KEYS {
             return Err(StoreError::InvalidConfig("keys must be in 1..=MAX_KEYS"));
         }
@@ -166,24 +210,13 @@ impl Store {
         let n_entries = usize::try_from(config.keys).map_err(|_| too_big())?;
         let buckets = usize::try_from(config.keys.div_ceil(KEYS_PER_BUCKET).next_power_of_two())
             .map_err(|_| too_big())?;
-        let index_bytes = buckets.checked_mul(SLOTS * 8).ok_or_else(too_big)?;
-        let entries_bytes = n_entries.checked_mul(stride * 8).ok_or_else(too_big)?;
-
-        let index = Region::new(index_bytes, config.hugepages)?;
-        let entries = Region::new(entries_bytes, config.hugepages)?;
-        let mut store = Self {
-            index,
-            entries,
-            keys: config.keys,
+        Ok(StoreSize {
             buckets,
-            bucket_mask: (buckets as u64) - 1,
-            max_probe: 0,
-            value_size: value_words * 8,
             value_words,
             stride,
-        };
-        store.populate()?;
-        Ok(store)
+            index_bytes: buckets.checked_mul(SLOTS * 8).ok_or_else(too_big)?,
+            entries_bytes: n_entries.checked_mul(stride * 8).ok_or_else(too_big)?,
+        })
     }
 
     /// Inserts every key id with entry number = id. The mapping is zero-filled, so the version,

@@ -377,3 +377,33 @@ fn digest_compares_replicas() {
     b.write(7, &pattern(8, 32), 7).unwrap();
     assert_ne!(a.digest(), b.digest());
 }
+
+#[test]
+fn size_for_is_what_a_built_store_maps() {
+    for (keys, value_size) in [(1, 8), (1000, 32), (KEYS, 100), (KEYS, MAX_VALUE_SIZE)] {
+        let config = StoreConfig {
+            keys,
+            value_size,
+            hugepages: false,
+        };
+        let size = Store::size_for(&config).unwrap();
+        let layout = Store::new(&config).unwrap().layout();
+        assert_eq!(
+            (size.index_bytes, size.entries_bytes, size.buckets),
+            (layout.index_bytes, layout.entries_bytes, layout.buckets),
+            "{keys} keys of {value_size} bytes"
+        );
+        assert_eq!(
+            size.total_bytes(),
+            (layout.index_bytes + layout.entries_bytes) as u64
+        );
+    }
+    // Sized without mapping: a store far beyond any machine is only a number.
+    let huge = Store::size_for(&StoreConfig {
+        keys: MAX_KEYS,
+        value_size: MAX_VALUE_SIZE,
+        hugepages: false,
+    })
+    .unwrap();
+    assert!(huge.total_bytes() > 1 << 58);
+}
