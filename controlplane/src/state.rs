@@ -6,9 +6,7 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use std::sync::atomic::Ordering;
-
-use rzab_shared::{ControlBlock, Lifecycle, SyncState};
+use rzab_shared::{ControlBlock, Lifecycle};
 
 use crate::attach::Attachment;
 use crate::options::Config;
@@ -79,13 +77,7 @@ pub fn pipeline_trouble(block: &ControlBlock) -> Option<String> {
     let workers = usize::try_from(block.worker_count()).unwrap_or(0);
     let troubles: Vec<String> = (0..workers)
         .filter_map(|worker| {
-            let state = SyncState::from_code(
-                block
-                    .worker(worker)
-                    .gauges
-                    .sync_state
-                    .load(Ordering::Relaxed),
-            );
+            let state = block.worker(worker).sync_state();
             state
                 .trouble()
                 .map(|trouble| format!("pipeline {worker} is {}: {trouble}", state.name()))

@@ -553,13 +553,7 @@ fn latency(block: &ControlBlock) -> HistogramSnapshot {
 /// status, health and metrics.
 fn report_state_changes(options: &Options, block: &ControlBlock, states: &mut [SyncState]) {
     for (worker, last) in states.iter_mut().enumerate() {
-        let state = SyncState::from_code(
-            block
-                .worker(worker)
-                .gauges
-                .sync_state
-                .load(Ordering::Relaxed),
-        );
+        let state = block.worker(worker).sync_state();
         if state == *last {
             continue;
         }

@@ -535,7 +535,10 @@ impl<T: Transport> Worker<T> {
             if shared.stop.load(Ordering::Relaxed) {
                 return Err(WorkerError::Stopped(self.index));
             }
-            if !self.node.is_leader() {
+            let timed_out = Instant::now() > deadline;
+            // A follower stops at its leader's refusal; a leader keeps waiting for the others
+            // and names the incompatible node only if the join times out.
+            if !self.node.is_leader() || timed_out {
                 if let Some((node, theirs)) = self.node.incompatible() {
                     return Err(WorkerError::Incompatible {
                         pipeline: self.index,
@@ -549,15 +552,7 @@ impl<T: Transport> Worker<T> {
                 self.node.set_running();
                 return Ok(());
             }
-            if Instant::now() > deadline {
-                if let Some((node, theirs)) = self.node.incompatible() {
-                    return Err(WorkerError::Incompatible {
-                        pipeline: self.index,
-                        node,
-                        theirs,
-                        ours: self.config.fingerprint,
-                    });
-                }
+            if timed_out {
                 let waiting: Vec<String> = awaited
                     .iter()
                     .filter(|node| !self.node.joined(**node))

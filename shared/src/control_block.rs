@@ -297,6 +297,13 @@ impl SyncState {
     }
 }
 
+impl WorkerBlock {
+    /// The state this worker's pipeline reports.
+    pub fn sync_state(&self) -> SyncState {
+        SyncState::from_code(self.gauges.sync_state.load(Ordering::Relaxed))
+    }
+}
+
 /// Everything one worker publishes.
 #[repr(C, align(64))]
 #[derive(Debug)]
