@@ -11,7 +11,7 @@
 //! and the node have let go of it (at shutdown):
 //! - `DIR/wire_decode/KIND-HASH`: one datagram each;
 //! - `DIR/pipeline_input/nodeN-HASH`: every pipeline's sequence, merged in arrival order, in
-//!   [`crate::fuzzing::encode_pipeline_input`]'s format (a leader's with a keep-up record
+//!   [`crate::pipeline_input::encode_pipeline_input`]'s format (a leader's with a keep-up record
 //!   after every few datagrams, standing in for the acks of its own prepares);
 //! - `DIR/endpoint_decode/`: this node's endpoint records, as JSON and as the binary slot;
 //! - `DIR/knobs_parse/`: the node's knob values, as a JSON object and as `NAME=VALUE` lines.
@@ -30,7 +30,7 @@ use super::{
     Capabilities, MulticastGroup, RecvCompletion, SendRequest, Transport, TransportError,
     TransportStats,
 };
-use crate::fuzzing::{PipelineRecord, encode_pipeline_input};
+use crate::pipeline_input::{PipelineRecord, encode_pipeline_input};
 use crate::zab::follower::LEADER_NODE;
 use crate::zab::wire::Kind;
 
