@@ -19,10 +19,10 @@ use rzab_shared::{
     ControlBlockInit, Counter, EndpointAddress, Knob, OwnedControlBlock, TransportKind,
 };
 
+use crate::capture::{CaptureSink, CapturingTransport};
 use crate::config::{Options, PeerDiscovery};
 use crate::replica::NodeReplica;
 use crate::store::StoreConfig;
-use crate::transport::capture::{CaptureSink, CapturingTransport};
 use crate::transport::fault::{FaultConfig, FaultyTransport};
 use crate::transport::shm::{ShmConfig, ShmTransport};
 use crate::transport::udp::{UdpConfig, UdpTransport};

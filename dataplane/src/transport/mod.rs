@@ -24,10 +24,12 @@
 //!   [`Transport::multicast_address`] gives an address that reaches every member but the sender.
 //!
 //! Backends: [`shm`] (shared-memory fabric, the default for local runs), [`udp`] (kernel UDP),
-//! `verbs` (feature `verbs`, RDMA UD queue pairs), and the [`fault`] wrapper over any of them;
-//! [`capture`] wraps every transport a node opens and records fuzzing seeds when asked to.
+//! `verbs` (feature `verbs`, RDMA UD queue pairs), and the [`fault`] wrapper over any of them.
+//!
+//! This layer imports nothing above it (no protocol, worker or node types): wrappers that need
+//! to understand datagrams, like the corpus capture, live in the node layer
+//! (`crate::capture`).
 
-pub mod capture;
 // Test support, out of the production library: see the `testing` feature in Cargo.toml.
 #[cfg(feature = "testing")]
 pub mod conformance;

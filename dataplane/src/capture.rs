@@ -18,6 +18,10 @@
 //!
 //! File names carry a hash of the contents, so runs into one directory add to it without
 //! clashing. Touches the wrapped transport, and the directory at shutdown.
+//!
+//! A node-layer module, not a transport: naming the seeds and building the leader's pipeline
+//! input need the wire kinds, the leader's id and the pipeline input format, which
+//! `transport/` must not know about (it imports nothing above itself).
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -26,11 +30,11 @@ use std::sync::{Arc, Mutex};
 use rzab_shared::knobs::KNOBS;
 use rzab_shared::{ControlBlock, EndpointAddress, EndpointRecord, Knob};
 
-use super::{
+use crate::pipeline_input::{PipelineRecord, encode_pipeline_input};
+use crate::transport::{
     Capabilities, MulticastGroup, RecvCompletion, SendRequest, Transport, TransportError,
     TransportStats,
 };
-use crate::pipeline_input::{PipelineRecord, encode_pipeline_input};
 use crate::zab::follower::LEADER_NODE;
 use crate::zab::wire::Kind;
 
