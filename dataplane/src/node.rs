@@ -182,7 +182,7 @@ fn run_verbs(
         })
     };
     let no_static = |_node: u8, _worker: u8| EndpointAddress::Shm { port: u32::MAX };
-    run_with(options, block, replica, zxids, stop, open, no_static)
+    run_maybe_faulty(options, block, replica, zxids, stop, open, no_static)
 }
 
 #[cfg(not(feature = "verbs"))]
@@ -201,7 +201,9 @@ fn run_verbs(
 }
 
 /// Runs over the transport `open` gives, wrapped in a fault injector when the options ask
-/// for injected loss, duplication or reordering.
+/// for injected loss, duplication or reordering. Every backend enters through here, so the
+/// wrappers (this one, and the capture that `run_with` puts outermost) stack alike on all of
+/// them; calling `run_with` directly would silently drop the `--inject-*` options.
 fn run_maybe_faulty<T, Open, Address>(
     options: &Options,
     block: &ControlBlock,
