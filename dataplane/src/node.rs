@@ -27,7 +27,7 @@ use crate::transport::fault::{FaultConfig, FaultyTransport};
 use crate::transport::shm::{ShmConfig, ShmTransport};
 use crate::transport::udp::{UdpConfig, UdpTransport};
 use crate::transport::{MulticastGroup, Transport, TransportError};
-use crate::worker::{NodeShared, Peers, Worker};
+use crate::worker::{MAX_CHAIN, NodeShared, Peers, Worker};
 use crate::workload::{Sessions, Trace};
 use crate::zab::follower::LEADER_NODE;
 use crate::zab::wire::{self, cluster_tag, run_tag};
@@ -122,7 +122,7 @@ pub fn run(options: &Options) -> anyhow::Result<Summary> {
                     ports: u32::from(options.nodes) * u32::from(workers),
                     ring_slots: u32::try_from(slots).unwrap_or(u32::MAX),
                     mtu: u32::try_from(mtu).unwrap_or(u32::MAX),
-                    max_chain: 64,
+                    max_chain: MAX_CHAIN,
                 })
             };
             let address = |node: u8, worker: u8| EndpointAddress::Shm {
@@ -145,7 +145,7 @@ pub fn run(options: &Options) -> anyhow::Result<Summary> {
                     multicast_port: options.multicast_port,
                     mtu,
                     recv_slots: slots,
-                    max_chain: 64,
+                    max_chain: MAX_CHAIN,
                     socket_buffer: 8 << 20,
                 })
             };
@@ -177,7 +177,7 @@ fn run_verbs(
             gid_index: options.verbs_gid_index,
             mtu,
             recv_slots: slots,
-            max_chain: 64,
+            max_chain: MAX_CHAIN,
             ..VerbsConfig::default()
         })
     };
