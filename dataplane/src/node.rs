@@ -441,7 +441,7 @@ where
                 )
                 .copied();
             let timeout = Duration::from_secs(options.join_timeout);
-            std::thread::Builder::new()
+            let spawned = std::thread::Builder::new()
                 .name(format!("rzab-worker-{index}"))
                 .spawn_scoped(scope, move || {
                     if let (true, Some(core)) = (pin, core) {
@@ -462,9 +462,19 @@ where
                         shared.stop.store(true, Ordering::Relaxed);
                     }
                     finished.fetch_add(1, Ordering::AcqRel);
-                })
-                .map(|_| ())
-                .unwrap_or_else(|_| stop.store(true, Ordering::Relaxed));
+                });
+            if let Err(error) = spawned {
+                // The node cannot run short of a pipeline: stop the started workers and
+                // report why, instead of exiting as if the run had ended.
+                if let Ok(mut slot) = failure.lock() {
+                    slot.get_or_insert(
+                        anyhow::Error::new(error)
+                            .context(format!("starting the thread of worker {index}")),
+                    );
+                }
+                stop.store(true, Ordering::Relaxed);
+                break;
+            }
         }
         summary = Some(report_until_stopped(
             options, &shared, &joined, &finished, started,
