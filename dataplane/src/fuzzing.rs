@@ -1,6 +1,8 @@
 //! Harnesses for fuzzing every decoder of untrusted input, shared by the cargo-fuzz targets in
 //! `fuzz/` and by the stable regression test `tests/fuzz_corpus.rs`, so both check exactly the
-//! same thing. Not part of the data plane's API (hidden from the docs).
+//! same thing. Not part of the data plane's API (hidden from the docs), and not in the
+//! production library: built only with the `testing` feature, which the fuzz crate and the
+//! data plane's own tests enable.
 //!
 //! Each harness takes raw bytes, never panics on its own account, and returns a
 //! [`Violation`] when an invariant does not hold; a panic inside the code under test is a
@@ -18,7 +20,8 @@
 //!
 //! The capture configuration ([`CAPTURE`]) is the one `fuzz/capture-corpus.sh` runs a real
 //! cluster with, so the committed corpus decodes under it. The pipeline input format is
-//! [`encode_pipeline_input`]'s; the capturing transport writes it.
+//! [`encode_pipeline_input`]'s, defined in the always-built [`crate::pipeline_input`] because
+//! the capturing transport writes it.
 //!
 //! Touches only memory it allocates (a small store per pipeline run).
 
@@ -389,71 +392,11 @@ fn check_datagram(datagram: &[u8], params: &WireParams) -> Result<Option<Kind>, 
 // ---------------------------------------------------------------------------------------------
 // pipeline_input
 
-/// Record tags of the pipeline input format (taken modulo 8; 6 and 7 are datagrams too).
-const OP_DATAGRAM: u8 = 0;
-const OP_LOCAL_WRITE: u8 = 1;
-const OP_TOGGLE_OUTBOX: u8 = 2;
-const OP_IDLE: u8 = 3;
-const OP_PEERS_KEEP_UP: u8 = 4;
-const OP_SYNTHESIZED: u8 = 5;
-
-/// One record of a pipeline input.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum PipelineRecord<'a> {
-    /// A received datagram.
-    Datagram(&'a [u8]),
-    /// The peers keep up: a leader node receives, from every follower, an ACK of everything it
-    /// prepared that returns every credit; a follower node receives a COMMIT of everything and
-    /// a CREDIT returning every WRITE credit. Real datagrams, encoded by the wire module and
-    /// decoded like any other.
-    PeersKeepUp,
-}
-
-/// Encodes a pipeline input: the receiving node's id, a zero byte (default limits), then each
-/// record: a datagram as `[0][length u16 LE][bytes]` (cut at 65535 bytes), a keep-up as `[4]`.
-pub fn encode_pipeline_input<'a>(
-    node: u8,
-    records: impl IntoIterator<Item = PipelineRecord<'a>>,
-) -> Vec<u8> {
-    let mut out = vec![node, 0];
-    for record in records {
-        match record {
-            PipelineRecord::Datagram(datagram) => {
-                let len = u16::try_from(datagram.len()).unwrap_or(u16::MAX);
-                out.push(OP_DATAGRAM);
-                out.extend_from_slice(&len.to_le_bytes());
-                out.extend_from_slice(&datagram[..usize::from(len)]);
-            }
-            PipelineRecord::PeersKeepUp => out.push(OP_PEERS_KEEP_UP),
-        }
-    }
-    out
-}
-
-/// Parses a pipeline input made of datagrams and keep-ups only (as captured) back into the
-/// receiving node and its records; `None` for any other input.
-pub fn decode_pipeline_input(input: &[u8]) -> Option<(u8, Vec<PipelineRecord<'_>>)> {
-    let (&[node, 0], mut rest) = input.split_first_chunk::<2>()? else {
-        return None;
-    };
-    let mut records = Vec::new();
-    while let Some((&op, tail)) = rest.split_first() {
-        if op == OP_PEERS_KEEP_UP {
-            records.push(PipelineRecord::PeersKeepUp);
-            rest = tail;
-            continue;
-        }
-        if op != OP_DATAGRAM {
-            return None;
-        }
-        let (len, tail) = tail.split_first_chunk::<2>()?;
-        let len = usize::from(u16::from_le_bytes(*len));
-        let datagram = tail.get(..len)?;
-        records.push(PipelineRecord::Datagram(datagram));
-        rest = &tail[len..];
-    }
-    Some((node, records))
-}
+// The format (record tags, encoding, decoding) is always built: the corpus capture writes it.
+use crate::pipeline_input::{
+    OP_IDLE, OP_LOCAL_WRITE, OP_PEERS_KEEP_UP, OP_SYNTHESIZED, OP_TOGGLE_OUTBOX,
+};
+pub use crate::pipeline_input::{PipelineRecord, decode_pipeline_input, encode_pipeline_input};
 
 /// One write applied through the replica.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

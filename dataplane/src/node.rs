@@ -21,15 +21,15 @@ use rzab_shared::{
     ControlBlockInit, Counter, EndpointAddress, Knob, OwnedControlBlock, TransportKind,
 };
 
+use crate::capture::{CaptureSink, CapturingTransport};
 use crate::config::{Options, PeerDiscovery};
 use crate::replica::NodeReplica;
 use crate::store::StoreConfig;
-use crate::transport::capture::{CaptureSink, CapturingTransport};
 use crate::transport::fault::{FaultConfig, FaultyTransport};
 use crate::transport::shm::{ShmConfig, ShmTransport};
 use crate::transport::udp::{UdpConfig, UdpTransport};
 use crate::transport::{MulticastGroup, Transport, TransportError};
-use crate::worker::{NodeShared, Peers, Worker};
+use crate::worker::{MAX_CHAIN, NodeShared, Peers, Worker};
 use crate::workload::{Sessions, Trace};
 use crate::zab::follower::LEADER_NODE;
 use crate::zab::wire::{self, cluster_tag, run_tag};
@@ -135,7 +135,7 @@ pub fn run(options: &Options) -> anyhow::Result<Summary> {
                     ports: u32::from(options.nodes) * u32::from(workers),
                     ring_slots: u32::try_from(slots).unwrap_or(u32::MAX),
                     mtu: u32::try_from(mtu).unwrap_or(u32::MAX),
-                    max_chain: 64,
+                    max_chain: MAX_CHAIN,
                 })
             };
             let address = |node: u8, worker: u8| EndpointAddress::Shm {
@@ -169,7 +169,7 @@ pub fn run(options: &Options) -> anyhow::Result<Summary> {
                     multicast_port: options.multicast_port,
                     mtu,
                     recv_slots: slots,
-                    max_chain: 64,
+                    max_chain: MAX_CHAIN,
                     socket_buffer: 8 << 20,
                 })
             };
@@ -201,12 +201,12 @@ fn run_verbs(
             gid_index: options.verbs_gid_index,
             mtu,
             recv_slots: slots,
-            max_chain: 64,
+            max_chain: MAX_CHAIN,
             ..VerbsConfig::default()
         })
     };
     let no_static = |_node: u8, _worker: u8| EndpointAddress::Shm { port: u32::MAX };
-    run_with(options, block, replica, zxids, stop, open, no_static)
+    run_maybe_faulty(options, block, replica, zxids, stop, open, no_static)
 }
 
 #[cfg(not(feature = "verbs"))]
@@ -225,7 +225,9 @@ fn run_verbs(
 }
 
 /// Runs over the transport `open` gives, wrapped in a fault injector when the options ask
-/// for injected loss, duplication or reordering.
+/// for injected loss, duplication or reordering. Every backend enters through here, so the
+/// wrappers (this one, and the capture that `run_with` puts outermost) stack alike on all of
+/// them; calling `run_with` directly would silently drop the `--inject-*` options.
 fn run_maybe_faulty<T, Open, Address>(
     options: &Options,
     block: &ControlBlock,
@@ -463,7 +465,7 @@ where
                 )
                 .copied();
             let timeout = Duration::from_secs(options.join_timeout);
-            std::thread::Builder::new()
+            let spawned = std::thread::Builder::new()
                 .name(format!("rzab-worker-{index}"))
                 .spawn_scoped(scope, move || {
                     if let (true, Some(core)) = (pin, core) {
@@ -484,9 +486,19 @@ where
                         shared.stop.store(true, Ordering::Relaxed);
                     }
                     finished.fetch_add(1, Ordering::AcqRel);
-                })
-                .map(|_| ())
-                .unwrap_or_else(|_| stop.store(true, Ordering::Relaxed));
+                });
+            if let Err(error) = spawned {
+                // The node cannot run short of a pipeline: stop the started workers and
+                // report why, instead of exiting as if the run had ended.
+                if let Ok(mut slot) = failure.lock() {
+                    slot.get_or_insert(
+                        anyhow::Error::new(error)
+                            .context(format!("starting the thread of worker {index}")),
+                    );
+                }
+                stop.store(true, Ordering::Relaxed);
+                break;
+            }
         }
         summary = Some(report_until_stopped(
             options, &shared, &joined, &finished, started,

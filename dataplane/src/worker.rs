@@ -42,8 +42,9 @@ use crate::zab::{
 
 /// Completions polled per iteration.
 const RECV_BATCH: usize = 64;
-/// Longest send chain a worker builds.
-const MAX_CHAIN: usize = 64;
+/// Longest send chain a worker builds; the node opens its transports with this many staging
+/// buffers, so a worker never builds a chain its transport would refuse.
+pub const MAX_CHAIN: usize = 64;
 /// Idle iterations before an adaptive worker yields its core.
 const SPINS_BEFORE_YIELD: u32 = 32;
 

@@ -8,48 +8,13 @@
     reason = "a test fails by panicking; test indices and lengths are small"
 )]
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::cell::Cell;
-use std::sync::atomic::{AtomicU64, Ordering};
+mod common;
 
 use rzab_dataplane::transport::shm::{ShmConfig, ShmTransport};
 use rzab_dataplane::transport::udp::{UdpConfig, UdpTransport};
 use rzab_dataplane::transport::{Destination, RecvCompletion, SendRequest, Transport};
 
-struct CountingAllocator;
-
-static ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
-
-thread_local! {
-    static COUNTING: Cell<bool> = const { Cell::new(false) };
-}
-
-// SAFETY: forwards every call to the system allocator unchanged; only counts.
-unsafe impl GlobalAlloc for CountingAllocator {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        if COUNTING.with(Cell::get) {
-            ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
-        }
-        // SAFETY: the caller upholds GlobalAlloc's contract, which we pass on.
-        unsafe { System.alloc(layout) }
-    }
-
-    unsafe fn dealloc(&self, pointer: *mut u8, layout: Layout) {
-        // SAFETY: as above.
-        unsafe { System.dealloc(pointer, layout) }
-    }
-
-    unsafe fn realloc(&self, pointer: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        if COUNTING.with(Cell::get) {
-            ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
-        }
-        // SAFETY: as above.
-        unsafe { System.realloc(pointer, layout, new_size) }
-    }
-}
-
-#[global_allocator]
-static GLOBAL: CountingAllocator = CountingAllocator;
+use common::thread_allocations;
 
 /// Sends `rounds` chains of 16 from `a` to `b`, polling and re-posting on `b`, and returns how
 /// many allocations this thread made meanwhile.
@@ -88,21 +53,18 @@ fn allocations_during_traffic<T: Transport>(a: &mut T, b: &mut T, rounds: usize)
         received
     };
     run(10);
-    let before = ALLOCATIONS.load(Ordering::Relaxed);
-    COUNTING.with(|counting| counting.set(true));
+    let before = thread_allocations();
     let received = run(rounds);
-    COUNTING.with(|counting| counting.set(false));
+    let after = thread_allocations();
     assert_eq!(received, rounds * chain.len(), "traffic must actually flow");
-    ALLOCATIONS.load(Ordering::Relaxed) - before
+    after - before
 }
 
 #[test]
 fn counting_allocator_counts() {
-    COUNTING.with(|counting| counting.set(true));
-    let before = ALLOCATIONS.load(Ordering::Relaxed);
+    let before = thread_allocations();
     let boxed = std::hint::black_box(Box::new(5u64));
-    let after = ALLOCATIONS.load(Ordering::Relaxed);
-    COUNTING.with(|counting| counting.set(false));
+    let after = thread_allocations();
     drop(boxed);
     assert!(
         after > before,

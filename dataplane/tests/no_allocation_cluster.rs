@@ -6,39 +6,15 @@
 
 #![allow(clippy::unwrap_used, reason = "a test fails by panicking")]
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicU64, Ordering};
+mod common;
+
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use rzab_dataplane::config::Options;
 use rzab_shared::{AttachedControlBlock, Counter, Lifecycle, SyncState};
 
-struct CountingAllocator;
-
-static ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
-
-// SAFETY: forwards every call to the system allocator unchanged; only counts.
-unsafe impl GlobalAlloc for CountingAllocator {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
-        // SAFETY: the caller upholds GlobalAlloc's contract, which we pass on.
-        unsafe { System.alloc(layout) }
-    }
-
-    unsafe fn dealloc(&self, pointer: *mut u8, layout: Layout) {
-        // SAFETY: as above.
-        unsafe { System.dealloc(pointer, layout) }
-    }
-
-    unsafe fn realloc(&self, pointer: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
-        // SAFETY: as above.
-        unsafe { System.realloc(pointer, layout, new_size) }
-    }
-}
-
-#[global_allocator]
-static GLOBAL: CountingAllocator = CountingAllocator;
+use common::allocations;
 
 #[test]
 fn running_cluster_allocates_nothing() {
@@ -113,9 +89,9 @@ fn running_cluster_allocates_nothing() {
     let leader = &blocks[0];
     std::thread::sleep(Duration::from_millis(200));
     let writes_before = leader.counter_total(Counter::WritesApplied);
-    let before = ALLOCATIONS.load(Ordering::Relaxed);
+    let before = allocations();
     std::thread::sleep(Duration::from_millis(1500));
-    let after = ALLOCATIONS.load(Ordering::Relaxed);
+    let after = allocations();
     let writes_after = leader.counter_total(Counter::WritesApplied);
     assert!(
         writes_after > writes_before + 1000,

@@ -29,7 +29,7 @@ use std::time::Duration;
 
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
-use rzab_dataplane::fuzzing::{PipelineRecord, decode_pipeline_input};
+use rzab_dataplane::pipeline_input::{PipelineRecord, decode_pipeline_input};
 use rzab_dataplane::zab::LEADER_EPOCH;
 use rzab_dataplane::zab::wire::{self, Integrity, Kind};
 use rzab_shared::{AttachedControlBlock, Counter};

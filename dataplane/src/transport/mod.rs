@@ -1,8 +1,8 @@
 //! The transport layer: a trait that mirrors RDMA UD verbs so the protocol above runs unchanged
 //! on every backend, and the backends themselves.
 //!
-//! Semantics every backend keeps (the conformance suite in `tests/transport_conformance.rs`
-//! checks them):
+//! Semantics every backend keeps (the conformance suite, `conformance` with the `testing`
+//! feature, run by `tests/transport_conformance.rs`, checks them):
 //! - **Registered buffers.** A transport allocates its send and receive buffers once, at
 //!   creation. Nothing on the data path allocates.
 //! - **Receive ring.** A transport owns `recv_slots` receive buffers used as a ring. Initially
@@ -24,10 +24,14 @@
 //!   [`Transport::multicast_address`] gives an address that reaches every member but the sender.
 //!
 //! Backends: [`shm`] (shared-memory fabric, the default for local runs), [`udp`] (kernel UDP),
-//! `verbs` (feature `verbs`, RDMA UD queue pairs), and the [`fault`] wrapper over any of them;
-//! [`capture`] wraps every transport a node opens and records fuzzing seeds when asked to.
+//! `verbs` (feature `verbs`, RDMA UD queue pairs), and the [`fault`] wrapper over any of them.
+//!
+//! This layer imports nothing above it (no protocol, worker or node types): wrappers that need
+//! to understand datagrams, like the corpus capture, live in the node layer
+//! (`crate::capture`).
 
-pub mod capture;
+// Test support, out of the production library: see the `testing` feature in Cargo.toml.
+#[cfg(feature = "testing")]
 pub mod conformance;
 pub mod fault;
 pub mod shm;

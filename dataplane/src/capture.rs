@@ -11,13 +11,17 @@
 //! and the node have let go of it (at shutdown):
 //! - `DIR/wire_decode/KIND-HASH`: one datagram each;
 //! - `DIR/pipeline_input/nodeN-HASH`: every pipeline's sequence, merged in arrival order, in
-//!   [`crate::fuzzing::encode_pipeline_input`]'s format (a leader's with a keep-up record
+//!   [`crate::pipeline_input::encode_pipeline_input`]'s format (a leader's with a keep-up record
 //!   after every few datagrams, standing in for the acks of its own prepares);
 //! - `DIR/endpoint_decode/`: this node's endpoint records, as JSON and as the binary slot;
 //! - `DIR/knobs_parse/`: the node's knob values, as a JSON object and as `NAME=VALUE` lines.
 //!
 //! File names carry a hash of the contents, so runs into one directory add to it without
 //! clashing. Touches the wrapped transport, and the directory at shutdown.
+//!
+//! A node-layer module, not a transport: naming the seeds and building the leader's pipeline
+//! input need the wire kinds, the leader's id and the pipeline input format, which
+//! `transport/` must not know about (it imports nothing above itself).
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -26,11 +30,11 @@ use std::sync::{Arc, Mutex};
 use rzab_shared::knobs::KNOBS;
 use rzab_shared::{ControlBlock, EndpointAddress, EndpointRecord, Knob};
 
-use super::{
+use crate::pipeline_input::{PipelineRecord, encode_pipeline_input};
+use crate::transport::{
     Capabilities, MulticastGroup, RecvCompletion, SendRequest, Transport, TransportError,
     TransportStats,
 };
-use crate::fuzzing::{PipelineRecord, encode_pipeline_input};
 use crate::zab::follower::LEADER_NODE;
 use crate::zab::wire::Kind;
 
