@@ -131,6 +131,21 @@ impl Knob {
     }
 }
 
+/// A JSON number as a non-negative integer: `7`, and also `7.0` or `7e0`, which JSON (and
+/// JSON Schema's `integer`) count as the same integer; `None` for fractions, negative values and
+/// whole numbers beyond 2^53, which a double does not hold exactly.
+fn whole_number(number: &serde_json::Number) -> Option<u64> {
+    const EXACT: f64 = 9_007_199_254_740_992.0; // 2^53
+    number.as_u64().or_else(|| {
+        let value = number.as_f64()?;
+        #[allow(
+            clippy::cast_possible_truncation,
+            reason = "a whole value within 0..=2^53, which u64 holds exactly"
+        )]
+        ((0.0..=EXACT).contains(&value) && value.fract() == 0.0).then_some(value as u64)
+    })
+}
+
 impl KnobSpec {
     /// Checks a raw value against this knob's range.
     pub fn validate(&self, value: u64) -> Result<u64, KnobError> {
@@ -156,7 +171,7 @@ impl KnobSpec {
                 });
             }
             (KnobKind::Integer, serde_json::Value::Number(number)) => {
-                number.as_u64().ok_or(KnobError::WrongType {
+                whole_number(number).ok_or(KnobError::WrongType {
                     name: self.name,
                     expected: "a non-negative integer",
                 })?
@@ -255,6 +270,22 @@ mod tests {
         );
         assert!(matches!(
             spec.parse_json(&serde_json::json!("x")),
+            Err(KnobError::WrongType { .. })
+        ));
+        assert_eq!(spec.parse_json(&serde_json::json!(8.0)), Ok(8));
+        assert_eq!(spec.parse_json(&serde_json::json!(8e0)), Ok(8));
+        for refused in [
+            serde_json::json!(2.5),
+            serde_json::json!(-1),
+            serde_json::json!(-1.0),
+        ] {
+            assert!(
+                matches!(spec.parse_json(&refused), Err(KnobError::WrongType { .. })),
+                "{refused}"
+            );
+        }
+        assert!(matches!(
+            spec.parse_json(&serde_json::json!(1e300)),
             Err(KnobError::WrongType { .. })
         ));
         assert_eq!(Knob::PollMode.spec().parse_text("busy"), Ok(POLL_MODE_BUSY));
