@@ -201,7 +201,7 @@ for ((n = 0; n < nodes; n++)); do
   ((n > 0)) || role=leader
   echo "    node $n ($role): REST ${urls[n]}/v1/status  ${urls[n]}/v1/knobs  metrics ${urls[n]}/metrics"
 done
-echo "    change a knob on every node: curl -X PATCH '${urls[0]}/v1/knobs?scope=cluster' -d '{\"multicast\": false}'"
+echo "    change a knob on every node: curl -X PATCH '${urls[0]}/v1/knobs?scope=cluster' -H 'Content-Type: application/json' -d '{\"multicast\": false}'"
 
 if ((prometheus)); then
   prometheus_port=$(free_port 9090)

@@ -1,14 +1,16 @@
-//! Knobs as JSON: the views the REST API shows, and the validation of a JSON object of
-//! changes (from a PATCH body or from the registry's cluster knobs document) into a list the
-//! control block can apply whole.
+//! Knobs as JSON: the views the REST API shows, the validation of a JSON object of changes
+//! (from a PATCH body or from the registry's cluster knobs document) into a list the control
+//! block can apply whole, and the JSON Schema of such an object for the OpenAPI document.
 //!
 //! Touches nothing but memory; the ranges and parsing rules are `rzab_shared::knobs`'s, so the
-//! control plane refuses exactly what the data plane would.
+//! control plane refuses exactly what the data plane would, and the schema describes exactly
+//! what [`parse_changes`] accepts.
 
 use rzab_shared::knobs::{KNOBS, KnobSpec};
 use rzab_shared::{ControlBlock, Knob, KnobError, KnobKind};
 use serde::Serialize;
 use utoipa::ToSchema;
+use utoipa::openapi::schema::{AdditionalProperties, Object, ObjectBuilder, Type};
 
 /// A refused knob change: which field, why, and what would have been accepted.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -102,6 +104,41 @@ pub fn parse_changes(
         .collect()
 }
 
+/// The JSON Schema of one knob's value: a boolean, an integer within the knob's range, or one
+/// of its choice names.
+pub fn value_schema(spec: &KnobSpec) -> Object {
+    let builder = ObjectBuilder::new()
+        .description(Some(spec.doc))
+        .default(Some(spec.to_json(spec.default)));
+    match spec.kind {
+        KnobKind::Bool => builder.schema_type(Type::Boolean),
+        KnobKind::Integer => builder
+            .schema_type(Type::Integer)
+            .minimum(Some(spec.min))
+            .maximum(Some(spec.max)),
+        KnobKind::Choice(names) => builder
+            .schema_type(Type::String)
+            .enum_values(Some(names.iter().copied())),
+    }
+    .build()
+}
+
+/// The JSON Schema of an object of knob changes: exactly the knobs, each with its value
+/// schema, nothing else, and at least `min_knobs` of them (1 for a PATCH body).
+pub fn changes_schema(min_knobs: usize) -> Object {
+    KNOBS
+        .iter()
+        .fold(ObjectBuilder::new(), |builder, spec| {
+            builder.property(spec.name, value_schema(spec))
+        })
+        .schema_type(Type::Object)
+        .additional_properties(Some(
+            AdditionalProperties::<utoipa::openapi::Schema>::FreeForm(false),
+        ))
+        .min_properties((min_knobs > 0).then_some(min_knobs))
+        .build()
+}
+
 /// One knob as the REST API shows it.
 #[derive(Clone, Debug, Serialize, ToSchema)]
 pub struct KnobView {
@@ -187,5 +224,20 @@ mod tests {
             ]
         );
         assert_eq!(views(None).len(), KNOBS.len());
+    }
+
+    #[test]
+    fn the_schema_names_every_knob_with_its_range_and_nothing_else() {
+        let schema = serde_json::to_value(changes_schema(1)).unwrap();
+        assert_eq!(schema["additionalProperties"], json!(false));
+        assert_eq!(schema["minProperties"], json!(1));
+        let properties = schema["properties"].as_object().unwrap();
+        assert_eq!(properties.len(), KNOBS.len());
+        assert_eq!(properties["multicast"]["type"], json!("boolean"));
+        assert_eq!(properties["prepare_batch"]["minimum"], json!(1));
+        assert_eq!(properties["prepare_batch"]["maximum"], json!(16));
+        assert_eq!(properties["ack_batch"]["minimum"], json!(16));
+        assert_eq!(properties["poll_mode"]["enum"], json!(["busy", "adaptive"]));
+        assert!(serde_json::to_value(changes_schema(0)).unwrap()["minProperties"].is_null());
     }
 }

@@ -9,10 +9,12 @@
 //!
 //! Modules: [`options`] (CLI and config), [`attach`] (control block attachment), [`registry`]
 //! (memcached exchange), [`knobs`] (knob JSON and validation), [`rest`] (axum routes),
-//! [`metrics`] (Prometheus collector), [`openapi`] (API document), [`server`] (wiring),
-//! [`state`] (what the parts share), [`inspect`] (one-shot JSON dump).
+//! [`http`] (connections: timeouts, limit, lingering close, shutdown), [`metrics`]
+//! (Prometheus collector), [`openapi`] (API document), [`server`] (wiring), [`state`] (what
+//! the parts share), [`inspect`] (one-shot JSON dump).
 
 pub mod attach;
+pub mod http;
 pub mod inspect;
 pub mod knobs;
 pub mod metrics;

@@ -8,6 +8,9 @@ use clap::Parser;
 use rzab_controlplane::{ControlPlane, Options, inspect, openapi};
 use tracing_subscriber::EnvFilter;
 
+/// How long the exit waits for blocking tasks (registry calls) still running.
+const RUNTIME_STOP: std::time::Duration = std::time::Duration::from_secs(2);
+
 fn init_logging() {
     // r2d2 (inside the memcache client) logs every failed connection attempt; the registry
     // worker reports those itself, throttled.
@@ -49,13 +52,18 @@ fn main() -> anyhow::Result<()> {
     }
     let config = options.config()?;
     init_logging();
+    // Every connection is a file descriptor: a low default soft limit would cut the
+    // connection limit down (rzab_controlplane::http lowers it to what fits).
+    if let Err(error) = rzab_controlplane::http::raise_open_file_limit() {
+        tracing::warn!("could not raise the open-file limit: {error}");
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("rzab-cp")
         .enable_all()
         .build()
         .context("starting the tokio runtime")?;
-    runtime.block_on(async {
+    let result = runtime.block_on(async {
         let control_plane = ControlPlane::start(config)
             .await
             .context("starting rzab-controlplane")?;
@@ -63,5 +71,9 @@ fn main() -> anyhow::Result<()> {
         tracing::info!("stopping");
         control_plane.shutdown().await;
         stopped
-    })
+    });
+    // A registry call still running on a blocking thread (bounded by its socket timeouts)
+    // must not hold the exit up beyond this.
+    runtime.shutdown_timeout(RUNTIME_STOP);
+    result
 }

@@ -58,6 +58,29 @@ pub struct Options {
           value_parser = clap::value_parser!(u64).range(100..=3_600_000))]
     pub peer_stale_ms: u64,
 
+    /// How long a client may take to send a request's headers (and how long an idle
+    /// keep-alive connection is kept); the connection is closed after it.
+    #[arg(long, env = "RZAB_HEADER_TIMEOUT_MS", default_value_t = 5_000,
+          value_parser = clap::value_parser!(u64).range(10..=600_000))]
+    pub header_timeout_ms: u64,
+
+    /// How long a client may take to send a request's whole body; 408 after it.
+    #[arg(long, env = "RZAB_BODY_TIMEOUT_MS", default_value_t = 5_000,
+          value_parser = clap::value_parser!(u64).range(10..=600_000))]
+    pub body_timeout_ms: u64,
+
+    /// Most HTTP connections open at once (lowered to fit the open-file limit). At the limit
+    /// a new connection displaces the oldest one that is not inside a request, or gets 503.
+    #[arg(long, env = "RZAB_MAX_CONNECTIONS", default_value_t = 1_024,
+          value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub max_connections: u64,
+
+    /// On SIGTERM/SIGINT, how long requests in flight may take to finish before their
+    /// connections are dropped.
+    #[arg(long, env = "RZAB_SHUTDOWN_GRACE_MS", default_value_t = 3_000,
+          value_parser = clap::value_parser!(u64).range(0..=600_000))]
+    pub shutdown_grace_ms: u64,
+
     /// Print the control block's state, knobs and counters as JSON once, and exit.
     #[arg(long)]
     pub inspect: bool,
@@ -119,6 +142,30 @@ impl std::str::FromStr for RegistryAddress {
     }
 }
 
+/// Limits of the REST server's connections (see [`crate::http`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HttpLimits {
+    /// Longest time to receive a request's headers, and longest idle keep-alive.
+    pub header_timeout: Duration,
+    /// Longest time to receive a request's whole body.
+    pub body_timeout: Duration,
+    /// Most connections open at once.
+    pub max_connections: usize,
+    /// How long a stop waits for requests in flight.
+    pub shutdown_grace: Duration,
+}
+
+impl Default for HttpLimits {
+    fn default() -> Self {
+        HttpLimits {
+            header_timeout: Duration::from_secs(5),
+            body_timeout: Duration::from_secs(5),
+            max_connections: 1_024,
+            shutdown_grace: Duration::from_secs(3),
+        }
+    }
+}
+
 /// Everything the control plane runs on, validated.
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -132,6 +179,7 @@ pub struct Config {
     pub listen: SocketAddr,
     pub poll: Duration,
     pub peer_stale: Duration,
+    pub http: HttpLimits,
 }
 
 /// Whether a name can be part of a registry key (memcached keys have no whitespace or control
@@ -192,6 +240,12 @@ impl Options {
                 .unwrap_or(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port)),
             poll: Duration::from_millis(self.poll_ms),
             peer_stale: Duration::from_millis(self.peer_stale_ms),
+            http: HttpLimits {
+                header_timeout: Duration::from_millis(self.header_timeout_ms),
+                body_timeout: Duration::from_millis(self.body_timeout_ms),
+                max_connections: usize::try_from(self.max_connections).unwrap_or(usize::MAX),
+                shutdown_grace: Duration::from_millis(self.shutdown_grace_ms),
+            },
         })
     }
 }
@@ -215,6 +269,7 @@ mod tests {
         assert_eq!(config.generation, "default");
         assert!(config.generation_defaulted);
         assert_eq!(config.poll, Duration::from_millis(50));
+        assert_eq!(config.http, HttpLimits::default());
     }
 
     #[test]

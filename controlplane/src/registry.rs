@@ -12,8 +12,14 @@
 //!
 //! Cluster-scoped knobs live in `...:knobs` as `{version, values}`; every control plane polls
 //! it every poll interval and applies newer versions to its own block. Writers merge their
-//! changes with `gets`/`cas` (an absent document is first `add`ed empty, as version 0), so
-//! concurrent updates from different nodes never lose each other.
+//! changes with `gets`/`cas`, so concurrent updates from different nodes never lose each
+//! other. Versions never go backwards, even when memcached loses the document (restarted
+//! empty, or the key expired): a new version exceeds the registry's, the highest this control
+//! plane has applied, and the wall clock in milliseconds ([`next_version`]), so it is newer
+//! than anything a node applied before; and a control plane that finds the document missing
+//! puts back the newest one it applied (`add`, so the first one back wins), so the values
+//! set before the loss keep reaching data planes that start later. Each node's record says
+//! which version it applied and whether every worker has picked it up (`knobs_in_force`).
 //!
 //! The memcache crate is blocking: [`RegistryWorker`] runs on its own thread, and REST
 //! handlers call [`RegistryClient`] from `spawn_blocking`. If memcached is unreachable, at
@@ -125,6 +131,10 @@ pub struct NodeRecord {
     pub heartbeat_ns: u64,
     /// The cluster knobs version this node has applied (0: none).
     pub knobs_version: u64,
+    /// Whether every worker of this node's data plane has picked `knobs_version` up (true for
+    /// version 0). Absent in older records: not in force.
+    #[serde(default)]
+    pub knobs_in_force: bool,
     pub controlplane_pid: u32,
     pub dataplane_pid: u32,
 }
@@ -163,6 +173,22 @@ impl std::fmt::Debug for RegistryClient {
             .field("address", &self.address)
             .finish_non_exhaustive()
     }
+}
+
+/// The version a knobs update gets: above the registry's `previous` and above `applied_here`
+/// (the highest version this control plane has applied, which the registry may have lost),
+/// and at least the wall clock in milliseconds. The clock is what puts a version written
+/// after the registry lost the document above versions that only other nodes applied: each
+/// version written is the writer's clock or one above an earlier version, so with the
+/// writers' clocks roughly in step the clock has passed them all. The other two terms keep
+/// versions growing when a clock is behind.
+pub fn next_version(previous: u64, applied_here: u64, now_ms: u64) -> u64 {
+    previous.max(applied_here).saturating_add(1).max(now_ms)
+}
+
+/// Wall-clock milliseconds since the Unix epoch.
+fn now_ms() -> u64 {
+    now_ns() / 1_000_000
 }
 
 fn decode<T: serde::de::DeserializeOwned>(key: &str, text: &str) -> Result<T, RegistryError> {
@@ -251,31 +277,44 @@ impl RegistryClient {
         self.get(&key)?.map(|text| decode(&key, &text)).transpose()
     }
 
-    /// Merges `changes` into the cluster knobs document as a new version, without losing a
-    /// concurrent update: `gets` + `cas`. A missing document is first created empty (version
-    /// 0) with `add`; every writer adds the same nothing, so it does not matter whose `add`
-    /// wins (the memcache client does not say), and the real write is always a `cas`.
+    /// Puts a knobs document back if the registry has none (`add`: if another control plane
+    /// was first, its document stays).
+    pub fn restore_knobs(
+        &self,
+        keys: &Keys,
+        document: &KnobsDocument,
+    ) -> Result<(), RegistryError> {
+        let key = keys.knobs();
+        self.client
+            .add(&key, encode(&key, document)?.as_str(), KNOBS_TTL_SECONDS)
+            .map_err(|error| self.failed(error))
+    }
+
+    /// Merges `changes` into the cluster knobs document as a new version (see
+    /// [`next_version`]; `base` is what this control plane applied last), without losing a
+    /// concurrent update: `gets` + `cas`. A missing document is first put back from
+    /// `base.document` (or created empty, version 0) with `add`; it does not matter whose `add`
+    /// wins (the memcache client does not say), the real write is always a `cas`.
     pub fn update_knobs(
         &self,
         keys: &Keys,
         changes: &serde_json::Map<String, serde_json::Value>,
         node: u32,
+        base: &KnobsBase,
     ) -> Result<KnobsDocument, RegistryError> {
         let key = keys.knobs();
         for _ in 0..CAS_ATTEMPTS {
             let current: Option<(String, u32, Option<u64>)> =
                 self.client.get(&key).map_err(|error| self.failed(error))?;
             let Some((text, _flags, cas)) = current else {
-                let empty = KnobsDocument {
+                let seed = base.document.clone().unwrap_or_else(|| KnobsDocument {
                     schema: RECORD_SCHEMA,
                     version: 0,
                     values: serde_json::Map::new(),
                     updated_by: node,
                     updated_ns: now_ns(),
-                };
-                self.client
-                    .add(&key, encode(&key, &empty)?.as_str(), KNOBS_TTL_SECONDS)
-                    .map_err(|error| self.failed(error))?;
+                });
+                self.restore_knobs(keys, &seed)?;
                 continue;
             };
             let Some(cas) = cas else {
@@ -291,7 +330,7 @@ impl RegistryClient {
             }
             let document = KnobsDocument {
                 schema: RECORD_SCHEMA,
-                version: previous.version.saturating_add(1),
+                version: next_version(previous.version, base.highest, now_ms()),
                 values,
                 updated_by: node,
                 updated_ns: now_ns(),
@@ -338,8 +377,37 @@ pub struct PeerView {
 
 #[derive(Debug, Default)]
 struct KnobsApplied {
+    /// The data-plane instance `version` and `epoch` belong to.
     instance: u64,
+    /// The cluster knobs version applied to that instance (0: none).
     version: u64,
+    /// That block's knob epoch right after `version` was applied: once every worker has seen
+    /// it, the version is in force.
+    epoch: u64,
+    /// The highest version applied to any instance: new versions must exceed it even when the
+    /// registry has lost the document.
+    highest: u64,
+    /// The newest document applied, put back if the registry loses it.
+    document: Option<KnobsDocument>,
+}
+
+/// What a knobs update builds on: this control plane's newest applied document and the
+/// highest version it applied.
+#[derive(Clone, Debug, Default)]
+pub struct KnobsBase {
+    pub document: Option<KnobsDocument>,
+    pub highest: u64,
+}
+
+/// What [`RegistryStatus::apply_knobs`] did with a document.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KnobsApply {
+    /// Newer than what the data plane had: written to the block.
+    Applied,
+    /// This very version was already applied (by the registry worker's poll, say).
+    AlreadyApplied,
+    /// Older than the version already applied, which stays in force.
+    Superseded { applied: u64 },
 }
 
 /// The registry side of the shared state: what the worker reports and what REST reads.
@@ -414,31 +482,66 @@ impl RegistryStatus {
         }
     }
 
+    /// The cluster knobs version applied to `block`'s data plane and whether every worker has
+    /// picked it up (its knob epoch reached the one right after the apply).
+    pub fn knobs_in_force(&self, block: &ControlBlock) -> (u64, bool) {
+        let instance = block.header.instance.load(Ordering::Relaxed);
+        let applied = self.knobs.lock().unwrap_or_else(PoisonError::into_inner);
+        if applied.instance != instance || applied.version == 0 {
+            return (0, true);
+        }
+        let seen = (0..block.worker_count()).all(|worker| {
+            block
+                .worker(worker as usize)
+                .gauges
+                .knob_epoch_seen
+                .load(Ordering::Acquire)
+                >= applied.epoch
+        });
+        (applied.version, seen)
+    }
+
+    /// What a knobs update builds on (see [`RegistryClient::update_knobs`]).
+    pub fn knobs_base(&self) -> KnobsBase {
+        let applied = self.knobs.lock().unwrap_or_else(PoisonError::into_inner);
+        KnobsBase {
+            document: applied.document.clone(),
+            highest: applied.highest,
+        }
+    }
+
     /// Applies a cluster knobs document to `block` if it is newer than what that data plane
-    /// instance has; returns whether it did. A document whose values are refused is skipped
+    /// instance has, and says what it did. A document whose values are refused is skipped
     /// (and counted as seen) so that one bad write does not block later ones.
     pub fn apply_knobs(
         &self,
         block: &AttachedControlBlock,
         document: &KnobsDocument,
-    ) -> Result<bool, String> {
+    ) -> Result<KnobsApply, String> {
         let instance = block.header.instance.load(Ordering::Relaxed);
         let mut applied = self.knobs.lock().unwrap_or_else(PoisonError::into_inner);
         if applied.instance != instance {
-            *applied = KnobsApplied {
-                instance,
-                version: 0,
-            };
+            applied.instance = instance;
+            applied.version = 0;
+            applied.epoch = 0;
         }
-        if document.version <= applied.version {
-            return Ok(false);
+        if document.version == applied.version {
+            return Ok(KnobsApply::AlreadyApplied);
+        }
+        if document.version < applied.version {
+            return Ok(KnobsApply::Superseded {
+                applied: applied.version,
+            });
         }
         applied.version = document.version;
+        applied.highest = applied.highest.max(document.version);
         let changes = document_changes(document)?;
         block
             .set_knobs(&changes)
             .map_err(|error: KnobError| error.to_string())?;
-        Ok(true)
+        applied.epoch = block.knob_epoch();
+        applied.document = Some(document.clone());
+        Ok(KnobsApply::Applied)
     }
 }
 
@@ -448,6 +551,7 @@ struct Published {
     instance: u64,
     endpoints: Vec<EndpointRecord>,
     knobs_version: u64,
+    knobs_in_force: bool,
     at: Instant,
 }
 
@@ -636,6 +740,7 @@ impl RegistryWorker {
             ));
         }
         let base = format!("http://{}", self.shared.local_addr);
+        let (knobs_version, knobs_in_force) = self.status().knobs_in_force(block);
         Some(NodeRecord {
             schema: RECORD_SCHEMA,
             cluster: self.shared.config.cluster.clone(),
@@ -649,7 +754,8 @@ impl RegistryWorker {
             rest_url: base.clone(),
             metrics_url: format!("{base}/metrics"),
             heartbeat_ns: now_ns(),
-            knobs_version: self.status().knobs_version(instance),
+            knobs_version,
+            knobs_in_force,
             controlplane_pid: std::process::id(),
             dataplane_pid: block.header.owner_pid.load(Ordering::Relaxed),
         })
@@ -666,6 +772,7 @@ impl RegistryWorker {
                 published.instance != record.instance
                     || published.endpoints != record.endpoints
                     || published.knobs_version != record.knobs_version
+                    || published.knobs_in_force != record.knobs_in_force
                     || published.at.elapsed() >= REFRESH_INTERVAL
             }
         };
@@ -699,6 +806,7 @@ impl RegistryWorker {
             instance: record.instance,
             endpoints: record.endpoints.clone(),
             knobs_version: record.knobs_version,
+            knobs_in_force: record.knobs_in_force,
             at: Instant::now(),
         });
         Ok(())
@@ -959,16 +1067,38 @@ impl RegistryWorker {
             }
             Err(error) => return Err(error),
         };
-        let (Some(document), Some(block)) = (document, block) else {
+        let Some(document) = document else {
+            // Lost by the registry (restarted empty, or expired): put back the newest document
+            // applied here, so nodes whose data plane starts later still get those values and
+            // versions keep growing from there.
+            if let Some(applied) = self.status().knobs_base().document {
+                client.restore_knobs(&self.keys, &applied)?;
+                tracing::info!(
+                    version = applied.version,
+                    "the registry had no cluster knobs: put back the version applied here"
+                );
+            }
+            return Ok(());
+        };
+        let Some(block) = block else {
             return Ok(());
         };
         match self.status().apply_knobs(block, &document) {
-            Ok(true) => tracing::info!(
+            Ok(KnobsApply::Applied) => tracing::info!(
                 version = document.version,
                 values = %serde_json::Value::Object(document.values.clone()),
                 "applied cluster knobs"
             ),
-            Ok(false) => {}
+            Ok(KnobsApply::AlreadyApplied) => {}
+            Ok(KnobsApply::Superseded { applied }) => {
+                if self.throttle.due("knobs-old", &applied.to_string()) {
+                    tracing::warn!(
+                        version = document.version,
+                        applied,
+                        "the registry's cluster knobs are older than the version applied here"
+                    );
+                }
+            }
             Err(reason) => tracing::warn!(
                 version = document.version,
                 "skipping cluster knobs version {}: {reason}",
@@ -1090,6 +1220,20 @@ mod tests {
         assert_eq!(keys.ready(2), "rzab:c:17:ready:2");
         assert_eq!(keys.knobs(), "rzab:c:17:knobs");
         assert_ne!(Keys::new("c", "18").node(2), keys.node(2));
+    }
+
+    #[test]
+    fn versions_grow_past_the_registry_what_was_applied_here_and_the_clock() {
+        assert_eq!(next_version(3, 0, 0), 4);
+        // The registry lost the document (previous 0) after version 3 was applied here.
+        assert_eq!(next_version(0, 3, 0), 4);
+        assert_eq!(next_version(0, 0, 1_700_000_000_000), 1_700_000_000_000);
+        // A clock behind the versions written so far does not pull them back.
+        assert_eq!(
+            next_version(1_700_000_000_005, 0, 1_700_000_000_000),
+            1_700_000_000_006
+        );
+        assert_eq!(next_version(u64::MAX, 0, 0), u64::MAX);
     }
 
     #[test]

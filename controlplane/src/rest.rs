@@ -2,22 +2,25 @@
 //! endpoints, Prometheus metrics and the OpenAPI document. Every error is a JSON
 //! [`ErrorBody`] with a 4xx or 5xx status.
 //!
+//! Request bodies must be JSON, small, and arrive within the body timeout (415, 413, 408);
+//! a knob change answers 200 only once the values are in force on every worker it is for, 202
+//! while some have not confirmed it yet.
+//!
 //! Touches: the attached control block (reads; knob writes through `ControlBlock::set_knobs`,
 //! which validates everything before applying anything), the registry (cluster-scoped knob
 //! updates, and reading peers' records to report which nodes applied them).
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use axum::Router;
-use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
+use axum::body::{Body, Bytes};
 use axum::extract::{RawQuery, State};
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use http_body_util::BodyExt;
 use rzab_shared::{AttachedControlBlock, ControlBlock, EndpointAddress, Knob, SyncState};
 use serde::Serialize;
 use utoipa::{OpenApi, ToSchema};
@@ -25,13 +28,14 @@ use utoipa::{OpenApi, ToSchema};
 use crate::knobs::{KnobFieldError, KnobView, knob_names, parse_changes, views};
 use crate::metrics;
 use crate::openapi::ApiDoc;
-use crate::registry::{Keys, NodeRecord, PeerView, RegistryClient, RegistryError};
+use crate::registry::{Keys, KnobsApply, NodeRecord, PeerView, RegistryClient, RegistryError};
 use crate::state::{Shared, dataplane_fresh, dataplane_heartbeat_age, dataplane_up, now_ns};
 
-/// How long a knob change waits for the data plane's workers to confirm it.
-pub const WORKER_CONFIRM_WAIT: Duration = Duration::from_millis(100);
-/// How long a cluster-scoped knob change waits for the other nodes to report it applied.
-pub const CLUSTER_CONFIRM_WAIT: Duration = Duration::from_secs(1);
+/// How long a knob change waits for the data plane's workers to confirm it (the wait ends as
+/// soon as they have; workers check once per loop iteration, which a loaded machine delays).
+pub const WORKER_CONFIRM_WAIT: Duration = Duration::from_secs(1);
+/// How long a cluster-scoped knob change waits for the other nodes to report it in force.
+pub const CLUSTER_CONFIRM_WAIT: Duration = Duration::from_secs(2);
 
 /// What every handler gets.
 #[derive(Clone, Debug)]
@@ -45,7 +49,7 @@ pub struct AppState {
 pub struct ErrorBody {
     /// What went wrong.
     pub error: String,
-    /// The offending field (a knob name, `scope`, `body`), if one is to blame.
+    /// The offending field (a knob name, `scope`, `body`, `content-type`), if one is to blame.
     pub field: Option<String>,
     /// What would have been accepted there.
     pub allowed: Option<String>,
@@ -416,10 +420,32 @@ pub async fn get_knobs(State(state): State<AppState>) -> Response {
     )
 }
 
-/// A PATCH body: knob name -> new value (boolean, integer or choice name, per the knob).
-#[derive(Clone, Debug, Serialize, ToSchema)]
-#[schema(example = json!({"multicast": false, "prepare_batch": 8, "poll_mode": "busy"}))]
-pub struct KnobChanges(pub HashMap<String, serde_json::Value>);
+/// A PATCH body: knob name -> new value (boolean, integer or choice name, per the knob). Its
+/// schema ([`crate::knobs::changes_schema`]) is built from the knob definitions, so it names
+/// exactly the knobs, types, ranges and choices the server accepts.
+#[derive(Clone, Debug)]
+pub struct KnobChanges;
+
+impl utoipa::PartialSchema for KnobChanges {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        crate::knobs::changes_schema(1).into()
+    }
+}
+
+impl ToSchema for KnobChanges {}
+
+/// The values of a knob change, in canonical form (the schema of [`KnobChanges`], without its
+/// minimum of one knob).
+#[derive(Clone, Debug)]
+pub struct KnobValues;
+
+impl utoipa::PartialSchema for KnobValues {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        crate::knobs::changes_schema(0).into()
+    }
+}
+
+impl ToSchema for KnobValues {}
 
 /// Whether the data plane's workers have picked a change up.
 #[derive(Clone, Debug, Serialize, ToSchema)]
@@ -435,30 +461,48 @@ pub struct DataplaneConfirmation {
     pub note: String,
 }
 
+/// Where a knob change is in force.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    /// In force on every worker (of this node, or for scope=cluster of every node): 200.
+    Applied,
+    /// Stored (in this node's control block, and for scope=cluster in the registry), but not
+    /// every worker has confirmed it within the wait, or the data plane is not running: 202.
+    /// Workers that have not confirmed it yet pick it up on their next iteration.
+    Pending,
+}
+
+/// Which nodes a knob change is for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Scope {
+    /// This node only (the default).
+    Node,
+    /// Every node, through the registry.
+    Cluster,
+}
+
 /// PATCH /v1/knobs.
 #[derive(Clone, Debug, Serialize, ToSchema)]
 pub struct PatchResponse {
-    /// node or cluster.
-    pub scope: String,
+    /// applied (200): in force on every worker; pending (202): stored, not yet confirmed by
+    /// every worker.
+    pub outcome: Outcome,
+    pub scope: Scope,
     pub node: u32,
-    /// The values applied, in canonical form.
-    #[schema(value_type = Object)]
-    pub applied: serde_json::Map<String, serde_json::Value>,
+    /// The values changed, in canonical form.
+    #[schema(value_type = KnobValues)]
+    pub values: serde_json::Map<String, serde_json::Value>,
     /// This node's knob epoch after the change (null when not attached).
     pub epoch: Option<u64>,
     pub dataplane: DataplaneConfirmation,
     /// The cluster knobs version written to the registry (scope=cluster).
     pub registry_version: Option<u64>,
-    /// Nodes that report having applied that version (scope=cluster).
+    /// Nodes whose every worker has picked that version up (scope=cluster).
     pub nodes_applied: Option<Vec<u32>>,
-    /// Nodes that had not reported it within the wait (scope=cluster).
+    /// Nodes that had not confirmed it within the wait (scope=cluster).
     pub nodes_pending: Option<Vec<u32>>,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Scope {
-    Node,
-    Cluster,
 }
 
 fn parse_scope(query: Option<&str>) -> Result<Scope, ApiError> {
@@ -491,6 +535,92 @@ fn parse_scope(query: Option<&str>) -> Result<Scope, ApiError> {
         };
     }
     Ok(scope)
+}
+
+/// Largest request body accepted (a knobs object is a few hundred bytes).
+pub const MAX_BODY_BYTES: usize = 64 << 10;
+
+/// Whether a Content-Type names JSON (`application/json`, any parameters, any case).
+fn is_json(content_type: &str) -> bool {
+    content_type
+        .split(';')
+        .next()
+        .is_some_and(|essence| essence.trim().eq_ignore_ascii_case("application/json"))
+}
+
+/// Reads a request body that must be JSON: 415 for another (or no) Content-Type, 413 past
+/// [`MAX_BODY_BYTES`] (from Content-Length before reading anything, or while reading a
+/// chunked body), 408 if the whole body has not arrived within `timeout`. Whatever the client
+/// still sends after a refusal is discarded by the connection's lingering close
+/// ([`crate::http`]), so the refusal reaches it.
+async fn read_json_body(
+    headers: &HeaderMap,
+    body: Body,
+    timeout: Duration,
+) -> Result<Bytes, ApiError> {
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .map(|value| value.to_str().unwrap_or("(not text)"));
+    if !content_type.is_some_and(is_json) {
+        return Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            format!(
+                "the body must be application/json, not {}; nothing was applied",
+                content_type.unwrap_or("unspecified")
+            ),
+            Some("content-type"),
+            Some("application/json".to_owned()),
+        ));
+    }
+    let too_large = || {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("the body is larger than {MAX_BODY_BYTES} bytes; nothing was applied"),
+            Some("body"),
+            Some(format!(
+                "a JSON object of knob name -> value, at most {MAX_BODY_BYTES} bytes"
+            )),
+        )
+    };
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|text| text.parse::<u64>().ok());
+    if declared.is_some_and(|length| length > MAX_BODY_BYTES as u64) {
+        return Err(too_large());
+    }
+    let read = async {
+        let mut body = body;
+        let mut data = Vec::new();
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|error| {
+                ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    format!("reading the body failed: {error}"),
+                    Some("body"),
+                    None,
+                )
+            })?;
+            if let Ok(chunk) = frame.into_data() {
+                if data.len() + chunk.len() > MAX_BODY_BYTES {
+                    return Err(too_large());
+                }
+                data.extend_from_slice(&chunk);
+            }
+        }
+        Ok(Bytes::from(data))
+    };
+    tokio::time::timeout(timeout, read).await.map_err(|_| {
+        ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            format!(
+                "the body did not arrive within {} ms; nothing was applied",
+                timeout.as_millis()
+            ),
+            Some("body"),
+            None,
+        )
+    })?
 }
 
 /// Waits (up to [`WORKER_CONFIRM_WAIT`]) for every worker to report `epoch`.
@@ -567,7 +697,8 @@ fn registry_unavailable(error: &RegistryError) -> ApiError {
     )
 }
 
-/// Reads the other nodes' records until each reports `version` or the wait ends.
+/// Reads the other nodes' records until each reports `version` (or a later one) in force on
+/// every worker, or the wait ends.
 async fn confirm_nodes(
     client: RegistryClient,
     keys: Keys,
@@ -589,7 +720,7 @@ async fn confirm_nodes(
             let done = found
                 .get(&keys.node(*node))
                 .and_then(|text| serde_json::from_str::<NodeRecord>(text).ok())
-                .is_some_and(|record| record.knobs_version >= version);
+                .is_some_and(|record| record.knobs_version >= version && record.knobs_in_force);
             if done {
                 applied.push(*node);
             }
@@ -604,34 +735,41 @@ async fn confirm_nodes(
     (applied, pending)
 }
 
+fn respond(response: &PatchResponse) -> Response {
+    let status = match response.outcome {
+        Outcome::Applied => StatusCode::OK,
+        Outcome::Pending => StatusCode::ACCEPTED,
+    };
+    json(status, response)
+}
+
 #[utoipa::path(
     patch,
     path = "/v1/knobs",
     tag = "knobs",
-    params(("scope" = Option<String>, Query, description = "`node` (default): this node only; `cluster`: every node, through the registry")),
+    params(("scope" = Option<Scope>, Query, description = "`node` (default): this node only; `cluster`: every node, through the registry")),
     request_body(content = KnobChanges, description = "Knob name -> new value. Everything is validated before anything is applied.", content_type = "application/json"),
     responses(
-        (status = 200, description = "Applied; says how long the workers took to pick the change up, and for scope=cluster the registry version and which nodes applied it", body = PatchResponse),
-        (status = 400, description = "Malformed body, unknown knob, wrong type or unknown scope; nothing applied", body = ErrorBody),
+        (status = 200, description = "Applied: in force on every worker (for scope=cluster, of every node); says how long the workers took, and for scope=cluster the registry version", body = PatchResponse),
+        (status = 202, description = "Stored but not yet confirmed by every worker within the wait (or the data plane is not running); `dataplane` and `nodes_pending` say where it is pending", body = PatchResponse),
+        (status = 400, description = "Malformed body, unknown knob, wrong type, unknown scope or query parameter; nothing applied", body = ErrorBody),
+        (status = 408, description = "The body did not arrive within the body timeout; nothing applied", body = ErrorBody),
+        (status = 409, description = "scope=cluster: published, but a newer cluster knobs version with other values for these knobs is in force on this node", body = ErrorBody),
         (status = 413, description = "The body is too large; nothing applied", body = ErrorBody),
+        (status = 415, description = "The body is not application/json; nothing applied", body = ErrorBody),
         (status = 422, description = "A value outside its knob's range or choices; nothing applied", body = ErrorBody),
+        (status = 502, description = "scope=cluster: the registry's knobs document is refused by this node", body = ErrorBody),
         (status = 503, description = "Not attached (scope=node) or the registry is unreachable (scope=cluster); nothing applied", body = ErrorBody),
     )
 )]
 pub async fn patch_knobs(
     State(state): State<AppState>,
     RawQuery(query): RawQuery,
-    body: Result<Bytes, BytesRejection>,
+    headers: HeaderMap,
+    body: Body,
 ) -> Result<Response, ApiError> {
     let shared = &state.shared;
-    let body = body.map_err(|rejection| {
-        ApiError::new(
-            rejection.status(),
-            rejection.body_text(),
-            Some("body"),
-            Some("a JSON object of knob name -> value".to_owned()),
-        )
-    })?;
+    let body = read_json_body(&headers, body, shared.config.http.body_timeout).await?;
     let scope = parse_scope(query.as_deref())?;
     let value: serde_json::Value = serde_json::from_slice(&body).map_err(|error| {
         ApiError::new(
@@ -645,43 +783,59 @@ pub async fn patch_knobs(
         )
     })?;
     let changes = parse_changes(&value)?;
-    let applied: serde_json::Map<String, serde_json::Value> = changes
+    let values: serde_json::Map<String, serde_json::Value> = changes
         .iter()
         .map(|(knob, _, value)| (knob.spec().name.to_owned(), value.clone()))
         .collect();
     let raw: Vec<(Knob, u64)> = changes.iter().map(|(knob, raw, _)| (*knob, *raw)).collect();
-
-    if scope == Scope::Node {
-        let block = shared
-            .attachment
-            .block()
-            .ok_or_else(|| ApiError::not_attached(shared))?;
-        block.set_knobs(&raw).map_err(|error| {
-            ApiError::new(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                error.to_string(),
-                None,
-                None,
-            )
-        })?;
-        let epoch = block.knob_epoch();
-        tracing::info!(values = %serde_json::Value::Object(applied.clone()), epoch, "knobs changed (scope node)");
-        let dataplane = confirm_workers(&block, epoch).await;
-        return Ok(json(
-            StatusCode::OK,
-            &PatchResponse {
-                scope: "node".to_owned(),
-                node: shared.config.node,
-                applied,
-                epoch: Some(epoch),
-                dataplane,
-                registry_version: None,
-                nodes_applied: None,
-                nodes_pending: None,
-            },
-        ));
+    match scope {
+        Scope::Node => patch_node(shared, values, &raw).await,
+        Scope::Cluster => patch_cluster(shared, values, &raw).await,
     }
+}
 
+async fn patch_node(
+    shared: &Shared,
+    values: serde_json::Map<String, serde_json::Value>,
+    raw: &[(Knob, u64)],
+) -> Result<Response, ApiError> {
+    let block = shared
+        .attachment
+        .block()
+        .ok_or_else(|| ApiError::not_attached(shared))?;
+    block.set_knobs(raw).map_err(|error| {
+        ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            error.to_string(),
+            None,
+            None,
+        )
+    })?;
+    let epoch = block.knob_epoch();
+    tracing::info!(values = %serde_json::Value::Object(values.clone()), epoch, "knobs changed (scope node)");
+    let dataplane = confirm_workers(&block, epoch).await;
+    Ok(respond(&PatchResponse {
+        outcome: if dataplane.all_seen {
+            Outcome::Applied
+        } else {
+            Outcome::Pending
+        },
+        scope: Scope::Node,
+        node: shared.config.node,
+        values,
+        epoch: Some(epoch),
+        dataplane,
+        registry_version: None,
+        nodes_applied: None,
+        nodes_pending: None,
+    }))
+}
+
+async fn patch_cluster(
+    shared: &Shared,
+    values: serde_json::Map<String, serde_json::Value>,
+    raw: &[(Knob, u64)],
+) -> Result<Response, ApiError> {
     let client = shared.registry.client().ok_or_else(|| {
         ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -699,8 +853,9 @@ pub async fn patch_knobs(
     let document = {
         let client = client.clone();
         let keys = keys.clone();
-        let values = applied.clone();
-        tokio::task::spawn_blocking(move || client.update_knobs(&keys, &values, node))
+        let values = values.clone();
+        let base = shared.registry.knobs_base();
+        tokio::task::spawn_blocking(move || client.update_knobs(&keys, &values, node, &base))
             .await
             .map_err(|error| {
                 ApiError::new(
@@ -714,13 +869,13 @@ pub async fn patch_knobs(
     };
     tracing::info!(
         version = document.version,
-        values = %serde_json::Value::Object(applied.clone()),
+        values = %serde_json::Value::Object(values.clone()),
         "cluster knobs published"
     );
     let block = shared.attachment.block();
     let (epoch, dataplane, nodes) = match block {
         Some(block) => {
-            shared.registry.apply_knobs(&block, &document).map_err(|reason| {
+            let applied = shared.registry.apply_knobs(&block, &document).map_err(|reason| {
                 ApiError::new(
                     StatusCode::BAD_GATEWAY,
                     format!(
@@ -731,6 +886,25 @@ pub async fn patch_knobs(
                     None,
                 )
             })?;
+            // "Applied" is what the block holds, not what the apply step hoped: a version this
+            // node already had in force may carry other values.
+            if let Some((knob, _)) = raw.iter().find(|(knob, value)| block.knob(*knob) != *value) {
+                let in_force = match applied {
+                    KnobsApply::Superseded { applied } => format!("version {applied}"),
+                    KnobsApply::Applied | KnobsApply::AlreadyApplied => "a later change".to_owned(),
+                };
+                return Err(ApiError::new(
+                    StatusCode::CONFLICT,
+                    format!(
+                        "published as version {}, but this node has {in_force} in force, with {} = {}",
+                        document.version,
+                        knob.spec().name,
+                        knob.spec().to_json(block.knob(*knob))
+                    ),
+                    Some(knob.spec().name),
+                    None,
+                ));
+            }
             let epoch = block.knob_epoch();
             let confirmation = confirm_workers(&block, epoch).await;
             (Some(epoch), confirmation, block.node_count())
@@ -746,25 +920,31 @@ pub async fn patch_knobs(
         ),
     };
     let others: Vec<u32> = (0..nodes).filter(|other| *other != node).collect();
-    let (mut nodes_applied, nodes_pending) =
+    let (mut nodes_applied, mut nodes_pending) =
         confirm_nodes(client, keys, others, document.version).await;
-    if epoch.is_some() {
+    if dataplane.all_seen {
         nodes_applied.push(node);
         nodes_applied.sort_unstable();
+    } else {
+        nodes_pending.push(node);
+        nodes_pending.sort_unstable();
     }
-    Ok(json(
-        StatusCode::OK,
-        &PatchResponse {
-            scope: "cluster".to_owned(),
-            node,
-            applied,
-            epoch,
-            dataplane,
-            registry_version: Some(document.version),
-            nodes_applied: Some(nodes_applied),
-            nodes_pending: Some(nodes_pending),
-        },
-    ))
+    let outcome = if epoch.is_some() && dataplane.all_seen && nodes_pending.is_empty() {
+        Outcome::Applied
+    } else {
+        Outcome::Pending
+    };
+    Ok(respond(&PatchResponse {
+        outcome,
+        scope: Scope::Cluster,
+        node,
+        values,
+        epoch,
+        dataplane,
+        registry_version: Some(document.version),
+        nodes_applied: Some(nodes_applied),
+        nodes_pending: Some(nodes_pending),
+    }))
 }
 
 /// One endpoint slot.

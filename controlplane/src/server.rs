@@ -1,6 +1,8 @@
 //! Starting and stopping one control plane: binds the REST listener, then runs the attach
 //! supervisor (a tokio task), the registry worker (its own thread, because the memcache client
-//! blocks) and the axum server, until [`ControlPlane::shutdown`].
+//! blocks) and the REST server ([`crate::http`] serving the axum router), until
+//! [`ControlPlane::shutdown`], which gives requests in flight the configured grace and then
+//! drops what is left.
 //!
 //! Touches: the listen socket, and through its parts the control block and the registry.
 
@@ -15,7 +17,7 @@ use crate::attach::ATTACH_INTERVAL;
 use crate::options::Config;
 use crate::rest::{AppState, router};
 use crate::state::Shared;
-use crate::{metrics, registry};
+use crate::{http, metrics, registry};
 
 /// Why a control plane could not start.
 #[derive(Debug, thiserror::Error)]
@@ -36,7 +38,7 @@ pub enum StartError {
 pub struct ControlPlane {
     shared: Arc<Shared>,
     attach_task: JoinHandle<()>,
-    server_task: JoinHandle<std::io::Result<()>>,
+    server_task: JoinHandle<()>,
     server_stop: Option<oneshot::Sender<()>>,
     registry_stop: Option<std::sync::mpsc::Sender<()>>,
     registry_thread: Option<std::thread::JoinHandle<()>>,
@@ -95,13 +97,10 @@ impl ControlPlane {
             shared: Arc::clone(&shared),
         };
         let (server_stop, stopped) = oneshot::channel::<()>();
-        let server_task = tokio::spawn(async move {
-            axum::serve(listener, router(state))
-                .with_graceful_shutdown(async {
-                    let _ = stopped.await;
-                })
-                .await
-        });
+        let limits = shared.config.http;
+        let server_task = tokio::spawn(http::serve(listener, router(state), limits, async {
+            let _ = stopped.await;
+        }));
         Ok(ControlPlane {
             shared,
             attach_task,
@@ -128,8 +127,7 @@ impl ControlPlane {
             let _ = stop.send(());
         }
         match (&mut self.server_task).await {
-            Ok(Ok(())) => {}
-            Ok(Err(error)) => tracing::warn!("REST server stopped with an error: {error}"),
+            Ok(()) => {}
             Err(error) => tracing::warn!("REST server task failed: {error}"),
         }
         self.attach_task.abort();

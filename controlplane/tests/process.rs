@@ -11,14 +11,17 @@
 
 mod common;
 
+use std::io::Write;
 use std::net::SocketAddr;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
 
 use common::{
-    FakeDataPlane, Memcached, Peers, free_port, generation, http, shm_address, wait_until,
+    FakeDataPlane, Memcached, Peers, free_port, generation, http, raise_open_files, shm_address,
+    wait_until,
 };
 use rzab_shared::Lifecycle;
 
@@ -33,15 +36,35 @@ struct Process {
 
 impl Process {
     fn spawn(dir: &Path, name: &str, arguments: &[String]) -> Process {
+        Self::spawn_limited(dir, name, arguments, None)
+    }
+
+    /// Spawns with RLIMIT_NOFILE (soft and hard) set to `open_files`, if given.
+    fn spawn_limited(
+        dir: &Path,
+        name: &str,
+        arguments: &[String],
+        open_files: Option<u64>,
+    ) -> Process {
         let port = free_port();
         let address: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
         let log = dir.join(format!("{name}.log"));
         let mut command = Command::new(BINARY);
         // SAFETY: only prctl (async-signal-safe) runs between fork and exec; the kernel kills
         // the control plane if this test process dies without running Drop.
+        // setrlimit is async-signal-safe too.
         unsafe {
-            command.pre_exec(|| {
+            command.pre_exec(move || {
                 libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                if let Some(files) = open_files {
+                    let limit = libc::rlimit {
+                        rlim_cur: files,
+                        rlim_max: files,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
                 Ok(())
             });
         }
@@ -66,6 +89,27 @@ impl Process {
     fn status(&self) -> Option<serde_json::Value> {
         std::net::TcpStream::connect(self.address).ok()?;
         Some(http(self.address, "GET", "/v1/status", None).json())
+    }
+
+    /// Sends SIGTERM.
+    fn terminate(&self) {
+        // SAFETY: kill(2) on our own child's pid; no memory is involved.
+        let sent = unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
+        assert_eq!(sent, 0);
+    }
+
+    /// Waits for the exit, up to `bound`; None if it is still running then.
+    fn wait_exit(&mut self, bound: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + bound;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     fn wait_ready(&self) {
@@ -267,4 +311,153 @@ fn one_shot_modes_print_and_exit() {
     let output = Command::new(BINARY).output().unwrap();
     assert!(!output.status.success());
     assert!(String::from_utf8_lossy(&output.stderr).contains("--node"));
+}
+
+/// `--inspect` as a person would run it.
+fn inspect(block: &Path) -> serde_json::Value {
+    let output = Command::new(BINARY)
+        .args(["--inspect", "--block", block.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).unwrap()
+}
+
+/// Issue 14, finding 2: after its control plane is SIGKILLed, the block still names its pid;
+/// `--inspect` must say that process is not alive.
+#[test]
+fn inspect_says_whether_the_recorded_processes_are_alive() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("block");
+    let data_plane = FakeDataPlane::start(&path, "alive", 0, 1, WORKERS, 0, Peers::Static);
+    // No registry is needed for the attachment; nothing listens on this port.
+    let registry = format!("127.0.0.1:{}", free_port());
+    let mut process = Process::spawn(
+        dir.path(),
+        "cp",
+        &arguments("alive", &generation("alive"), 0, &path, &registry),
+    );
+    let pid = process.child.id();
+    wait_until("the control plane announces itself in the block", || {
+        data_plane
+            .block
+            .header
+            .controlplane_pid
+            .load(Ordering::Relaxed)
+            == pid
+    });
+    let inspected = inspect(&path);
+    assert_eq!(inspected["controlplane"]["pid"], pid);
+    assert_eq!(inspected["controlplane"]["alive"], true, "{inspected}");
+    assert_eq!(inspected["dataplane"]["pid"], std::process::id());
+    assert_eq!(inspected["dataplane"]["alive"], true, "{inspected}");
+
+    process.child.kill().unwrap();
+    process.child.wait().unwrap();
+    let inspected = inspect(&path);
+    assert_eq!(
+        inspected["controlplane"]["pid"], pid,
+        "the pid stays recorded"
+    );
+    assert_eq!(inspected["controlplane"]["alive"], false, "{inspected}");
+
+    // A data plane whose heartbeat stops (hung, or gone) is not alive either.
+    data_plane.alive.store(false, Ordering::Relaxed);
+    wait_until("the data plane is reported dead", || {
+        inspect(&path)["dataplane"]["alive"] == false
+    });
+}
+
+/// Sends half a request (headers never finished) on a fresh connection.
+fn stalled_connection(address: SocketAddr) -> std::net::TcpStream {
+    let mut stream = std::net::TcpStream::connect(address).unwrap();
+    stream
+        .write_all(b"PATCH /v1/knobs HTTP/1.1\r\nHost: x\r\nContent-Le")
+        .unwrap();
+    stream
+}
+
+/// Issue 14, finding 3: SIGTERM ends the control plane within its shutdown grace even while a
+/// client that sent half a request is connected (the header timeout is set far beyond the
+/// bound, so only the grace can end that connection).
+#[test]
+fn sigterm_exits_within_the_grace_with_a_stalled_client_connected() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("block");
+    let _data_plane = FakeDataPlane::start(&path, "term", 0, 1, WORKERS, 0, Peers::Static);
+    let registry = format!("127.0.0.1:{}", free_port());
+    let mut command = arguments("term", &generation("term"), 0, &path, &registry);
+    command.extend(
+        [
+            "--header-timeout-ms",
+            "600000",
+            "--shutdown-grace-ms",
+            "500",
+        ]
+        .map(str::to_owned),
+    );
+    let mut process = Process::spawn(dir.path(), "cp", &command);
+    wait_until("the control plane answers", || process.status().is_some());
+    let stalled = stalled_connection(process.address);
+    // The server has the connection (a request behind it on another connection is answered).
+    assert!(process.status().is_some());
+    process.terminate();
+    let exit = process.wait_exit(Duration::from_secs(15));
+    let exit =
+        exit.unwrap_or_else(|| panic!("still running 15 s after SIGTERM: {}", process.log()));
+    assert!(exit.success(), "{exit:?}: {}", process.log());
+    drop(stalled);
+}
+
+/// Issue 14, finding 3: a flood of stalled connections, more than the control plane has file
+/// descriptors for, must not stop /v1/status from answering: a new connection displaces the
+/// one that has waited longest for its headers.
+#[test]
+fn many_stalled_connections_do_not_stop_status_answering() {
+    const OPEN_FILES: u64 = 256;
+    const STALLED: usize = 2_000;
+    let have = raise_open_files(STALLED as u64 + 256);
+    assert!(
+        have >= STALLED as u64 + 256,
+        "this test needs {} open files, the hard limit allows {have}",
+        STALLED + 256
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("block");
+    let _data_plane = FakeDataPlane::start(&path, "flood", 0, 1, WORKERS, 0, Peers::Static);
+    let registry = format!("127.0.0.1:{}", free_port());
+    let mut command = arguments("flood", &generation("flood"), 0, &path, &registry);
+    // Stalled connections would otherwise be closed by the header timeout before the status
+    // request: this test is about the limit.
+    command.extend(["--header-timeout-ms", "600000"].map(str::to_owned));
+    let process = Process::spawn_limited(dir.path(), "cp", &command, Some(OPEN_FILES));
+    wait_until("the control plane answers", || process.status().is_some());
+    let stalled: Vec<std::net::TcpStream> = (0..STALLED)
+        .map(|_| stalled_connection(process.address))
+        .collect();
+    for round in 0..3 {
+        let mut stream = std::net::TcpStream::connect(process.address).unwrap();
+        // A bound, not a speed requirement: without the limit the request is never accepted.
+        stream
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        write!(
+            stream,
+            "GET /v1/status HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let reply = common::read_reply(&mut stream);
+        assert_eq!(reply.status, 200, "round {round}: {}", reply.body);
+        assert_eq!(reply.json()["attached"], true);
+    }
+    assert!(
+        process.log().contains("lowered to fit the open-file limit"),
+        "{}",
+        process.log()
+    );
+    drop(stalled);
 }

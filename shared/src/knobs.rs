@@ -142,6 +142,21 @@ impl Knob {
     }
 }
 
+/// A JSON number as a non-negative integer: `7`, and also `7.0` or `7e0`, which JSON (and
+/// JSON Schema's `integer`) count as the same integer; `None` for fractions, negative values and
+/// whole numbers beyond 2^53, which a double does not hold exactly.
+fn whole_number(number: &serde_json::Number) -> Option<u64> {
+    const EXACT: f64 = 9_007_199_254_740_992.0; // 2^53
+    number.as_u64().or_else(|| {
+        let value = number.as_f64()?;
+        #[allow(
+            clippy::cast_possible_truncation,
+            reason = "a whole value within 0..=2^53, which u64 holds exactly"
+        )]
+        ((0.0..=EXACT).contains(&value) && value.fract() == 0.0).then_some(value as u64)
+    })
+}
+
 impl KnobSpec {
     /// Checks a raw value against this knob's range.
     pub fn validate(&self, value: u64) -> Result<u64, KnobError> {
@@ -167,7 +182,7 @@ impl KnobSpec {
                 });
             }
             (KnobKind::Integer, serde_json::Value::Number(number)) => {
-                number.as_u64().ok_or_else(|| self.not_an_integer())?
+                whole_number(number).ok_or_else(|| self.not_an_integer())?
             }
             (KnobKind::Integer, _) => return Err(self.not_an_integer()),
             (KnobKind::Choice(names), serde_json::Value::String(text)) => {
@@ -291,6 +306,22 @@ mod tests {
         );
         assert_eq!(spec.accepted(), "1..=16");
         assert_eq!(Knob::PollMode.spec().accepted(), "busy or adaptive");
+        assert_eq!(spec.parse_json(&serde_json::json!(8.0)), Ok(8));
+        assert_eq!(spec.parse_json(&serde_json::json!(8e0)), Ok(8));
+        for refused in [
+            serde_json::json!(2.5),
+            serde_json::json!(-1),
+            serde_json::json!(-1.0),
+            serde_json::json!(1e300),
+        ] {
+            assert!(
+                matches!(
+                    spec.parse_json(&refused),
+                    Err(KnobError::NotAnInteger { .. })
+                ),
+                "{refused}"
+            );
+        }
         assert_eq!(Knob::PollMode.spec().parse_text("busy"), Ok(POLL_MODE_BUSY));
         assert!(Knob::PollMode.spec().parse_text("lazy").is_err());
         assert_eq!(

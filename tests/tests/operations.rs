@@ -100,7 +100,7 @@ fn flip_multicast(cluster: &Cluster, multicast: bool) {
         &format!(r#"{{"multicast": {multicast}}}"#),
     );
     assert_eq!(reply.status, 200, "{}", reply.body);
-    assert_eq!(reply.json()["applied"]["multicast"], multicast);
+    assert_eq!(reply.json()["values"]["multicast"], multicast);
     for node in 0..3u8 {
         wait_until(
             &format!("node {node} reports multicast={multicast}"),
@@ -397,10 +397,10 @@ fn a_killed_control_plane_leaves_the_data_plane_running_and_a_restarted_one_reat
         let reply = cluster
             .control_plane(node)
             .patch_knobs("", r#"{"stats_interval_ms": 900}"#);
-        assert_eq!(reply.status, 200, "{}", reply.body);
+        // 200 once every worker confirmed the change, 202 if one had not within the wait
+        // (busy-polling neighbours on 2 cores may outlast it): the workers must still confirm.
+        assert!(matches!(reply.status, 200 | 202), "{}", reply.body);
         assert_eq!(blocks[index].knob(rzab_shared::Knob::StatsIntervalMs), 900);
-        // The reply waits only 100 ms for the workers' confirmation, which busy-polling
-        // neighbours on 2 cores may outlast: the workers must still confirm the epoch.
         let epoch = reply.json()["epoch"].as_u64().unwrap();
         wait_until(
             &format!("node {node}'s workers confirm epoch {epoch}"),

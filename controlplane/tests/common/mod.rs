@@ -113,6 +113,24 @@ impl Drop for Memcached {
     }
 }
 
+/// Raises this process's soft open-file limit to at least `wanted` (up to the hard limit);
+/// returns the soft limit in force.
+pub fn raise_open_files(wanted: u64) -> u64 {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit read and write one rlimit we own.
+    unsafe {
+        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit), 0);
+        if limit.rlim_cur < wanted {
+            limit.rlim_cur = wanted.min(limit.rlim_max);
+            assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &limit), 0);
+        }
+    }
+    limit.rlim_cur
+}
+
 /// Polls `condition` every 20 ms until it holds; panics after [`PATIENCE`].
 pub fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
     let deadline = Instant::now() + PATIENCE;
@@ -327,19 +345,39 @@ fn decode_chunked(mut body: &str) -> String {
     }
 }
 
-/// One HTTP/1.1 request over a fresh connection (blocking).
+/// One HTTP/1.1 request over a fresh connection (blocking), with a JSON Content-Type.
 pub fn http(address: SocketAddr, method: &str, path: &str, body: Option<&str>) -> Reply {
+    http_with(address, method, path, Some("application/json"), body)
+}
+
+/// One HTTP/1.1 request over a fresh connection (blocking) with the Content-Type given (none
+/// if `None`).
+pub fn http_with(
+    address: SocketAddr,
+    method: &str,
+    path: &str,
+    content_type: Option<&str>,
+    body: Option<&str>,
+) -> Reply {
     let mut stream = TcpStream::connect(address).unwrap();
     stream
         .set_read_timeout(Some(Duration::from_secs(30)))
         .unwrap();
     let body = body.unwrap_or("");
+    let content_type = content_type
+        .map(|value| format!("Content-Type: {value}\r\n"))
+        .unwrap_or_default();
     write!(
         stream,
-        "{method} {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        "{method} {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n{content_type}Content-Length: {}\r\n\r\n{body}",
         body.len()
     )
     .unwrap();
+    read_reply(&mut stream)
+}
+
+/// Reads a whole response (the server closes the connection after it).
+pub fn read_reply(stream: &mut TcpStream) -> Reply {
     let mut response = String::new();
     stream.read_to_string(&mut response).unwrap();
     let (head, rest) = response.split_once("\r\n\r\n").unwrap();
