@@ -58,6 +58,9 @@ pub struct Summary {
     pub store_digest: u64,
     /// Messages this node sent again (prepares, commits, forwarded writes).
     pub retransmissions: u64,
+    /// How long the workers drained after clients stopped (they stop once nothing but
+    /// heartbeats has arrived for a while, or after `worker::DRAIN_MAX`).
+    pub drain_seconds: f64,
     // history hook: what --history-dir recorded (absent when off).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub history: Option<crate::history::HistoryReport>,
@@ -656,6 +659,8 @@ fn report_until_stopped(
             break;
         }
     }
+    // Clients stop issuing here; what follows is the drain.
+    let stopped_at = Instant::now();
     // Workers drain what is in flight (at most DRAIN_MAX) before they return; workers that
     // never joined return at once.
     let running = joined.load(Ordering::Acquire);
@@ -665,8 +670,9 @@ fn report_until_stopped(
         std::thread::sleep(Duration::from_millis(10));
     }
     let end = Totals::read(block);
+    // Rates are over the time clients ran: the drain issues nothing.
     let seconds = running_since
-        .map_or(started.elapsed(), |since| since.elapsed())
+        .map_or(started.elapsed(), |since| stopped_at.duration_since(since))
         .as_secs_f64();
     let histogram = latency(block);
     let reads = end.reads - start_totals.reads;
@@ -686,6 +692,7 @@ fn report_until_stopped(
         applied_zxid: shared.replica.applied_zxid(),
         digest: shared.replica.digest(),
         store_digest: shared.replica.store().digest(),
+        drain_seconds: stopped_at.elapsed().as_secs_f64(),
         retransmissions: [
             Counter::RetransmitPrepare,
             Counter::RetransmitCommit,

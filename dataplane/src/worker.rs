@@ -566,7 +566,7 @@ impl<T: Transport> Worker<T> {
                 });
             }
             let now_ns = self.now_ns();
-            let received = self.receive(now_ns, shared, counters);
+            let (received, _) = self.receive(now_ns, shared, counters);
             let mut outbox = TransportOutbox::single(
                 &mut self.transport,
                 &self.peers,
@@ -656,22 +656,31 @@ impl<T: Transport> Worker<T> {
     }
 
     /// Polls one batch of receive completions, hands every accepted message to the state
-    /// machine and re-posts the receives; returns how many datagrams came.
-    fn receive(&mut self, now_ns: u64, shared: &NodeShared<'_>, counters: &WorkerBlock) -> usize {
+    /// machine and re-posts the receives; returns how many datagrams came and how many of
+    /// them were more than a CREDIT (which heartbeats are: they say a peer lives, not that
+    /// anything is still moving).
+    fn receive(
+        &mut self,
+        now_ns: u64,
+        shared: &NodeShared<'_>,
+        counters: &WorkerBlock,
+    ) -> (usize, usize) {
         let received = self.transport.poll_recv(&mut self.completions);
+        let mut moving = 0;
         for index in 0..received {
             let completion = self.completions[index];
             let payload = self.transport.recv_payload(&completion);
             if let Some(message) =
                 Self::accept(&self.wire, self.index, &self.node, counters, payload)
             {
+                moving += usize::from(message.header.kind != Kind::Credit);
                 self.node
                     .handle(&message, now_ns, shared.replica, shared.board);
             }
         }
         // Receives go back before anything that can make peers send more.
         self.transport.post_recv(received);
-        received
+        (received, moving)
     }
 
     /// The poll loop; once `shared.stop` is set it drains (see [`NodeShared::stop`]) and returns.
@@ -716,7 +725,7 @@ impl<T: Transport> Worker<T> {
                     .store(epoch, Ordering::Relaxed);
             }
 
-            let received = self.receive(now_ns, shared, counters);
+            let (received, moving) = self.receive(now_ns, shared, counters);
 
             if !self.counted_serving && self.node.serving() {
                 self.counted_serving = true;
@@ -740,7 +749,8 @@ impl<T: Transport> Worker<T> {
                 self.publish_gauges(counters, shared.replica, &stats, now_ns, &settings.limits);
                 self.refresh_peers(shared.block);
             }
-            if received > 0 {
+            // Heartbeats never stop: the drain waits for the rest of the traffic to.
+            if moving > 0 {
                 last_received_ns = now_ns;
             }
             let idle = received == 0 && sent == 0 && issued.writes == 0;

@@ -208,3 +208,24 @@ fn udp_cluster_across_network_namespaces() {
     cleanup(&cluster, 3);
     assert_identical_replicas(&outputs);
 }
+
+/// Heartbeats never stop, so the drain at the end of a run must not wait for silence: it ends
+/// once nothing but heartbeats has arrived for a while, well before its 5 s cap.
+#[test]
+fn workers_stop_draining_soon_after_the_run_ends() {
+    let cluster = cluster_name("drain");
+    cleanup(&cluster, 3);
+    let outputs = run_cluster(3, &common(&cluster, 2));
+    cleanup(&cluster, 3);
+    assert_identical_replicas(&outputs);
+    for output in &outputs {
+        let drain = output.summary.as_ref().unwrap()["drain_seconds"]
+            .as_f64()
+            .unwrap();
+        assert!(
+            drain < 4.0,
+            "node {} drained for {drain} s: it waited out the cap",
+            output.node
+        );
+    }
+}
