@@ -159,6 +159,7 @@ mod tests {
             digest: 0,
             store_digest: 0,
             retransmissions: 0,
+            drain_seconds: 0.0,
             history: None,
         }
     }
