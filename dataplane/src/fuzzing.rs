@@ -732,10 +732,27 @@ const LEADER_INSTANCE: u64 = 1;
 
 /// The leader's answer to a follower's hello at the start of the cluster.
 fn join_answer(pipeline: u8, instance: u64) -> wire::Header {
+    capture_header(
+        Kind::Hello,
+        LEADER_NODE,
+        pipeline,
+        instance,
+        [0; wire::WORDS],
+    )
+}
+
+/// A header of the capture configuration's run, from `instance` of `from_node`.
+fn capture_header(
+    kind: Kind,
+    from_node: u8,
+    pipeline: u8,
+    instance: u64,
+    words: [u64; wire::WORDS],
+) -> wire::Header {
     let params = capture_params();
     wire::Header {
-        kind: Kind::Hello,
-        from_node: LEADER_NODE,
+        kind,
+        from_node,
         pipeline,
         count: 0,
         cluster_tag: params.cluster_tag,
@@ -744,7 +761,7 @@ fn join_answer(pipeline: u8, instance: u64) -> wire::Header {
         run: params.run,
         instance,
         epoch: LEADER_EPOCH,
-        words: [0; wire::WORDS],
+        words,
     }
 }
 
@@ -914,18 +931,14 @@ impl NodeHarness {
         let params = self.params;
         for pipeline in 0..CAPTURE.pipelines {
             let instances = self.instances[usize::from(pipeline)];
-            let header = |kind, from_node: u8, words| wire::Header {
-                kind,
-                from_node,
-                pipeline,
-                count: 0,
-                cluster_tag: params.cluster_tag,
-                value_len: u16::try_from(CAPTURE.value_len).unwrap_or(u16::MAX),
-                flags: 0,
-                run: params.run,
-                instance: instances[usize::from(from_node)],
-                epoch: LEADER_EPOCH,
-                words,
+            let header = |kind, from_node: u8, words| {
+                capture_header(
+                    kind,
+                    from_node,
+                    pipeline,
+                    instances[usize::from(from_node)],
+                    words,
+                )
             };
             match self.machines.get(usize::from(pipeline)).map(Node::role) {
                 Some(Role::Leader(leader)) => {

@@ -290,13 +290,13 @@ impl Leader {
         let words = FollowerWords::from_words(message.header.words);
         let next_pseq = self.next_pseq;
         let (prepares_sent, commits_sent) = (self.prepare_msgs_sent, self.commit_msgs_sent);
-        let link = &mut self.links[from];
-        if link.instance == 0 || message.header.instance != link.instance {
+        if !self.knows(&message.header) {
             // From a process this pipeline has not (or no longer) joined: an old instance's
             // leftovers, or a foreign datagram.
             self.stats.dropped_unexpected += 1;
             return;
         }
+        let link = &mut self.links[from];
         link.heard_ns = now_ns;
         link.prepare_seen = link.prepare_seen.max(words.prepare_seen.min(prepares_sent));
         link.commit_seen = link.commit_seen.max(words.commit_seen.min(commits_sent));

@@ -143,26 +143,43 @@ impl Node {
             }
             return;
         }
+        let takes_it = match &self.role {
+            Role::Leader(_) => true,
+            // Later answers repeat the first: nothing new.
+            Role::Follower(follower) => {
+                header.from_node == self.leader_node && follower.phase() == Phase::Joining
+            }
+        };
+        if takes_it {
+            self.join(header, now_ns, self.running, replica, board);
+        }
+    }
+
+    /// Joins the sender of a hello (a leader's: of its answer); `catch_up` makes a leader
+    /// bring a new follower instance up to date by snapshot.
+    fn join(
+        &mut self,
+        header: &wire::Header,
+        now_ns: u64,
+        catch_up: bool,
+        replica: &impl Replica,
+        board: &CatchupBoard,
+    ) {
         match &mut self.role {
             Role::Leader(leader) => {
-                leader.accept_hello(
+                // The start pseq it answers with is sent by `send_hello_replies`.
+                let _ = leader.accept_hello(
                     header.from_node,
                     header.instance,
                     now_ns,
-                    self.running,
+                    catch_up,
                     board,
                     replica,
                 );
-                self.joined |= bit(header.from_node);
             }
-            Role::Follower(follower) => {
-                // Later answers repeat the first: nothing new.
-                if header.from_node == self.leader_node && follower.phase() == Phase::Joining {
-                    follower.start(header);
-                    self.joined |= bit(header.from_node);
-                }
-            }
+            Role::Follower(follower) => follower.start(header),
         }
+        self.joined |= bit(header.from_node);
     }
 
     /// Joins the sender of `header` as if its hello (a leader's: its answer) had been taken
@@ -176,24 +193,10 @@ impl Node {
         replica: &impl Replica,
         board: &CatchupBoard,
     ) {
-        match &mut self.role {
-            Role::Leader(leader) => {
-                leader.accept_hello(
-                    header.from_node,
-                    header.instance,
-                    now_ns,
-                    false,
-                    board,
-                    replica,
-                );
-            }
-            Role::Follower(follower) => {
-                let mut answer = *header;
-                answer.words = [0; wire::WORDS];
-                follower.start(&answer);
-            }
-        }
-        self.joined |= bit(header.from_node);
+        // As an answer at the start: pseq 0, no snapshot.
+        let mut answer = *header;
+        answer.words = [0; wire::WORDS];
+        self.join(&answer, now_ns, false, replica, board);
     }
 
     /// The handshake's part of a step: a joining follower says hello (every
