@@ -260,6 +260,8 @@ pub mod ranges {
     pub const MAX_MEMORY_MIB: IntRange = IntRange::new(1, 1 << 30);
     /// 64 KiB to 1 TiB (the leader's ring is at least two windows whatever it is given).
     pub const COMMITTED_RING_BYTES: IntRange = IntRange::new(1 << 16, 1 << 40);
+    /// 1 KiB to the store's largest value.
+    pub const MAX_TXN_BYTES: IntRange = IntRange::new(1 << 10, MAX_VALUE_SIZE as u64);
 }
 
 /// Where --pin's choices are spelled, for its parser and node.rs.
@@ -370,6 +372,11 @@ pub struct Options {
           value_parser = ranges::COMMITTED_RING_BYTES.parser::<u64>(),
           help = ranges::COMMITTED_RING_BYTES.help("Bytes of the leader's committed-transaction ring (split among the workers): a follower that lagged by less than it holds is brought back by DIFF (the prepares it missed), one that lagged by more by a snapshot"))]
     pub committed_ring_bytes: u64,
+
+    #[arg(long, default_value_t = crate::zab::DEFAULT_MAX_TXN_BYTES,
+          value_parser = ranges::MAX_TXN_BYTES.parser::<usize>(),
+          help = ranges::MAX_TXN_BYTES.help("Largest transaction payload the cluster replicates (ZooKeeper's jute.maxbuffer; the key-value store's transaction is its value, plus the key); larger ones travel as fragments"))]
+    pub max_txn_bytes: usize,
     #[arg(long, default_value_t = 1, value_parser = ranges::SEED.parser::<u64>(),
           help = ranges::SEED.help("Seed of the emulated clients' traces"))]
     pub seed: u64,
@@ -760,7 +767,7 @@ impl Options {
 
     /// Every integer option with its value and range. The parsers already hold the command
     /// line and the file to these ranges; this holds options built or changed in code to them.
-    fn integer_options(&self) -> [(&'static str, i128, IntRange); 17] {
+    fn integer_options(&self) -> [(&'static str, i128, IntRange); 18] {
         let max_memory = self.max_memory_mib.unwrap_or(ranges::MAX_MEMORY_MIB.min);
         [
             ("--node", self.node.into(), ranges::NODE),
@@ -793,6 +800,11 @@ impl Options {
                 "--committed-ring-bytes",
                 self.committed_ring_bytes.into(),
                 ranges::COMMITTED_RING_BYTES,
+            ),
+            (
+                "--max-txn-bytes",
+                wide(self.max_txn_bytes),
+                ranges::MAX_TXN_BYTES,
             ),
             ("--seed", self.seed.into(), ranges::SEED),
             (
@@ -831,6 +843,12 @@ impl Options {
             return invalid(format!(
                 "--node {} must be below --nodes {}",
                 self.node, self.nodes
+            ));
+        }
+        if self.value_size > self.max_txn_bytes {
+            return invalid(format!(
+                "--value-size {} exceeds --max-txn-bytes {}: raise --max-txn-bytes",
+                self.value_size, self.max_txn_bytes
             ));
         }
         if self.cluster.is_empty()
@@ -989,7 +1007,10 @@ mod tests {
     fn inconsistent_configurations_are_refused() {
         for (args, fragment) in [
             (vec!["--node", "3"], "--node 3 must be below"),
-            (vec!["--node", "0", "--value-size", "4096"], "--value-size"),
+            (
+                vec!["--node", "0", "--value-size", "2097152"],
+                "exceeds --max-txn-bytes",
+            ),
             (vec!["--node", "0", "--workers", "0"], "--workers"),
             (vec!["--node", "0", "--transport", "verbs"], "control-plane"),
             (
@@ -1121,7 +1142,9 @@ mod tests {
             ("--workers", "1", "32", "0", "33"),
             ("--sessions", "1", "256", "0", "257"),
             ("--window", "32", "1048576", "16", "2097152"),
-            ("--value-size", "8", "1024", "7", "1025"),
+            // Values up to the default --max-txn-bytes pass; the range itself ends at 64 MiB.
+            ("--value-size", "8", "1048576", "7", "67108865"),
+            ("--max-txn-bytes", "1024", "67108864", "1023", "67108865"),
             ("--join-timeout", "1", "86400", "0", "86401"),
             ("--duration", "0", "31536000", "-1", "31536001"),
             ("--verbs-gid-index", "0", "255", "-1", "256"),

@@ -33,13 +33,14 @@ use rzab_shared::limits::{ENDPOINT_BYTES, MAX_NODES, MAX_PREPARES_PER_MSG, MAX_W
 use rzab_shared::{EndpointAddress, EndpointDecodeError, EndpointRecord, Knob};
 
 use crate::replica::NodeReplica;
+use crate::replica::{KEY_BYTES, encode_kv_txn, kv_txn_key, kv_txn_len};
 use crate::store::StoreConfig;
 use crate::zab::follower::LEADER_NODE;
 use crate::zab::node::{Node, Role};
 use crate::zab::wire::{self, Kind, Message};
 use crate::zab::{
     CatchupBoard, Completions, FollowerWords, LEADER_EPOCH, Limits, Outbox, PipelineConfig,
-    Replica, Target, ZXID_START, ZxidSource, leader_words,
+    StateMachine, Target, Txn, ZXID_START, ZxidSource, leader_words,
 };
 
 /// An invariant that did not hold, with what was seen.
@@ -95,7 +96,9 @@ pub fn capture_params() -> WireParams {
     wire::WireContext {
         cluster_tag: wire::cluster_tag(CAPTURE.cluster),
         run: wire::run_tag(CAPTURE.run_id),
-        value_len: CAPTURE.value_len,
+        slot_len: capture_config().slot_len(),
+        fragmented: false,
+        snapshot_slot_len: capture_config().snapshot_slot_len(),
         nodes: usize::from(CAPTURE.nodes),
         pipelines: usize::from(CAPTURE.pipelines),
         integrity: wire::Integrity::Unchecked,
@@ -199,7 +202,9 @@ pub fn wire_decode(data: &[u8]) -> Result<WireOutcome, Violation> {
         };
         Ok(WireParams {
             cluster_tag: tag,
-            value_len: input.int_in_range(0..=1100usize)?,
+            slot_len: input.int_in_range(0..=140usize)? * 8,
+            fragmented: input.arbitrary::<bool>()?,
+            snapshot_slot_len: input.int_in_range(0..=140usize)? * 8,
             nodes: input.int_in_range(0..=256usize)?,
             pipelines: input.int_in_range(0..=256usize)?,
             ..capture
@@ -216,7 +221,9 @@ pub fn wire_decode(data: &[u8]) -> Result<WireOutcome, Violation> {
         let own = WireParams {
             cluster_tag: u32::from_le_bytes([data[8], data[9], data[10], data[11]]),
             run: wire::u64_at(data, 16),
-            value_len: usize::from(u16::from_le_bytes([data[12], data[13]])),
+            slot_len: usize::from(u16::from_le_bytes([data[12], data[13]])) * 8,
+            fragmented: data[1] & 1 == 1,
+            snapshot_slot_len: usize::from(u16::from_le_bytes([data[12], data[13]])) * 8,
             nodes: 256,
             pipelines: 256,
             integrity: wire::Integrity::Unchecked,
@@ -259,19 +266,19 @@ fn contents<'a>(message: &Message<'a>) -> Contents<'a> {
 
 /// Encodes decoded contents again with the wire module's own encoders; `None` for a kind this
 /// harness does not know how to encode (checked by decoding only).
-fn reencode(contents: &Contents<'_>, value_len: usize) -> Option<Vec<u8>> {
+fn reencode(contents: &Contents<'_>, slot_len: usize) -> Option<Vec<u8>> {
     let header = &contents.header;
     let count = usize::from(header.count);
     // Not a `match`: kinds added later are checked by decoding alone until they are taught here.
     let kind = header.kind;
     let (len, entries_at) = if kind == Kind::Prepare {
         (
-            wire::prepare_len(count, value_len),
+            wire::prepare_len(count, slot_len),
             wire::HEADER_BYTES + wire::PREPARE_PREFIX,
         )
     } else if kind == Kind::Write {
         (
-            wire::write_len(count, value_len),
+            wire::write_len(count, slot_len),
             wire::HEADER_BYTES + wire::WRITE_PREFIX,
         )
     } else if kind == Kind::Ack || kind == Kind::Commit || kind == Kind::Nack {
@@ -293,15 +300,16 @@ fn reencode(contents: &Contents<'_>, value_len: usize) -> Option<Vec<u8>> {
         wire::put_write_prefix(&mut out, seq);
     }
     for (index, entry) in contents.entries.iter().enumerate() {
-        let at = entries_at + index * (wire::ENTRY_FIXED + value_len);
-        wire::put_entry(
+        let at = entries_at + index * (wire::ENTRY_FIXED + slot_len);
+        wire::put_entry_fixed(
             &mut out[at..],
             entry.origin_node,
             entry.session,
+            entry.fragment,
             entry.session_seq,
-            entry.key,
-            entry.value,
         );
+        let slot_at = at + wire::ENTRY_FIXED;
+        out[slot_at..slot_at + entry.slot.len()].copy_from_slice(entry.slot);
     }
     wire::seal(&mut out, &wire::Integrity::Unchecked);
     Some(out)
@@ -338,16 +346,21 @@ fn check_datagram(datagram: &[u8], params: &WireParams) -> Result<Option<Kind>, 
     if kind == Kind::Prepare || kind == Kind::Write {
         ensure!(header.count > 0, "an empty {} decoded", kind.name());
         ensure!(
-            usize::from(header.value_len) == params.value_len,
-            "value length {} accepted for {}",
-            header.value_len,
-            params.value_len
+            usize::from(header.slot_words) * 8 == params.slot_len,
+            "slot length {} accepted for {}",
+            usize::from(header.slot_words) * 8,
+            params.slot_len
+        );
+        ensure!(
+            !params.fragmented || header.count == 1,
+            "{} fragments in one message decoded",
+            header.count
         );
         for (index, entry) in contents.entries.iter().enumerate() {
             ensure!(
-                entry.value.len() == params.value_len,
-                "entry {index} has a {}-byte value",
-                entry.value.len()
+                entry.slot.len() == params.slot_len,
+                "entry {index} has a {}-byte slot",
+                entry.slot.len()
             );
         }
         if let Some((_, first_zxid)) = contents.prepare_start {
@@ -364,7 +377,7 @@ fn check_datagram(datagram: &[u8], params: &WireParams) -> Result<Option<Kind>, 
             "entry(usize::MAX) is not the last entry"
         );
     }
-    if let Some(again) = reencode(&contents, params.value_len) {
+    if let Some(again) = reencode(&contents, params.slot_len) {
         ensure!(
             again.len() == datagram.len(),
             "{} of {} bytes re-encodes to {} bytes",
@@ -505,10 +518,14 @@ impl CheckingReplica {
     }
 }
 
-impl Replica for CheckingReplica {
-    fn try_apply(&self, zxid: u64, key: u64, value: &[u8]) -> bool {
+impl StateMachine for CheckingReplica {
+    fn try_apply(&self, zxid: u64, txn: Txn<'_>) -> bool {
         let before = self.inner.applied_zxid();
-        let applied = self.inner.try_apply(zxid, key, value);
+        let applied = self.inner.try_apply(zxid, txn);
+        let key = kv_txn_key(txn);
+        let mut bytes = vec![0u8; txn.len().saturating_sub(KEY_BYTES)];
+        txn.skip(KEY_BYTES).copy_to(&mut bytes);
+        let value = &bytes[..];
         if !applied {
             if self.inner.applied_zxid() != before {
                 self.flag(format!(
@@ -756,7 +773,11 @@ fn capture_header(
         pipeline,
         count: 0,
         cluster_tag: params.cluster_tag,
-        value_len: u16::try_from(CAPTURE.value_len).unwrap_or(u16::MAX),
+        slot_words: match kind {
+            Kind::Prepare | Kind::Write => wire::slot_words(params.slot_len),
+            Kind::Snapshot => wire::slot_words(params.snapshot_slot_len),
+            _ => 0,
+        },
         flags: 0,
         run: params.run,
         instance,
@@ -781,9 +802,37 @@ fn capture_fingerprint() -> u64 {
 
 /// The MTU a node of the capture configuration runs with (as `node::needed_mtu`).
 fn capture_mtu() -> usize {
-    wire::prepare_len(MAX_PREPARES_PER_MSG, CAPTURE.value_len)
-        .max(wire::write_len(MAX_WRITES_PER_MSG, CAPTURE.value_len))
+    let slot = kv_txn_len(CAPTURE.value_len).next_multiple_of(8);
+    wire::prepare_len(MAX_PREPARES_PER_MSG, slot)
+        .max(wire::write_len(MAX_WRITES_PER_MSG, slot))
         .next_multiple_of(64)
+}
+
+/// The pipeline configuration of node `node`, pipeline `pipeline` of the capture runs.
+pub fn capture_pipeline(node: u8, pipeline: u8, instance: u64) -> PipelineConfig {
+    PipelineConfig {
+        node,
+        nodes: CAPTURE.nodes,
+        pipeline,
+        pipelines: CAPTURE.pipelines,
+        txn_len: kv_txn_len(CAPTURE.value_len),
+        item_len: CAPTURE.value_len,
+        cluster_tag: wire::cluster_tag(CAPTURE.cluster),
+        run: wire::run_tag(CAPTURE.run_id),
+        epoch: LEADER_EPOCH,
+        integrity: wire::Integrity::Crc32c,
+        sessions: CAPTURE.sessions,
+        window: CAPTURE.window,
+        retained: CAPTURE.window * 32,
+        mtu: capture_mtu(),
+        keys: CAPTURE.keys,
+        instance,
+        fingerprint: capture_fingerprint(),
+    }
+}
+
+fn capture_config() -> PipelineConfig {
+    capture_pipeline(LEADER_NODE, 0, 1)
 }
 
 impl NodeHarness {
@@ -792,25 +841,14 @@ impl NodeHarness {
         let leader = node == LEADER_NODE;
         let mut machines = Vec::new();
         for pipeline in 0..CAPTURE.pipelines {
-            let config = PipelineConfig {
+            let config = capture_pipeline(
                 node,
-                nodes: CAPTURE.nodes,
                 pipeline,
-                pipelines: CAPTURE.pipelines,
-                value_len: CAPTURE.value_len,
-                cluster_tag: params.cluster_tag,
-                run: params.run,
-                epoch: LEADER_EPOCH,
-                integrity: wire::Integrity::Crc32c,
-                sessions: CAPTURE.sessions,
-                window: CAPTURE.window,
-                retained: CAPTURE.window * 32,
-                mtu: capture_mtu(),
-                keys: CAPTURE.keys,
-                instance: if leader { 1 } else { follower_instance(node) },
-                fingerprint: capture_fingerprint(),
-            };
-            config.validate().map_err(Violation)?;
+                if leader { 1 } else { follower_instance(node) },
+            );
+            config
+                .validate()
+                .map_err(|error| Violation(error.to_string()))?;
             machines.push(Node::new(config, LEADER_NODE));
         }
         let replica = CheckingReplica::new(CAPTURE.keys, CAPTURE.value_len)?;
@@ -985,9 +1023,11 @@ impl NodeHarness {
         let mut value = [0u8; CAPTURE.value_len];
         value[..8].copy_from_slice(&seq.to_le_bytes());
         value[8..16].copy_from_slice(&key.to_le_bytes());
+        let mut txn = [0u8; kv_txn_len(CAPTURE.value_len)];
+        encode_kv_txn(&mut txn, key, &value);
         let session = session % u16::try_from(CAPTURE.sessions).unwrap_or(u16::MAX);
         if let Some(machine) = self.machines.get_mut(pipeline) {
-            let _ = machine.submit_write(session, seq, key, &value);
+            let _ = machine.submit_write(session, seq, &txn);
         }
     }
 
@@ -1098,7 +1138,7 @@ fn synthesize(input: &mut Unstructured<'_>, out: &mut [u8]) -> arbitrary::Result
         pipeline: input.arbitrary::<u8>()? % CAPTURE.pipelines,
         count,
         cluster_tag: params.cluster_tag,
-        value_len: u16::try_from(CAPTURE.value_len).unwrap_or(u16::MAX),
+        slot_words: wire::slot_words(params.slot_len),
         flags: u16::from(input.arbitrary::<bool>()?),
         run: params.run,
         // Mostly the sender's real instance and epoch, so the pipelines take its messages.
@@ -1123,18 +1163,18 @@ fn synthesize(input: &mut Unstructured<'_>, out: &mut [u8]) -> arbitrary::Result
         ],
     };
     wire::put_header(out, &header);
-    let value_len = CAPTURE.value_len;
+    let slot_len = params.slot_len;
     // Not a `match`, as in `reencode`: a kind added later gets a bare header here.
     let (len, entries_at) = if kind == Kind::Prepare {
         wire::put_prepare_prefix(out, field(input)?, field(input)?);
         (
-            wire::prepare_len(usize::from(count), value_len),
+            wire::prepare_len(usize::from(count), slot_len),
             wire::HEADER_BYTES + wire::PREPARE_PREFIX,
         )
     } else if kind == Kind::Write {
         wire::put_write_prefix(out, field(input)?);
         (
-            wire::write_len(usize::from(count), value_len),
+            wire::write_len(usize::from(count), slot_len),
             wire::HEADER_BYTES + wire::WRITE_PREFIX,
         )
     } else if kind == Kind::Ack || kind == Kind::Commit || kind == Kind::Nack {
@@ -1144,18 +1184,23 @@ fn synthesize(input: &mut Unstructured<'_>, out: &mut [u8]) -> arbitrary::Result
         (wire::HEADER_BYTES, 0)
     };
     if entries_at > 0 {
-        let mut value = [0u8; CAPTURE.value_len];
         for index in 0..usize::from(count) {
-            value.fill(input.arbitrary::<u8>()?);
-            let at = entries_at + index * (wire::ENTRY_FIXED + value_len);
-            wire::put_entry(
+            let fill = input.arbitrary::<u8>()?;
+            let at = entries_at + index * (wire::ENTRY_FIXED + slot_len);
+            wire::put_entry_fixed(
                 &mut out[at..],
                 input.arbitrary::<u8>()?,
                 input.arbitrary::<u16>()?,
+                if input.arbitrary::<bool>()? {
+                    0
+                } else {
+                    input.arbitrary::<u32>()?
+                },
                 field(input)?,
-                field(input)? % (CAPTURE.keys + 1),
-                &value,
             );
+            let slot = &mut out[at + wire::ENTRY_FIXED..at + wire::ENTRY_FIXED + slot_len];
+            slot.fill(fill);
+            slot[..8].copy_from_slice(&(field(input)? % (CAPTURE.keys + 1)).to_le_bytes());
         }
     }
     wire::seal(&mut out[..len], &params.integrity);
@@ -1390,10 +1435,16 @@ fn check_knob(
 mod tests {
     use super::*;
 
+    fn set_key_3() -> [u8; 40] {
+        let mut txn = [0u8; 40];
+        encode_kv_txn(&mut txn, 3, &[7; 32]);
+        txn
+    }
+
     #[test]
     fn a_store_written_behind_the_replica_is_caught() {
         let replica = CheckingReplica::new(64, 32).unwrap_or_else(|error| panic!("{error}"));
-        assert!(replica.try_apply(ZXID_START + 1, 3, &[7; 32]));
+        assert!(replica.try_apply(ZXID_START + 1, Txn::whole(&set_key_3())));
         assert_eq!(replica.check_store(), Ok(()));
         // A write that bypasses the replica.
         let _ = replica.inner.store().write(5, &[1; 32], ZXID_START + 9);
@@ -1403,7 +1454,7 @@ mod tests {
     #[test]
     fn out_of_order_applies_are_refused_and_counted() {
         let replica = CheckingReplica::new(64, 32).unwrap_or_else(|error| panic!("{error}"));
-        assert!(!replica.try_apply(ZXID_START + 2, 3, &[7; 32]));
+        assert!(!replica.try_apply(ZXID_START + 2, Txn::whole(&set_key_3())));
         assert_eq!(replica.take_violation(), Ok(()));
         assert!(replica.log.borrow().is_empty());
     }

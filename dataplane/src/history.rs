@@ -38,9 +38,9 @@ use crossbeam_channel::{Receiver, Sender, TrySendError};
 use rzab_shared::control_block::ControlBlock;
 
 use crate::config::Options;
-use crate::replica::NodeReplica;
+use crate::replica::{KEY_BYTES, NodeReplica, kv_txn_key};
 use crate::workload::ReadObservation;
-use crate::zab::Replica;
+use crate::zab::{StateMachine, Txn};
 use format::{CLOCK_MONOTONIC_ID, FileHeader, RECORD_BYTES, Record, value_write_id};
 
 /// Records per buffer: a buffer is about 0.9 MiB.
@@ -341,11 +341,15 @@ pub struct RecordingReplica<'a> {
     history: &'a WorkerHistory,
 }
 
-impl Replica for RecordingReplica<'_> {
-    fn try_apply(&self, zxid: u64, key: u64, value: &[u8]) -> bool {
-        let applied = self.replica.try_apply(zxid, key, value);
+impl StateMachine for RecordingReplica<'_> {
+    fn try_apply(&self, zxid: u64, txn: Txn<'_>) -> bool {
+        let applied = self.replica.try_apply(zxid, txn);
         if applied {
-            self.history.applied(zxid, key, value);
+            let value = txn.skip(KEY_BYTES);
+            let mut write_id = [0u8; 8];
+            let copied = value.copy_to(&mut write_id);
+            self.history
+                .applied(zxid, kv_txn_key(txn), &write_id[..copied]);
         }
         applied
     }
@@ -614,6 +618,7 @@ fn create_file(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::replica::encode_kv_txn;
     use crate::store::StoreConfig;
     use format::HEADER_BYTES;
 
@@ -661,9 +666,11 @@ mod tests {
         recorder.write_issued(3, 1, 7, &value, false);
         recorder.write_issued(3, 1, 7, &value, true);
         let recording = recorder.replica(&replica);
-        assert!(recording.try_apply((1 << 32) + 1, 7, &value));
+        let mut txn = [0u8; 16];
+        encode_kv_txn(&mut txn, 7, &value);
+        assert!(recording.try_apply((1 << 32) + 1, Txn::whole(&txn)));
         assert!(
-            !recording.try_apply((1 << 32) + 3, 7, &value),
+            !recording.try_apply((1 << 32) + 3, Txn::whole(&txn)),
             "out of order"
         );
         recorder.write_completed(3, 1, (1 << 32) + 1);

@@ -32,10 +32,9 @@ use crate::transport::{MulticastGroup, Transport, TransportError};
 use crate::worker::{MAX_CHAIN, NodeShared, Peers, Worker};
 use crate::workload::{Sessions, Trace};
 use crate::zab::follower::LEADER_NODE;
-use crate::zab::wire::{self, cluster_tag, run_tag};
+use crate::zab::wire::{self, Integrity, cluster_tag, run_tag};
 use crate::zab::{
     CatchupBoard, LEADER_EPOCH, PipelineConfig, ZxidSource, follower_recv_slots, leader_recv_slots,
-    retained_for_bytes,
 };
 
 /// Requests pre-built per worker.
@@ -66,14 +65,49 @@ pub struct Summary {
     pub history: Option<crate::history::HistoryReport>,
 }
 
-/// The largest datagram the protocol needs for this value size, capped at 4 KiB (larger
-/// values just mean fewer per message).
-fn needed_mtu(value_size: usize) -> usize {
-    let largest = wire::prepare_len(16, value_size).max(wire::write_len(16, value_size));
-    largest.next_multiple_of(64).clamp(
-        wire::prepare_len(1, value_size).next_multiple_of(64),
-        4096.max(wire::prepare_len(1, value_size)),
-    )
+/// The largest datagram the protocol asks of a transport.
+const DATAGRAM_CAP: usize = 4096;
+
+/// The datagram size the protocol needs for transactions of `txn_len` bytes: room for 16 of
+/// them, capped at [`DATAGRAM_CAP`] (larger ones just mean fewer per message, and one too
+/// large for a datagram travels as fragments).
+fn needed_mtu(txn_len: usize) -> usize {
+    let slot = txn_len.max(1).next_multiple_of(8);
+    let largest = wire::prepare_len(16, slot).max(wire::write_len(16, slot));
+    largest
+        .next_multiple_of(64)
+        .clamp(wire::prepare_len(1, 8).next_multiple_of(64), DATAGRAM_CAP)
+}
+
+/// The transaction length of a run of `options`: the key-value store's "set K to V".
+fn txn_len(options: &Options) -> usize {
+    crate::replica::kv_txn_len(options.value_size)
+}
+
+/// The pipeline configuration every worker of a node of `options` shares but for the fields
+/// that name the worker, its process and its transport (`pipeline`, `instance`, `mtu`, `run`,
+/// `integrity`), which the caller sets: the memory plan sizes the rings from it.
+fn pipeline_shape(options: &Options, mtu: usize) -> PipelineConfig {
+    PipelineConfig {
+        node: options.node,
+        nodes: options.nodes,
+        pipeline: 0,
+        pipelines: options.workers,
+        txn_len: txn_len(options),
+        item_len: options.value_size.next_multiple_of(8),
+        cluster_tag: cluster_tag(&options.cluster),
+        run: run_tag(&options.run_id),
+        epoch: LEADER_EPOCH,
+        integrity: Integrity::Crc32c,
+        sessions: options.sessions,
+        window: options.window,
+        retained: 0,
+        mtu,
+        keys: options.keys,
+        instance: 1,
+        fingerprint: options.fingerprint(),
+    }
+    .with_retained(options.committed_ring_bytes)
 }
 
 // The receive rings are sized by zab's credit maxima, which must be the tops of the credit
@@ -123,7 +157,7 @@ pub fn run(options: &Options) -> anyhow::Result<Summary> {
     })
     .context("building the store")?;
     let zxids = ZxidSource::new();
-    let mtu = needed_mtu(options.value_size);
+    let mtu = needed_mtu(txn_len(options));
     let slots = recv_slots(options.nodes);
 
     match options.transport {
@@ -400,28 +434,14 @@ where
         }
         let config = PipelineConfig {
             node,
-            nodes: options.nodes,
             pipeline: worker,
-            pipelines: options.workers,
-            value_len: options.value_size,
             cluster_tag: tag,
-            run: run_tag(&options.run_id),
-            epoch: LEADER_EPOCH,
             integrity,
-            sessions: options.sessions,
-            window: options.window,
-            retained: retained_for_bytes(
-                options.committed_ring_bytes,
-                usize::from(options.workers),
-                options.value_size,
-                options.window,
-            ),
-            mtu: transport.caps().mtu,
-            keys: options.keys,
             instance: block.header.instance.load(Ordering::Relaxed).max(1),
-            fingerprint: options.fingerprint(),
-        };
-        config.validate().map_err(anyhow::Error::msg)?;
+            ..pipeline_shape(options, transport.caps().mtu)
+        }
+        .with_retained(options.committed_ring_bytes);
+        config.validate().context("the pipeline configuration")?;
         let seed = options.seed ^ (u64::from(node) << 16) ^ (u64::from(worker) << 8);
         let trace = Trace::build(options.keys, options.key_distribution(), TRACE_LEN, seed)?;
         let sessions = Sessions::new(node, worker, options.sessions, trace, options.value_size)

@@ -1,5 +1,7 @@
-//! A node's replica: the store plus the node-wide apply order. Every worker of a node applies
-//! committed writes through it; a write is applied only when its zxid is the next one, so the
+//! A node's replica of the key-value store, the benchmark's [`StateMachine`]: the store plus
+//! the node-wide apply order. Its transaction is "set key K to V": K as 8 little-endian bytes,
+//! then V ([`kv_txn_len`] bytes in all). Every worker of a node applies committed writes
+//! through it; a write is applied only when its zxid is the next one, so the
 //! node applies one total order whichever worker holds which write. It also keeps an
 //! order-sensitive digest of everything applied, so replicas can be compared cheaply (a node
 //! that caught up by snapshot has applied only a suffix: compare its store digest instead).
@@ -9,7 +11,7 @@
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use crate::store::{Store, StoreConfig, StoreError};
-use crate::zab::{Replica, ZXID_START};
+use crate::zab::{StateMachine, Txn, ZXID_START};
 
 /// The store and apply order of one node.
 #[derive(Debug)]
@@ -20,14 +22,42 @@ pub struct NodeReplica {
     base_set: AtomicBool,
 }
 
-/// One step of the digest: an FNV-style fold of zxid, key and value.
-fn fold(mut digest: u64, zxid: u64, key: u64, value: &[u8]) -> u64 {
-    const PRIME: u64 = 0x0000_0100_0000_01b3;
+/// Bytes of the transaction that sets a key to a `value_size`-byte value.
+pub const fn kv_txn_len(value_size: usize) -> usize {
+    KEY_BYTES + value_size
+}
+
+/// The key's bytes at the start of a transaction.
+pub const KEY_BYTES: usize = 8;
+
+/// Writes the transaction "set `key` to `value`" into `out` (at least [`kv_txn_len`] long).
+pub fn encode_kv_txn(out: &mut [u8], key: u64, value: &[u8]) {
+    out[..KEY_BYTES].copy_from_slice(&key.to_le_bytes());
+    out[KEY_BYTES..KEY_BYTES + value.len()].copy_from_slice(value);
+}
+
+/// The key a transaction sets.
+pub fn kv_txn_key(txn: Txn<'_>) -> u64 {
+    txn.u64_at(0)
+}
+
+const PRIME: u64 = 0x0000_0100_0000_01b3;
+
+/// One step of the digest: an FNV-style fold of zxid, key and value (8 bytes at a time).
+fn fold(mut digest: u64, zxid: u64, key: u64, value: Txn<'_>) -> u64 {
     for word in [zxid, key] {
         digest = (digest ^ word).wrapping_mul(PRIME);
     }
-    for byte in value {
-        digest = (digest ^ u64::from(*byte)).wrapping_mul(PRIME);
+    for part in value.parts() {
+        let mut words = part.chunks_exact(8);
+        for word in &mut words {
+            let mut bytes = [0u8; 8];
+            bytes.copy_from_slice(word);
+            digest = (digest ^ u64::from_le_bytes(bytes)).wrapping_mul(PRIME);
+        }
+        for byte in words.remainder() {
+            digest = (digest ^ u64::from(*byte)).wrapping_mul(PRIME);
+        }
     }
     digest
 }
@@ -59,15 +89,18 @@ impl NodeReplica {
     }
 }
 
-impl Replica for NodeReplica {
-    fn try_apply(&self, zxid: u64, key: u64, value: &[u8]) -> bool {
+impl StateMachine for NodeReplica {
+    fn try_apply(&self, zxid: u64, txn: Txn<'_>) -> bool {
         if self.applied.load(Ordering::Acquire) != zxid.wrapping_sub(1) {
             return false;
         }
+        let key = kv_txn_key(txn);
+        let value = txn.skip(KEY_BYTES);
         // Only the holder of the next zxid gets here, so applies come one at a time; snapshot
         // installs may run at once on a catching-up node, so the newer zxid wins per key. A
-        // write to a key outside the store would only leave the store unchanged.
-        let _ = self.store.write_if_newer(key, value, zxid);
+        // write to a key outside the store, or a transaction too short to name a key, would
+        // only leave the store unchanged.
+        let _ = self.store.write_parts_if_newer(key, value.parts(), zxid);
         let digest = fold(self.digest.load(Ordering::Relaxed), zxid, key, value);
         self.digest.store(digest, Ordering::Relaxed);
         self.applied.store(zxid, Ordering::Release);

@@ -31,7 +31,7 @@ use rzab_shared::limits::MAX_NODES;
 use rzab_shared::{Counter, EndpointAddress};
 
 use crate::history::WorkerHistory; // history hook
-use crate::replica::NodeReplica;
+use crate::replica::{KEY_BYTES, NodeReplica};
 use crate::transport::{Destination, RecvCompletion, SendRequest, Transport};
 use crate::workload::Sessions;
 use crate::zab::node::Node;
@@ -597,8 +597,9 @@ impl<T: Transport> Worker<T> {
             now_ns,
             settings.write_ratio_permille,
             shared.replica.store(),
-            |session, seq, key, value| {
-                let accepted = node.submit_write(session, seq, key, value);
+            |session, seq, key, txn| {
+                let accepted = node.submit_write(session, seq, txn);
+                let value = txn.get(KEY_BYTES..).unwrap_or_default();
                 history.write_issued(session, seq, key, value, accepted); // history hook
                 accepted
             },

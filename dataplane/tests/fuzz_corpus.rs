@@ -377,7 +377,7 @@ fn endpoint_and_knob_corpora_and_variants() {
 fn a_prepare_whose_zxids_wrap_is_refused() {
     let params = fuzzing::capture_params();
     let prepare = |first_zxid: u64| {
-        let mut datagram = vec![0u8; wire::prepare_len(2, CAPTURE.value_len)];
+        let mut datagram = vec![0u8; wire::prepare_len(2, params.slot_len)];
         wire::put_header(
             &mut datagram,
             &wire::Header {
@@ -386,7 +386,7 @@ fn a_prepare_whose_zxids_wrap_is_refused() {
                 pipeline: 0,
                 count: 2,
                 cluster_tag: params.cluster_tag,
-                value_len: CAPTURE.value_len as u16,
+                slot_words: wire::slot_words(params.slot_len),
                 flags: 0,
                 run: params.run,
                 instance: 1,

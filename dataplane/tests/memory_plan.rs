@@ -68,6 +68,10 @@ fn the_plan_covers_what_a_pipeline_allocates() {
         (2, 16, 65536, 1024, 256),
         (0, 1, 32, 8, 1),
         (0, 5, 65536, 200, 7),
+        // Transactions too large for a datagram: fragments, assemblies, chunked snapshots.
+        (0, 3, 1024, 65536, 4),
+        (1, 3, 1024, 1 << 20, 4),
+        (0, 3, 2048, 1 << 20, 2),
     ] {
         let args: Vec<String> = [
             "rzab-dataplane",
@@ -92,24 +96,22 @@ fn the_plan_covers_what_a_pipeline_allocates() {
             nodes,
             pipeline: 0,
             pipelines: 1,
-            value_len: value_size,
+            txn_len: rzab_dataplane::replica::kv_txn_len(value_size),
+            item_len: value_size,
             cluster_tag: 1,
             run: 1,
             epoch: rzab_dataplane::zab::LEADER_EPOCH,
             integrity: rzab_dataplane::zab::wire::Integrity::Crc32c,
             sessions,
             window,
-            retained: rzab_dataplane::zab::retained_for_bytes(
-                options.committed_ring_bytes,
-                1,
-                value_size,
-                window,
-            ),
+            retained: 0,
             mtu: 4096,
             keys: options.keys,
             instance: 1,
             fingerprint: options.fingerprint(),
-        };
+        }
+        .with_retained(options.committed_ring_bytes);
+        config.validate().unwrap();
         let trace = Trace::build(options.keys, KeyDistribution::Uniform, 16, 1).unwrap();
         let measured = measure(|| {
             let machine = if node == 0 {

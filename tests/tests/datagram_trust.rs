@@ -283,7 +283,9 @@ fn forged_prepares_without_the_secret_are_dropped_and_counted() {
     let committed = rzab_tests::committed_zxid(&running.blocks[1]);
     let forged: Vec<Vec<u8>> = (0..600u64)
         .map(|index| {
-            let mut datagram = vec![0u8; wire::prepare_len(1, VALUE_SIZE)];
+            // A transaction of the key-value store: its 8-byte key, then the value.
+            let slot = VALUE_SIZE + 8;
+            let mut datagram = vec![0u8; wire::prepare_len(1, slot)];
             wire::put_header(
                 &mut datagram,
                 &wire::Header {
@@ -292,7 +294,7 @@ fn forged_prepares_without_the_secret_are_dropped_and_counted() {
                     pipeline: 0,
                     count: 1,
                     cluster_tag: wire::cluster_tag(&cluster),
-                    value_len: VALUE_SIZE as u16,
+                    slot_words: wire::slot_words(slot),
                     flags: 0,
                     run,
                     instance: leader_instance,
@@ -303,7 +305,10 @@ fn forged_prepares_without_the_secret_are_dropped_and_counted() {
             let pseq = (committed & 0xffff_ffff) + index;
             wire::put_prepare_prefix(&mut datagram, pseq, committed + index + 1);
             let body = wire::HEADER_BYTES + wire::PREPARE_PREFIX;
-            wire::put_entry(&mut datagram[body..], 1, 0, 1 << 40, 7, &[0xee; VALUE_SIZE]);
+            wire::put_entry_fixed(&mut datagram[body..], 1, 0, 0, 1 << 40);
+            datagram[body + wire::ENTRY_FIXED..body + wire::ENTRY_FIXED + 8]
+                .copy_from_slice(&7u64.to_le_bytes());
+            datagram[body + wire::ENTRY_FIXED + 8..].fill(0xee);
             let integrity = if index % 2 == 0 {
                 guessed
             } else {

@@ -32,7 +32,6 @@ use crate::history::{BUFFER_BYTES, BUFFERS_PER_WORKER};
 use crate::store::{BATCH_MAX, Store, StoreConfig, StoreError};
 use crate::transport::shm::ShmConfig;
 use crate::zab::follower::LEADER_NODE;
-use crate::zab::retained_for_bytes;
 use crate::zab::{EntryMeta, MAX_WRITE_CREDITS};
 
 const MIB: u64 = 1 << 20;
@@ -120,7 +119,7 @@ impl MemoryPlan {
     /// The plan of `options` (which [`Options::validate`] accepted).
     pub fn of(options: &Options) -> Result<MemoryPlan, MemoryError> {
         let workers = u64::from(options.workers);
-        let mtu = super::needed_mtu(options.value_size) as u64;
+        let mtu = super::needed_mtu(super::txn_len(options)) as u64;
         let slots = super::recv_slots(options.nodes) as u64;
         let store = Store::size_for(&StoreConfig {
             keys: options.keys,
@@ -237,43 +236,64 @@ fn ring_bytes(capacity: u64, value_size: u64) -> u64 {
 
 /// What one pipeline of this node allocates for its state machine and its sessions, as
 /// `Leader::new` / `Follower::new` and `Sessions::new` do.
-/// The prepares each leader pipeline keeps (as `node::run` sizes them).
-fn retained_prepares(options: &Options) -> u64 {
-    retained_for_bytes(
-        options.committed_ring_bytes,
-        usize::from(options.workers),
-        options.value_size,
-        options.window,
-    ) as u64
-}
-
+/// What one pipeline of this node allocates for its state machine and its sessions, as
+/// `Leader::new` / `Follower::new` and `Sessions::new` do.
 pub fn pipeline_bytes(options: &Options) -> u64 {
-    let value = options.value_size as u64;
+    let shape = super::pipeline_shape(options, super::needed_mtu(super::txn_len(options)));
+    let slot = shape.slot_len() as u64;
+    let fragments = shape.fragments() as u64;
+    let txn = shape.txn_len as u64;
+    let item = if shape.snapshot_chunks() > 1 {
+        shape.item_len as u64
+    } else {
+        0
+    };
     let sessions = options.sessions.max(1) as u64;
     let window = options.window as u64;
     let nodes = u64::from(options.nodes);
     let words = |count: u64| count.saturating_mul(8);
     let machine = if options.node == LEADER_NODE {
         // Writes waiting for a zxid: every node's sessions, or what the followers' write
-        // credits allow, whichever is more; then the retained prepares and the exactly-once
-        // table.
-        let credit_bound = nodes
-            .saturating_sub(1)
-            .saturating_mul(MAX_WRITE_CREDITS as u64 * MAX_WRITES_PER_MSG as u64)
-            .saturating_add(sessions);
-        ring_bytes(nodes.saturating_mul(sessions).max(credit_bound), value)
-            .saturating_add(ring_bytes(retained_prepares(options), value))
+        // credits allow, whichever is more (whole transactions only, when fragmented); then
+        // the retained prepares, the exactly-once table, and the fragment assemblies.
+        let incoming = if fragments > 1 {
+            nodes.saturating_mul(sessions).saturating_mul(fragments)
+        } else {
+            let credit_bound = nodes
+                .saturating_sub(1)
+                .saturating_mul(MAX_WRITE_CREDITS as u64 * MAX_WRITES_PER_MSG as u64)
+                .saturating_add(sessions);
+            nodes.saturating_mul(sessions).max(credit_bound)
+        };
+        // One assembly per node and session (with buffers for the followers' sessions).
+        let assemblies = if fragments > 1 {
+            let per_assembly = txn + fragments.div_ceil(64) * 8;
+            nodes
+                .saturating_sub(1)
+                .saturating_mul(sessions)
+                .saturating_mul(per_assembly)
+        } else {
+            0
+        } + if fragments > 1 || item > 0 {
+            nodes.saturating_mul(sessions).saturating_mul(64)
+        } else {
+            0
+        };
+        ring_bytes(incoming, slot)
+            .saturating_add(ring_bytes(shape.retained as u64, slot))
             .saturating_add(words(MAX_NODES as u64 * sessions))
+            .saturating_add(assemblies)
     } else {
         // The window of prepares, the sessions' outgoing writes, their queue and timers.
-        ring_bytes(window, value)
-            .saturating_add(ring_bytes(sessions, value))
+        ring_bytes(window, slot)
+            .saturating_add(ring_bytes(sessions.saturating_mul(fragments), slot))
             .saturating_add(words(sessions.next_power_of_two()))
             .saturating_add(words(2 * sessions))
     };
-    // Per session a state and a sequence; one value to write and a batch of values read.
-    let clients = sessions * 32 + value * (1 + BATCH_MAX as u64);
-    machine.saturating_add(clients)
+    // Per session a state and a sequence; one transaction to write and a batch of values read.
+    let value = options.value_size as u64;
+    let clients = sessions * 32 + txn + value * BATCH_MAX as u64;
+    machine.saturating_add(item).saturating_add(clients)
 }
 
 /// One worker's transport buffers outside the shm fabric file: staging for sends and, for
@@ -377,7 +397,7 @@ pub fn check(options: &Options) -> Result<MemoryPlan, MemoryError> {
     }
     if options.transport == TransportKind::Shm {
         let path = fabric_path(options);
-        let mtu = super::needed_mtu(options.value_size) as u64;
+        let mtu = super::needed_mtu(super::txn_len(options)) as u64;
         let needed = fabric_bytes(options, mtu, super::recv_slots(options.nodes) as u64);
         if !path.exists() {
             if let Some(free) = free_bytes(&options.shm_dir) {
@@ -428,15 +448,19 @@ mod tests {
         ];
         let leader = MemoryPlan::of(&options(&[&["--node", "0"][..], &ring].concat())).unwrap();
         let follower = MemoryPlan::of(&options(&[&["--node", "1"][..], &ring].concat())).unwrap();
-        // A 4 GiB ring holds 2^26 prepares of (metadata + 32-byte value) at the leader.
-        let entry = std::mem::size_of::<EntryMeta>() as u64 + 32;
-        let retained = (1u64 << 26) * entry;
-        assert_eq!(retained, 4 << 30, "a {entry}-byte entry");
+        // A 4 GiB ring holds 2^25 prepares of (metadata + a 40-byte transaction: the 32-byte
+        // value and its key) at the leader: the largest power of two that fits.
+        let entry = std::mem::size_of::<EntryMeta>() as u64 + 40;
+        let retained = (1u64 << 25) * entry;
+        assert!(
+            retained <= 4 << 30 && 2 * retained > 4 << 30,
+            "a {entry}-byte entry"
+        );
         assert!(leader.total() > retained && leader.total() < retained + (512 << 20));
         let rings = |plan: &MemoryPlan| plan.items[1].bytes;
-        // A follower keeps one window, the leader a ring of 64 of them.
-        assert!(rings(&follower) * 60 < rings(&leader), "{follower:?}");
-        assert!(rings(&follower) * 68 > rings(&leader), "{follower:?}");
+        // A follower keeps one window, the leader a ring of 32 of them.
+        assert!(rings(&follower) * 28 < rings(&leader), "{follower:?}");
+        assert!(rings(&follower) * 36 > rings(&leader), "{follower:?}");
         let two = MemoryPlan::of(&options(&["--node", "0", "--workers", "2"])).unwrap();
         let one = MemoryPlan::of(&options(&["--node", "0"])).unwrap();
         // The committed-transaction ring is split among the workers; the rest is per worker.

@@ -36,8 +36,9 @@ mod tests;
 pub use region::PageBacking;
 pub use table::{Store, StoreLayout, StoreSize};
 
-/// The largest value a store can be configured for, in bytes.
-pub const MAX_VALUE_SIZE: usize = 1024;
+/// The largest value a store can be configured for, in bytes (the largest transaction
+/// maximum, `--max-txn-bytes`).
+pub const MAX_VALUE_SIZE: usize = 64 << 20;
 /// Default number of keys, as the original (1M keys inserted at start).
 pub const DEFAULT_KEYS: u64 = 1_000_000;
 /// Default value size in bytes, as the original.

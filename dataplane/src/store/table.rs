@@ -43,8 +43,6 @@ const VALUE: usize = 3;
 const ENTRY_BITS: u32 = 48;
 const ENTRY_MASK: u64 = (1 << ENTRY_BITS) - 1;
 /// Value words at most.
-const MAX_VALUE_WORDS: usize = MAX_VALUE_SIZE / 8;
-
 const _: () = assert!(SLOTS * 8 == 64 && LINE_WORDS * 8 == 64);
 const _: () = assert!(
     VALUE + 4 <= LINE_WORDS,
@@ -324,6 +322,35 @@ impl Store {
         Ok(self.write_entry_if_newer(entry, value, zxid))
     }
 
+    /// [`Store::write_if_newer`] for a value given in pieces (`parts` in order), as a
+    /// transaction lies in a ring that wrapped.
+    pub fn write_parts_if_newer(
+        &self,
+        key: u64,
+        parts: [&[u8]; 2],
+        zxid: u64,
+    ) -> Result<bool, StoreError> {
+        let len = parts[0].len() + parts[1].len();
+        if len > self.value_size {
+            return Err(StoreError::ValueTooLarge {
+                len,
+                max: self.value_size,
+            });
+        }
+        let entry = self
+            .locate(key_hash(key))
+            .ok_or(StoreError::UnknownKey(key))?;
+        let words = self.entry(entry);
+        let mut written = false;
+        seqlock::write(&words[VERSION], || {
+            if words[ZXID].load(Ordering::Relaxed) < zxid {
+                self.fill_entry_parts(words, parts, zxid);
+                written = true;
+            }
+        });
+        Ok(written)
+    }
+
     /// Hints the CPU to fetch the bucket of `key`, for callers that batch their own lookups
     /// (e.g. the commits of one message, prefetched before they are applied).
     #[inline]
@@ -396,8 +423,9 @@ impl Store {
     /// compare replicas: equal stores give equal digests. Each entry is read consistently, but
     /// the whole is a snapshot only when no write runs meanwhile.
     pub fn digest(&self) -> u64 {
-        let mut words = [0u64; MAX_VALUE_WORDS];
-        let words = &mut words[..self.value_words];
+        // Not on any fast path: a buffer the size of one value.
+        let mut words = vec![0u64; self.value_words];
+        let words = &mut words[..];
         let mut digest = mix64(self.keys ^ 0x5851_f42d_4c95_7f2d);
         for entry in 0..self.keys as usize {
             let (key, zxid) = self.snapshot_words(entry, words);
@@ -515,13 +543,49 @@ impl Store {
     }
 
     fn fill_entry(&self, words: &[AtomicU64], value: &[u8], zxid: u64) {
-        let mut chunks = value.chunks(8);
-        for word in &words[VALUE..VALUE + self.value_words] {
-            let mut bytes = [0u8; 8];
-            if let Some(chunk) = chunks.next() {
-                bytes[..chunk.len()].copy_from_slice(chunk);
+        self.fill_entry_parts(words, [value, &[]], zxid);
+    }
+
+    /// Fills the value from `parts` in order (zero-padded), 8 bytes at a time; a part whose
+    /// length is not a multiple of 8 carries its tail into the next word.
+    fn fill_entry_parts(&self, words: &[AtomicU64], parts: [&[u8]; 2], zxid: u64) {
+        let mut targets = words[VALUE..VALUE + self.value_words].iter();
+        let mut carry = [0u8; 8];
+        let mut carried = 0;
+        for part in parts {
+            let mut bytes = part;
+            if carried > 0 {
+                let take = (8 - carried).min(bytes.len());
+                carry[carried..carried + take].copy_from_slice(&bytes[..take]);
+                carried += take;
+                bytes = &bytes[take..];
+                if carried == 8 {
+                    if let Some(word) = targets.next() {
+                        word.store(u64::from_le_bytes(carry), Ordering::Relaxed);
+                    }
+                    carry = [0; 8];
+                    carried = 0;
+                }
             }
-            word.store(u64::from_le_bytes(bytes), Ordering::Relaxed);
+            let mut chunks = bytes.chunks_exact(8);
+            for (chunk, word) in (&mut chunks).zip(&mut targets) {
+                let mut whole = [0u8; 8];
+                whole.copy_from_slice(chunk);
+                word.store(u64::from_le_bytes(whole), Ordering::Relaxed);
+            }
+            let rest = chunks.remainder();
+            if !rest.is_empty() {
+                carry[carried..carried + rest.len()].copy_from_slice(rest);
+                carried += rest.len();
+            }
+        }
+        if carried > 0 {
+            if let Some(word) = targets.next() {
+                word.store(u64::from_le_bytes(carry), Ordering::Relaxed);
+            }
+        }
+        for word in targets {
+            word.store(0, Ordering::Relaxed);
         }
         words[ZXID].store(zxid, Ordering::Relaxed);
     }

@@ -123,6 +123,11 @@ pub struct ReadObservation<'a> {
     pub zxid: u64,
 }
 
+/// Values up to this long repeat their write id in every 8 bytes.
+const FULL_PATTERN_BYTES: usize = 1024;
+
+use crate::replica::KEY_BYTES;
+
 /// The emulated sessions of one worker.
 #[derive(Debug)]
 pub struct Sessions {
@@ -133,7 +138,8 @@ pub struct Sessions {
     trace: Trace,
     cursor: usize,
     value_len: usize,
-    value: Vec<u8>,
+    /// The transaction being issued: "set key K to V" ([`crate::replica::encode_kv_txn`]).
+    txn: Vec<u8>,
     read_keys: [u64; BATCH_MAX],
     read_sessions: [u16; BATCH_MAX],
     read_results: [Option<u64>; BATCH_MAX],
@@ -150,7 +156,7 @@ impl Sessions {
             trace,
             cursor: 0,
             value_len,
-            value: vec![0; value_len],
+            txn: vec![0; crate::replica::kv_txn_len(value_len)],
             read_keys: [0; BATCH_MAX],
             read_sessions: [0; BATCH_MAX],
             read_results: [None; BATCH_MAX],
@@ -182,7 +188,7 @@ impl Sessions {
     }
 
     /// Lets every idle session issue its next request. Writes go to `submit` (session, seq,
-    /// key, value; false = no room); reads are served from `store` in prefetched batches and
+    /// key, the transaction that sets it; false = no room); reads are served from `store` in prefetched batches and
     /// shown to `observe`.
     pub fn issue(
         &mut self,
@@ -204,10 +210,20 @@ impl Sessions {
             if u64::from(die) < write_ratio_permille {
                 let seq = self.next_seq[session];
                 let id = write_id(self.node, self.pipeline, session_id, seq).to_le_bytes();
-                for (index, byte) in self.value.iter_mut().enumerate() {
-                    *byte = id[index % 8];
+                self.txn[..KEY_BYTES].copy_from_slice(&key.to_le_bytes());
+                let value = &mut self.txn[KEY_BYTES..];
+                if value.len() <= FULL_PATTERN_BYTES {
+                    for (index, byte) in value.iter_mut().enumerate() {
+                        *byte = id[index % 8];
+                    }
+                } else {
+                    // A large value carries its id at both ends (a torn value shows), not in
+                    // every byte: rewriting a megabyte per write would cost more than sending it.
+                    let len = value.len();
+                    value[..8].copy_from_slice(&id);
+                    value[len - 8..].copy_from_slice(&id);
                 }
-                if submit(session_id, seq, key, &self.value) {
+                if submit(session_id, seq, key, &self.txn) {
                     self.states[session] = SessionState::Writing {
                         seq,
                         issued_at_ns: now_ns,
@@ -326,8 +342,9 @@ mod tests {
             0,
             1000,
             &store,
-            |session, seq, _, value| {
-                assert_eq!(value[..8], write_id(1, 0, session, seq).to_le_bytes());
+            |session, seq, key, txn| {
+                assert_eq!(txn[..8], key.to_le_bytes());
+                assert_eq!(txn[8..16], write_id(1, 0, session, seq).to_le_bytes());
                 submitted.push((session, seq));
                 true
             },

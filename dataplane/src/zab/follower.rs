@@ -8,7 +8,7 @@
 use super::wire::{self, FLAG_RETRANSMIT, Kind, Message};
 use super::{
     Completions, EntryMeta, EntryRing, FollowerWords, Limits, Outbox, PipelineConfig,
-    PipelineStats, RETRANSMIT_BURST, Replica, Target, half, hello_words, leader_words,
+    PipelineStats, RETRANSMIT_BURST, StateMachine, Target, half, hello_words, leader_words,
 };
 
 /// The node that leads every pipeline.
@@ -74,6 +74,13 @@ pub struct Follower {
     write_msgs_sent: u64,
     write_seen_by_leader: u64,
     write_stalled_since: Option<u64>,
+    /// Transactions too large for a datagram go one write at a time, a fragment per WRITE:
+    /// (session, next fragment) of the one going, and whether it is a repeat.
+    fragment_cursor: Option<(u16, u32, bool)>,
+    /// Catch-up: a snapshot item too large for a datagram is gathered chunk by chunk here,
+    /// with its (item, zxid) and whether every chunk so far carried that zxid.
+    snapshot_item: Vec<u8>,
+    snapshot_gathering: (u64, u64, bool),
     /// Catch-up: writes up to the base zxid are in the snapshot; snapshot progress.
     base_zxid: Option<u64>,
     snapshot_installed: u64,
@@ -90,7 +97,7 @@ impl Follower {
             phase: Phase::Joining,
             leader: None,
             leader_heard_ns: None,
-            pending: EntryRing::new(config.window, config.value_len),
+            pending: EntryRing::new(config.window, config.slot_len()),
             received: 0,
             committed: 0,
             applied: 0,
@@ -104,7 +111,7 @@ impl Follower {
             report_due: false,
             gap: None,
             nack_not_before_ns: 0,
-            outgoing: EntryRing::new(sessions, config.value_len),
+            outgoing: EntryRing::new(sessions * config.fragments(), config.slot_len()),
             queue: vec![0; sessions.next_power_of_two()],
             queue_head: 0,
             queue_tail: 0,
@@ -114,6 +121,13 @@ impl Follower {
             write_msgs_sent: 0,
             write_seen_by_leader: 0,
             write_stalled_since: None,
+            fragment_cursor: None,
+            snapshot_item: if config.snapshot_chunks() > 1 {
+                vec![0; config.item_len]
+            } else {
+                Vec::new()
+            },
+            snapshot_gathering: (0, 0, false),
             base_zxid: None,
             snapshot_installed: 0,
             snapshot_end: 0,
@@ -171,15 +185,21 @@ impl Follower {
         }
     }
 
-    /// Queues a write of one of this node's sessions for the leader; false if the session
-    /// already has one outstanding or is out of range.
-    pub fn submit_write(&mut self, session: u16, session_seq: u64, key: u64, value: &[u8]) -> bool {
+    /// Queues a transaction of one of this node's sessions for the leader (exactly
+    /// [`PipelineConfig::txn_len`] bytes); false if the session already has one outstanding,
+    /// is out of range, or the transaction has another length.
+    pub fn submit_write(&mut self, session: u16, session_seq: u64, txn: &[u8]) -> bool {
         let index = usize::from(session);
-        if index >= self.unconfirmed.len() || self.unconfirmed[index] != 0 || session_seq == 0 {
+        if index >= self.unconfirmed.len()
+            || self.unconfirmed[index] != 0
+            || session_seq == 0
+            || txn.len() != self.config.txn_len
+        {
             return false;
         }
-        let meta = EntryMeta::local_write(self.config.node, session, session_seq, key);
-        self.outgoing.put(u64::from(session), meta, value);
+        let meta = EntryMeta::local_write(self.config.node, session, session_seq, 0);
+        self.outgoing
+            .put_txn(self.outgoing_position(session, 0), meta, txn);
         self.unconfirmed[index] = session_seq;
         self.sent_ns[index] = 0;
         let mask = self.queue.len() - 1;
@@ -187,6 +207,11 @@ impl Follower {
         self.queue[slot] = session;
         self.queue_tail += 1;
         true
+    }
+
+    /// Where fragment `fragment` of `session`'s outgoing write lies.
+    fn outgoing_position(&self, session: u16, fragment: u32) -> u64 {
+        u64::from(session) * self.config.fragments() as u64 + u64::from(fragment)
     }
 
     /// Whether a message comes from the leader this follower follows: the node and process
@@ -212,7 +237,7 @@ impl Follower {
     }
 
     /// Handles one decoded message from the leader.
-    pub fn handle(&mut self, message: &Message<'_>, now_ns: u64, replica: &impl Replica) {
+    pub fn handle(&mut self, message: &Message<'_>, now_ns: u64, replica: &impl StateMachine) {
         if !self.knows(&message.header) || self.phase == Phase::Joining {
             // Not from the leader process and epoch this follower follows: a prepare from
             // anyone else is never stored, let alone applied.
@@ -267,6 +292,7 @@ impl Follower {
         let (first_pseq, first_zxid) = message.prepare_start();
         let limit = self.applied + self.config.window as u64;
         let count = u64::from(message.header.count);
+        let fragments = self.config.fragments() as u64;
         let mut stored = 0;
         for index in 0..count {
             let pseq = first_pseq.saturating_add(index);
@@ -280,16 +306,27 @@ impl Follower {
                 continue;
             }
             let entry = message.entry(usize::try_from(index).unwrap_or(0));
+            // Every transaction takes `fragments` pseqs from a multiple of `fragments` on (the
+            // leader starts at 0 and prepares whole transactions): a fragment elsewhere is
+            // corrupt, and would make the follower apply torn bytes.
+            if u64::from(entry.fragment) != pseq % fragments {
+                self.stats.dropped_unexpected += 1;
+                continue;
+            }
             let meta = EntryMeta {
-                zxid: first_zxid.saturating_add(index),
-                key: entry.key,
+                zxid: if fragments > 1 {
+                    first_zxid
+                } else {
+                    first_zxid.saturating_add(index)
+                },
+                fragment: entry.fragment,
                 session_seq: entry.session_seq,
                 session: entry.session,
                 origin_node: entry.origin_node,
                 present: true,
                 ends_message: false,
             };
-            self.pending.put(pseq, meta, entry.value);
+            self.pending.put(pseq, meta, entry.slot);
             stored += 1;
             if entry.origin_node == self.config.node {
                 // Our forwarded write is ordered: no need to send it again.
@@ -311,14 +348,12 @@ impl Follower {
             self.gap = Some((self.received, first_pseq.min(limit)));
         }
         if count > 0 {
-            self.stats.leader_zxid = self
-                .stats
-                .leader_zxid
-                .max(first_zxid.saturating_add(count - 1));
+            let last = if fragments > 1 { 0 } else { count - 1 };
+            self.stats.leader_zxid = self.stats.leader_zxid.max(first_zxid.saturating_add(last));
         }
     }
 
-    fn install_snapshot(&mut self, message: &Message<'_>, replica: &impl Replica) {
+    fn install_snapshot(&mut self, message: &Message<'_>, replica: &impl StateMachine) {
         if self.phase != Phase::CatchingUp {
             self.stats.duplicates_dropped += 1;
             return;
@@ -335,12 +370,34 @@ impl Follower {
             self.report_due = true;
             return;
         }
+        let chunks = self.config.snapshot_chunks();
         for index in 0..usize::from(message.header.count) {
-            let (key, zxid, value) = message.snapshot_entry(index);
-            replica.install(key, zxid, value);
+            let (item, zxid, slot) = message.snapshot_entry(index);
+            if chunks == 1 {
+                replica.install(item, zxid, &slot[..self.config.item_len.min(slot.len())]);
+                self.stats.snapshot_entries_installed += 1;
+                continue;
+            }
+            let chunk = (first + index as u64) % chunks;
+            let gathering = &mut self.snapshot_gathering;
+            if chunk == 0 {
+                *gathering = (item, zxid, true);
+            } else if gathering.0 != item || gathering.1 != zxid {
+                // The item changed between its chunks: the change is after the base zxid, so
+                // the stream applies it; installing torn bytes would be wrong.
+                gathering.2 = false;
+            }
+            let at = usize::try_from(chunk).unwrap_or(0) * slot.len();
+            let taken = slot.len().min(self.snapshot_item.len().saturating_sub(at));
+            self.snapshot_item[at..at + taken].copy_from_slice(&slot[..taken]);
+            if chunk == chunks - 1 {
+                if gathering.2 {
+                    replica.install(item, zxid, &self.snapshot_item);
+                }
+                self.stats.snapshot_entries_installed += 1;
+            }
         }
         self.snapshot_installed = (first + count).min(end);
-        self.stats.snapshot_entries_installed += count;
         self.report_due = true;
     }
 
@@ -395,7 +452,7 @@ impl Follower {
         &mut self,
         now_ns: u64,
         outbox: &mut impl Outbox,
-        replica: &impl Replica,
+        replica: &impl StateMachine,
         completions: &mut impl Completions,
         limits: &Limits,
     ) {
@@ -415,21 +472,28 @@ impl Follower {
         }
         let mut sent = self.send_nack(now_ns, outbox, limits);
         sent |= self.send_ack(now_ns, outbox, limits);
-        sent |= self.send_writes(now_ns, outbox, limits);
-        sent |= self.repeat_unconfirmed_writes(now_ns, outbox, limits);
+        if self.config.fragments() > 1 {
+            sent |= self.send_fragments(now_ns, outbox, limits);
+        } else {
+            sent |= self.send_writes(now_ns, outbox, limits);
+            sent |= self.repeat_unconfirmed_writes(now_ns, outbox, limits);
+        }
         if !sent {
             self.send_credit_if_due(now_ns, outbox, limits);
         }
     }
 
-    fn apply(&mut self, replica: &impl Replica, completions: &mut impl Completions) {
+    fn apply(&mut self, replica: &impl StateMachine, completions: &mut impl Completions) {
         let Some(base_zxid) = self.base_zxid else {
             return;
         };
-        while self.applied < self.committed && self.applied < self.received {
+        // A transaction is applied once all its fragments are held and committed.
+        let fragments = self.config.fragments() as u64;
+        while self.applied + fragments <= self.committed.min(self.received) {
             let meta = *self.pending.meta(self.applied);
             if meta.zxid > base_zxid {
-                if !replica.try_apply(meta.zxid, meta.key, self.pending.value(self.applied)) {
+                let txn = self.pending.txn(self.applied, self.config.txn_len);
+                if !replica.try_apply(meta.zxid, txn) {
                     self.stats.ordering_stalls += 1;
                     break;
                 }
@@ -439,8 +503,10 @@ impl Follower {
                 self.stats.writes_applied += 1;
                 self.stats.last_applied_zxid = meta.zxid;
             }
-            self.pending.meta_mut(self.applied).present = false;
-            self.applied += 1;
+            for position in self.applied..self.applied + fragments {
+                self.pending.meta_mut(position).present = false;
+            }
+            self.applied += fragments;
         }
     }
 
@@ -498,10 +564,12 @@ impl Follower {
         true
     }
 
-    /// Encodes the writes of `sessions` into one WRITE message.
+    /// Encodes the outgoing entries of `sessions` (fragment `fragment` of each) into one
+    /// WRITE message.
     fn send_write_message(
         &mut self,
         sessions: &[u16],
+        fragment: u32,
         seq: u64,
         flags: u16,
         now_ns: u64,
@@ -516,20 +584,13 @@ impl Follower {
         wire::put_write_prefix(buffer, seq);
         let mut len = wire::HEADER_BYTES + wire::WRITE_PREFIX;
         for session in sessions {
-            let position = u64::from(*session);
-            let meta = self.outgoing.meta(position);
-            wire::put_entry(
-                &mut buffer[len..],
-                meta.origin_node,
-                meta.session,
-                meta.session_seq,
-                meta.key,
-                self.outgoing.value(position),
-            );
-            len += wire::ENTRY_FIXED + self.config.value_len;
+            let position = self.outgoing_position(*session, fragment);
+            len += self
+                .outgoing
+                .encode_entries(position, 1, &mut buffer[len..]);
             self.sent_ns[usize::from(*session)] = now_ns;
         }
-        if flags & FLAG_RETRANSMIT == 0 {
+        if flags & FLAG_RETRANSMIT == 0 || seq != 0 {
             outbox.send(Target::Leader, Kind::Write, len, sessions.len() as u64);
         } else {
             outbox.resend(Target::Leader, Kind::Write, len);
@@ -537,20 +598,91 @@ impl Follower {
         true
     }
 
+    /// Whether the leader has consumed enough WRITE messages for one more to go; a CREDIT
+    /// missing for a whole timeout is taken as lost.
+    fn write_credit(&mut self, now_ns: u64, limits: &Limits) -> bool {
+        if self.write_msgs_sent - self.write_seen_by_leader < limits.write_credits {
+            return true;
+        }
+        let since = *self.write_stalled_since.get_or_insert(now_ns);
+        if now_ns.saturating_sub(since) < limits.retransmit_timeout_ns {
+            self.stats.credit_stalls += 1;
+            return false;
+        }
+        // No CREDIT for a whole timeout: it was lost. Unconfirmed writes are repeated
+        // anyway, so assume the messages were consumed.
+        self.write_seen_by_leader = self.write_msgs_sent;
+        self.write_stalled_since = None;
+        true
+    }
+
+    /// Transactions too large for one datagram: one write at a time, a fragment per WRITE,
+    /// every one within the credits (a repeat too, as it is as many datagrams); new writes
+    /// first, then repeats of those not ordered within the timeout.
+    fn send_fragments(&mut self, now_ns: u64, outbox: &mut impl Outbox, limits: &Limits) -> bool {
+        let fragments = u32::try_from(self.config.fragments()).unwrap_or(u32::MAX);
+        let mut sent = false;
+        loop {
+            let (session, fragment, repeat) = match self.fragment_cursor {
+                Some(cursor) => cursor,
+                None => {
+                    if self.queue_tail > self.queue_head {
+                        let mask = self.queue.len() - 1;
+                        let slot = usize::try_from(self.queue_head).unwrap_or(0) & mask;
+                        self.queue_head += 1;
+                        (self.queue[slot], 0, false)
+                    } else if let Some(session) = self.repeat_due(now_ns, limits) {
+                        self.stats.retransmitted_writes += 1;
+                        (session, 0, true)
+                    } else {
+                        return sent;
+                    }
+                }
+            };
+            self.fragment_cursor = Some((session, fragment, repeat));
+            if repeat && self.unconfirmed[usize::from(session)] == 0 {
+                // Ordered meanwhile: the rest need not go.
+                self.fragment_cursor = None;
+                continue;
+            }
+            if !self.write_credit(now_ns, limits) {
+                return sent;
+            }
+            let seq = self.write_msgs_sent + 1;
+            let flags = if repeat { FLAG_RETRANSMIT } else { 0 };
+            if !self.send_write_message(&[session], fragment, seq, flags, now_ns, outbox) {
+                return sent;
+            }
+            self.write_msgs_sent = seq;
+            sent = true;
+            self.fragment_cursor =
+                (fragment + 1 < fragments).then_some((session, fragment + 1, repeat));
+        }
+    }
+
+    /// A session whose write has waited a whole timeout since it was last sent (looked for at
+    /// most every half timeout).
+    fn repeat_due(&mut self, now_ns: u64, limits: &Limits) -> Option<u16> {
+        if now_ns < self.next_write_scan_ns {
+            return None;
+        }
+        let due = (0..self.unconfirmed.len()).find(|session| {
+            self.unconfirmed[*session] != 0
+                && self.sent_ns[*session] != 0
+                && now_ns.saturating_sub(self.sent_ns[*session]) >= limits.retransmit_timeout_ns
+        });
+        if due.is_none() {
+            self.next_write_scan_ns = now_ns + (limits.retransmit_timeout_ns / 2).max(1);
+        }
+        due.and_then(|session| u16::try_from(session).ok())
+    }
+
     fn send_writes(&mut self, now_ns: u64, outbox: &mut impl Outbox, limits: &Limits) -> bool {
         let mut sent = false;
         let mut batch = [0u16; rzab_shared::limits::MAX_WRITES_PER_MSG];
         while self.queue_tail > self.queue_head {
-            if self.write_msgs_sent - self.write_seen_by_leader >= limits.write_credits {
-                let since = *self.write_stalled_since.get_or_insert(now_ns);
-                if now_ns.saturating_sub(since) < limits.retransmit_timeout_ns {
-                    self.stats.credit_stalls += 1;
-                    break;
-                }
-                // No CREDIT for a whole timeout: it was lost. Unconfirmed writes are repeated
-                // anyway, so assume the messages were consumed.
-                self.write_seen_by_leader = self.write_msgs_sent;
-                self.write_stalled_since = None;
+            if !self.write_credit(now_ns, limits) {
+                break;
             }
             let fitting = limits
                 .write_batch
@@ -566,7 +698,7 @@ impl Follower {
                 count += 1;
             }
             let seq = self.write_msgs_sent + 1;
-            if !self.send_write_message(&batch[..count], seq, 0, now_ns, outbox) {
+            if !self.send_write_message(&batch[..count], 0, seq, 0, now_ns, outbox) {
                 // Put them back at the head; they go next time.
                 self.queue_head -= count as u64;
                 break;
@@ -602,7 +734,8 @@ impl Follower {
             batch[count] = u16::try_from(session).unwrap_or(u16::MAX);
             count += 1;
             if count == fitting.min(batch.len()) {
-                if !self.send_write_message(&batch[..count], 0, FLAG_RETRANSMIT, now_ns, outbox) {
+                if !self.send_write_message(&batch[..count], 0, 0, FLAG_RETRANSMIT, now_ns, outbox)
+                {
                     return sent;
                 }
                 self.stats.retransmitted_writes += 1;
@@ -614,7 +747,8 @@ impl Follower {
                 }
             }
         }
-        if count > 0 && self.send_write_message(&batch[..count], 0, FLAG_RETRANSMIT, now_ns, outbox)
+        if count > 0
+            && self.send_write_message(&batch[..count], 0, 0, FLAG_RETRANSMIT, now_ns, outbox)
         {
             self.stats.retransmitted_writes += 1;
             sent = true;
@@ -706,7 +840,8 @@ mod tests {
             nodes: 3,
             pipeline: 0,
             pipelines: 1,
-            value_len: 16,
+            txn_len: 24,
+            item_len: 16,
             cluster_tag: 1,
             run: 2,
             epoch: LEADER_EPOCH,

@@ -10,8 +10,8 @@ use rzab_shared::limits::{MAX_NODES, MAX_WRITES_PER_MSG};
 use super::wire::{self, FLAG_RETRANSMIT, Kind, Message};
 use super::{
     CatchupBoard, Completions, EntryMeta, EntryRing, FollowerWords, Limits, MAX_WRITE_CREDITS,
-    Outbox, PipelineConfig, PipelineStats, RETRANSMIT_BURST, Replica, SNAPSHOT_MESSAGES_IN_FLIGHT,
-    Target, ZxidSource, half, hello_words, leader_words,
+    Outbox, PipelineConfig, PipelineStats, RETRANSMIT_BURST, SNAPSHOT_MESSAGES_IN_FLIGHT,
+    StateMachine, Target, ZxidSource, half, hello_words, leader_words,
 };
 
 /// Snapshot transfer towards one follower.
@@ -31,6 +31,31 @@ enum SnapshotSend {
         /// Whether anything was sent yet (an empty range still sends one message).
         announced: bool,
     },
+}
+
+/// A forwarded write too large for one datagram, gathered fragment by fragment, in any order
+/// (a bitmap says which are in; a lost one comes with the follower's repeat), until it is
+/// whole and can be queued for ordering. One per follower session (a session has one write
+/// outstanding): under loss a follower has several partly gathered at once, and one assembly
+/// per follower would throw away the progress of each whenever another's fragment came.
+#[derive(Debug, Default)]
+struct WriteAssembly {
+    session: u16,
+    /// The write being gathered (0: none).
+    session_seq: u64,
+    /// Fragments in, and which.
+    received: usize,
+    have: Vec<u64>,
+    bytes: Vec<u8>,
+}
+
+impl WriteAssembly {
+    fn restart(&mut self, session: u16, session_seq: u64) {
+        self.session = session;
+        self.session_seq = session_seq;
+        self.received = 0;
+        self.have.fill(0);
+    }
 }
 
 /// What the leader knows of one follower.
@@ -90,6 +115,13 @@ pub struct Leader {
     links: [FollowerLink; MAX_NODES],
     /// Highest session sequence ordered, by origin node and session (exactly-once).
     ordered: Vec<u64>,
+    /// Fragmented forwarded writes being gathered, by follower and session (empty unless
+    /// transactions travel as fragments).
+    assemblies: Vec<WriteAssembly>,
+    /// Snapshot items too large for a datagram go in chunks, read once per item into this
+    /// buffer: (item, zxid) of what it holds.
+    snapshot_item: Vec<u8>,
+    snapshot_cached: Option<(u64, u64)>,
     /// When the last PREPARE or COMMIT went to every follower.
     broadcast_ns: u64,
     stats: PipelineStats,
@@ -99,13 +131,51 @@ impl Leader {
     pub fn new(config: PipelineConfig) -> Self {
         // Each session has at most one write outstanding and repeats are dropped before they
         // are queued, so every node's sessions fit; the credit bound is kept as well.
-        let incoming_capacity = (usize::from(config.nodes) * config.sessions)
-            .max(config.followers() * MAX_WRITE_CREDITS * MAX_WRITES_PER_MSG + config.sessions);
+        // A fragmented write is queued only once whole, so there the sessions bound it alone.
+        let fragments = config.fragments();
+        let incoming_capacity = if fragments > 1 {
+            (usize::from(config.nodes) * config.sessions.max(1)) * fragments
+        } else {
+            (usize::from(config.nodes) * config.sessions)
+                .max(config.followers() * MAX_WRITE_CREDITS * MAX_WRITES_PER_MSG + config.sessions)
+        };
+        let (assemblies, snapshot_item) = if fragments > 1 || config.snapshot_chunks() > 1 {
+            let sessions = config.sessions.max(1);
+            let assemblies = (0..usize::from(config.nodes) * sessions)
+                .map(|slot| {
+                    let node = slot / sessions;
+                    let follower = fragments > 1
+                        && node < usize::from(config.nodes)
+                        && node != usize::from(config.node);
+                    WriteAssembly {
+                        bytes: if follower {
+                            vec![0; config.txn_len]
+                        } else {
+                            Vec::new()
+                        },
+                        have: if follower {
+                            vec![0; fragments.div_ceil(64)]
+                        } else {
+                            Vec::new()
+                        },
+                        ..WriteAssembly::default()
+                    }
+                })
+                .collect();
+            let item = if config.snapshot_chunks() > 1 {
+                vec![0; config.item_len]
+            } else {
+                Vec::new()
+            };
+            (assemblies, item)
+        } else {
+            (Vec::new(), Vec::new())
+        };
         Leader {
-            incoming: EntryRing::new(incoming_capacity.max(1), config.value_len),
+            incoming: EntryRing::new(incoming_capacity.max(1), config.slot_len()),
             incoming_head: 0,
             incoming_tail: 0,
-            pending: EntryRing::new(config.retained, config.value_len),
+            pending: EntryRing::new(config.retained, config.slot_len()),
             next_pseq: 0,
             committed: 0,
             applied: 0,
@@ -114,6 +184,9 @@ impl Leader {
             commit_msgs_sent: 0,
             links: [FollowerLink::default(); MAX_NODES],
             ordered: vec![0; MAX_NODES * config.sessions.max(1)],
+            assemblies,
+            snapshot_item,
+            snapshot_cached: None,
             broadcast_ns: 0,
             stats: PipelineStats::default(),
             config,
@@ -192,14 +265,17 @@ impl Leader {
         self.incoming_tail - self.incoming_head
     }
 
-    /// Queues a write of one of this node's own sessions; false when there is no room.
-    pub fn submit_write(&mut self, session: u16, session_seq: u64, key: u64, value: &[u8]) -> bool {
-        if self.incoming_len() >= self.incoming.capacity() as u64 {
+    /// Queues a transaction of one of this node's own sessions (exactly
+    /// [`PipelineConfig::txn_len`] bytes); false when there is no room or it has another length.
+    pub fn submit_write(&mut self, session: u16, session_seq: u64, txn: &[u8]) -> bool {
+        let fragments = self.config.fragments() as u64;
+        if txn.len() != self.config.txn_len
+            || self.incoming_len() + fragments > self.incoming.capacity() as u64
+        {
             return false;
         }
-        let meta = EntryMeta::local_write(self.config.node, session, session_seq, key);
-        self.incoming.put(self.incoming_tail, meta, value);
-        self.incoming_tail += 1;
+        let meta = EntryMeta::local_write(self.config.node, session, session_seq, 0);
+        self.incoming_tail += self.incoming.put_txn(self.incoming_tail, meta, txn);
         true
     }
 
@@ -214,7 +290,7 @@ impl Leader {
         now_ns: u64,
         catch_up: bool,
         board: &CatchupBoard,
-        replica: &impl Replica,
+        replica: &impl StateMachine,
     ) -> (u64, bool) {
         let index = usize::from(follower);
         if index >= usize::from(self.config.nodes) || follower == self.config.node {
@@ -352,12 +428,16 @@ impl Leader {
             // The follower may be waiting for a CREDIT that was lost.
             link.credit_due = true;
         }
+        if self.config.fragments() > 1 {
+            self.accept_fragment(message, from);
+            return;
+        }
         let count = usize::from(message.header.count);
         let mut last_queued = None;
         for index in 0..count {
             let entry = message.entry(index);
             let session = usize::from(entry.session);
-            if session >= sessions {
+            if session >= sessions || entry.fragment != 0 {
                 self.stats.dropped_unexpected += 1;
                 continue;
             }
@@ -373,20 +453,93 @@ impl Leader {
             *ordered = entry.session_seq;
             let meta = EntryMeta {
                 zxid: 0,
-                key: entry.key,
                 session_seq: entry.session_seq,
+                fragment: 0,
                 session: entry.session,
                 origin_node: message.header.from_node,
                 present: true,
                 ends_message: false,
             };
-            self.incoming.put(self.incoming_tail, meta, entry.value);
+            self.incoming.put(self.incoming_tail, meta, entry.slot);
             last_queued = Some(self.incoming_tail);
             self.incoming_tail += 1;
         }
         if let Some(position) = last_queued {
             self.incoming.meta_mut(position).ends_message = true;
         }
+    }
+
+    /// One fragment of a forwarded write (a WRITE carries one): gathered in order; the write
+    /// is queued for ordering once its last fragment is in.
+    fn accept_fragment(&mut self, message: &Message<'_>, from: usize) {
+        let sessions = self.config.sessions.max(1);
+        let fragments = self.config.fragments();
+        let slot_len = self.config.slot_len();
+        let txn_len = self.config.txn_len;
+        let entry = message.entry(0);
+        let session = usize::from(entry.session);
+        let fragment = entry.fragment;
+        if session >= sessions || fragment as usize >= fragments {
+            self.stats.dropped_unexpected += 1;
+            return;
+        }
+        if entry.session_seq <= self.ordered[from * sessions + session] {
+            self.stats.duplicates_dropped += 1;
+            return;
+        }
+        let Some(assembly) = self
+            .assemblies
+            .get_mut(from * sessions + session)
+            .filter(|assembly| !assembly.bytes.is_empty())
+        else {
+            self.stats.dropped_unexpected += 1;
+            return;
+        };
+        if entry.session_seq < assembly.session_seq {
+            // A late copy of a write the session has gone past.
+            self.stats.duplicates_dropped += 1;
+            return;
+        }
+        if entry.session_seq != assembly.session_seq {
+            assembly.restart(entry.session, entry.session_seq);
+        }
+        let (word, bit) = (fragment as usize / 64, 1u64 << (fragment % 64));
+        if assembly.have[word] & bit != 0 {
+            self.stats.duplicates_dropped += 1;
+            return;
+        }
+        let at = fragment as usize * slot_len;
+        let len = slot_len.min(txn_len.saturating_sub(at));
+        assembly.bytes[at..at + len].copy_from_slice(&entry.slot[..len]);
+        assembly.have[word] |= bit;
+        assembly.received += 1;
+        if assembly.received != fragments {
+            return;
+        }
+        let incoming_len = self.incoming_tail - self.incoming_head;
+        if incoming_len + fragments as u64 > self.incoming.capacity() as u64 {
+            // No room to queue it: keep it whole but for this fragment, which comes again.
+            assembly.have[word] &= !bit;
+            assembly.received -= 1;
+            self.stats.dropped_unexpected += 1;
+            return;
+        }
+        self.ordered[from * sessions + session] = entry.session_seq;
+        let meta = EntryMeta {
+            zxid: 0,
+            session_seq: entry.session_seq,
+            fragment: 0,
+            session: entry.session,
+            origin_node: message.header.from_node,
+            present: true,
+            ends_message: false,
+        };
+        let taken = self
+            .incoming
+            .put_txn(self.incoming_tail, meta, &assembly.bytes);
+        assembly.session_seq = 0;
+        self.incoming_tail += taken;
+        self.incoming.meta_mut(self.incoming_tail - 1).ends_message = true;
     }
 
     fn follower_ids(&self) -> impl Iterator<Item = usize> + use<> {
@@ -418,7 +571,7 @@ impl Leader {
         &mut self,
         now_ns: u64,
         outbox: &mut impl Outbox,
-        replica: &impl Replica,
+        replica: &impl StateMachine,
         zxids: &ZxidSource,
         board: &CatchupBoard,
         completions: &mut impl Completions,
@@ -440,17 +593,20 @@ impl Leader {
         self.send_snapshots(now_ns, outbox, replica, board, limits);
     }
 
-    fn apply(&mut self, replica: &impl Replica, completions: &mut impl Completions) {
-        while self.applied < self.committed {
+    fn apply(&mut self, replica: &impl StateMachine, completions: &mut impl Completions) {
+        // A transaction is applied once all its fragments are committed.
+        let fragments = self.config.fragments() as u64;
+        while self.applied + fragments <= self.committed {
             let meta = *self.pending.meta(self.applied);
-            if !replica.try_apply(meta.zxid, meta.key, self.pending.value(self.applied)) {
+            let txn = self.pending.txn(self.applied, self.config.txn_len);
+            if !replica.try_apply(meta.zxid, txn) {
                 self.stats.ordering_stalls += 1;
                 break;
             }
             if meta.origin_node == self.config.node {
                 completions.write_applied(meta.session, meta.session_seq, meta.zxid);
             }
-            self.applied += 1;
+            self.applied += fragments;
             self.stats.writes_applied += 1;
             self.stats.last_applied_zxid = meta.zxid;
             self.stats.leader_zxid = meta.zxid;
@@ -509,7 +665,8 @@ impl Leader {
             if pseq >= to {
                 break;
             }
-            // One PREPARE carries consecutive zxids: stop where a batch of zxids ended.
+            // One PREPARE carries consecutive zxids: stop where a batch of zxids ended (a
+            // fragment fills a PREPARE by itself).
             let first_zxid = self.pending.meta(pseq).zxid;
             let mut count = 1;
             while count < fitting
@@ -766,7 +923,14 @@ impl Leader {
                 Some(Some(buffer)) => Some(buffer),
                 None => None,
             };
-            let first_zxid = zxids.take(batch);
+            // The fragments of one transaction share its zxid, taken with the first.
+            let continues_txn = self.incoming.meta(self.incoming_head).fragment != 0;
+            let first_zxid = if continues_txn && self.next_pseq > 0 {
+                self.pending.meta(self.next_pseq - 1).zxid
+            } else {
+                zxids.take(batch)
+            };
+            let fragmented = self.config.fragments() > 1;
             let first_pseq = self.next_pseq;
             let mut len = 0;
             if let Some(buffer) = buffer {
@@ -782,7 +946,11 @@ impl Leader {
                 let from = self.incoming_head + offset;
                 let meta = *self.incoming.meta(from);
                 let prepared = EntryMeta {
-                    zxid: first_zxid + offset,
+                    zxid: if fragmented {
+                        first_zxid
+                    } else {
+                        first_zxid + offset
+                    },
                     present: true,
                     ends_message: false,
                     ..meta
@@ -842,7 +1010,7 @@ impl Leader {
         &mut self,
         now_ns: u64,
         outbox: &mut impl Outbox,
-        replica: &impl Replica,
+        replica: &impl StateMachine,
         board: &CatchupBoard,
         limits: &Limits,
     ) {
@@ -896,19 +1064,42 @@ impl Leader {
                     &self.config.header(Kind::Snapshot, entries, 0, words),
                 );
                 wire::put_snapshot_prefix(buffer, base_zxid, next, end);
-                let entry_len = wire::SNAPSHOT_ENTRY_FIXED + self.config.value_len;
+                let slot_len = self.config.snapshot_slot_len();
+                let chunks = self.config.snapshot_chunks();
                 let mut len = wire::HEADER_BYTES + wire::SNAPSHOT_PREFIX;
-                for key in next..next + count {
-                    let value_at = len + wire::SNAPSHOT_ENTRY_FIXED;
-                    let zxid = replica
-                        .read_for_snapshot(
-                            key,
-                            &mut buffer[value_at..value_at + self.config.value_len],
+                for position in next..next + count {
+                    let slot_at = len + wire::SNAPSHOT_ENTRY_FIXED;
+                    let slot = &mut buffer[slot_at..slot_at + slot_len];
+                    let (item, zxid) = if chunks > 1 {
+                        let (item, chunk) = (position / chunks, position % chunks);
+                        let zxid = match self.snapshot_cached {
+                            Some((cached, zxid)) if cached == item && chunk != 0 => zxid,
+                            _ => {
+                                // Read once per item; a chunk read after the item changed
+                                // carries the newer zxid, and the follower skips the torn item
+                                // (the change is after the base, so it applies it anyway).
+                                let zxid = replica
+                                    .read_for_snapshot(item, &mut self.snapshot_item)
+                                    .unwrap_or(0);
+                                self.snapshot_cached = Some((item, zxid));
+                                zxid
+                            }
+                        };
+                        let at = usize::try_from(chunk).unwrap_or(0) * slot_len;
+                        let piece = &self.snapshot_item[at.min(self.snapshot_item.len())..];
+                        let taken = piece.len().min(slot_len);
+                        slot[..taken].copy_from_slice(&piece[..taken]);
+                        slot[taken..].fill(0);
+                        (item, zxid)
+                    } else {
+                        (
+                            position,
+                            replica.read_for_snapshot(position, slot).unwrap_or(0),
                         )
-                        .unwrap_or(0);
-                    buffer[len..len + 8].copy_from_slice(&key.to_le_bytes());
+                    };
+                    buffer[len..len + 8].copy_from_slice(&item.to_le_bytes());
                     buffer[len + 8..len + 16].copy_from_slice(&zxid.to_le_bytes());
-                    len += entry_len;
+                    len += wire::SNAPSHOT_ENTRY_FIXED + slot_len;
                 }
                 outbox.send(follower_target(follower), Kind::Snapshot, len, count);
                 self.stats.snapshot_entries_sent += count;

@@ -5,7 +5,7 @@
 //! the followers' workers `t` and of its own sessions. Each pipeline numbers its prepares with
 //! a contiguous 64-bit sequence (`pseq`), used by ACK and COMMIT ranges; the leader also gives
 //! every write a zxid from one counter shared by all of its workers (one fetch-add per batch),
-//! and every node applies writes in zxid order across all its workers through a [`Replica`].
+//! and every node applies writes in zxid order across all its workers through a [`StateMachine`].
 //!
 //! The state machines do no I/O: they are handed decoded messages, the time, buffers to write
 //! outgoing messages into (an [`Outbox`]) and the replica to apply to; the worker loop and the
@@ -107,19 +107,97 @@ pub trait Outbox {
     fn resend(&mut self, target: Target, kind: Kind, len: usize);
 }
 
-/// The node-wide, zxid-ordered application of committed writes.
-pub trait Replica {
-    /// Applies the write if `zxid` is the next in the node's total order; returns false (and
-    /// changes nothing) if an earlier zxid has not been applied yet.
-    fn try_apply(&self, zxid: u64, key: u64, value: &[u8]) -> bool;
+/// One transaction's bytes, as they lie in a ring: in one piece, or in two where the ring
+/// wrapped. The protocol never interprets them; a [`StateMachine`] does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Txn<'a> {
+    head: &'a [u8],
+    tail: &'a [u8],
+}
+
+impl<'a> Txn<'a> {
+    /// A transaction in one piece.
+    pub fn whole(bytes: &'a [u8]) -> Self {
+        Txn {
+            head: bytes,
+            tail: &[],
+        }
+    }
+
+    /// A transaction whose bytes are `head` followed by `tail`.
+    pub fn split(head: &'a [u8], tail: &'a [u8]) -> Self {
+        Txn { head, tail }
+    }
+
+    pub fn len(&self) -> usize {
+        self.head.len() + self.tail.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Its pieces, in order (the second empty unless the ring wrapped).
+    pub fn parts(&self) -> [&'a [u8]; 2] {
+        [self.head, self.tail]
+    }
+
+    /// The transaction without its first `count` bytes.
+    pub fn skip(&self, count: usize) -> Txn<'a> {
+        if count <= self.head.len() {
+            Txn {
+                head: &self.head[count..],
+                tail: self.tail,
+            }
+        } else {
+            let rest = (count - self.head.len()).min(self.tail.len());
+            Txn::whole(&self.tail[rest..])
+        }
+    }
+
+    /// The little-endian u64 at byte `at` (bytes past the end read as 0).
+    pub fn u64_at(&self, at: usize) -> u64 {
+        let mut word = [0u8; 8];
+        for (index, byte) in word.iter_mut().enumerate() {
+            let position = at + index;
+            *byte = if position < self.head.len() {
+                self.head[position]
+            } else {
+                self.tail
+                    .get(position - self.head.len())
+                    .copied()
+                    .unwrap_or(0)
+            };
+        }
+        u64::from_le_bytes(word)
+    }
+
+    /// Copies the bytes into the front of `out` (as many as fit); returns how many.
+    pub fn copy_to(&self, out: &mut [u8]) -> usize {
+        let first = self.head.len().min(out.len());
+        out[..first].copy_from_slice(&self.head[..first]);
+        let second = self.tail.len().min(out.len() - first);
+        out[first..first + second].copy_from_slice(&self.tail[..second]);
+        first + second
+    }
+}
+
+/// What applies transactions: the node-wide, zxid-ordered state machine every pipeline of a
+/// node applies through (the key-value store of the benchmark is one; the znode tree will be
+/// another). It also produces and installs the snapshot a joining follower catches up from:
+/// a sequence of items `0..keys`, each with the zxid of the write that produced it.
+pub trait StateMachine {
+    /// Applies the transaction if `zxid` is the next in the node's total order; returns false
+    /// (and changes nothing) if an earlier zxid has not been applied yet.
+    fn try_apply(&self, zxid: u64, txn: Txn<'_>) -> bool;
     /// The last zxid applied on this node.
     fn applied_zxid(&self) -> u64;
-    /// Copies the value of `key` into `out` and returns the zxid that wrote it, for a snapshot;
-    /// `None` for a key the store does not hold.
-    fn read_for_snapshot(&self, key: u64, out: &mut [u8]) -> Option<u64>;
-    /// Installs a snapshot entry unless the store already holds a newer write to `key`.
-    fn install(&self, key: u64, zxid: u64, value: &[u8]);
-    /// Catch-up: every write up to `zxid` is (or will be, by snapshot) in the store; applying
+    /// Copies snapshot item `item` into `out` and returns the zxid that wrote it; `None` for
+    /// an item the state machine does not hold.
+    fn read_for_snapshot(&self, item: u64, out: &mut [u8]) -> Option<u64>;
+    /// Installs a snapshot item unless the state already holds a newer write to it.
+    fn install(&self, item: u64, zxid: u64, bytes: &[u8]);
+    /// Catch-up: every write up to `zxid` is (or will be, by snapshot) in the state; applying
     /// resumes after it. Only the first call on a node counts.
     fn set_base(&self, zxid: u64);
 }
@@ -183,6 +261,31 @@ impl Default for Limits {
     }
 }
 
+/// Why a pipeline configuration cannot work.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum PipelineConfigError {
+    #[error("node {node} of {nodes}: need 1..={MAX_NODES} nodes")]
+    Nodes { node: u8, nodes: u8 },
+    #[error(
+        "window {window} must be a power of two of at least {least} (two of the largest batches, and two transactions of {fragments} fragments)"
+    )]
+    Window {
+        window: usize,
+        least: usize,
+        fragments: usize,
+    },
+    #[error(
+        "the committed-transaction ring of {retained} entries must be a power of two of at least two windows ({least})"
+    )]
+    Retained { retained: usize, least: usize },
+    #[error("the transport MTU of {mtu} bytes is below the {least} one entry needs")]
+    Mtu { mtu: usize, least: usize },
+    #[error("transactions of {0} bytes cannot be carried")]
+    TxnLength(usize),
+    #[error("{0} sessions: at most 65535")]
+    Sessions(usize),
+}
+
 /// Fixed facts about one pipeline.
 #[derive(Clone, Copy, Debug)]
 pub struct PipelineConfig {
@@ -190,7 +293,10 @@ pub struct PipelineConfig {
     pub nodes: u8,
     pub pipeline: u8,
     pub pipelines: u8,
-    pub value_len: usize,
+    /// Bytes of every transaction of this run (fixed at start).
+    pub txn_len: usize,
+    /// Bytes of every snapshot item (fixed at start; a multiple of 8).
+    pub item_len: usize,
     pub cluster_tag: u32,
     /// The run every node of the cluster was started with ([`wire::run_tag`]).
     pub run: u64,
@@ -207,7 +313,7 @@ pub struct PipelineConfig {
     /// two windows. See [`retained_for_bytes`].
     pub retained: usize,
     pub mtu: usize,
-    /// Keys of the store (ids `0..keys`), which the catch-up snapshot covers.
+    /// Snapshot items (the store's keys, ids `0..keys`), which the catch-up snapshot covers.
     pub keys: u64,
     /// This process's instance: a restarted process has a new one.
     pub instance: u64,
@@ -225,28 +331,84 @@ impl PipelineConfig {
         usize::from(self.nodes) / 2
     }
 
+    /// The most transaction bytes one PREPARE or WRITE entry can carry within the MTU.
+    fn fragment_capacity(&self) -> usize {
+        let prefix = wire::PREPARE_PREFIX.max(wire::WRITE_PREFIX);
+        (self
+            .mtu
+            .saturating_sub(wire::HEADER_BYTES + prefix + wire::ENTRY_FIXED)
+            / 8)
+            * 8
+    }
+
+    /// Bytes of transaction per entry: the whole transaction rounded up to 8, or, for one too
+    /// large for a datagram, a fragment that fills the datagram.
+    pub fn slot_len(&self) -> usize {
+        let whole = self.txn_len.max(1).next_multiple_of(8);
+        if whole <= self.fragment_capacity() {
+            whole
+        } else {
+            self.fragment_capacity().max(8)
+        }
+    }
+
+    /// Entries (consecutive pseqs) one transaction takes: 1, or its fragments.
+    pub fn fragments(&self) -> usize {
+        self.txn_len.max(1).div_ceil(self.slot_len())
+    }
+
     /// Entries one PREPARE can carry within the MTU.
     pub fn prepares_fitting(&self) -> usize {
+        if self.fragments() > 1 {
+            return 1;
+        }
         ((self.mtu - wire::HEADER_BYTES - wire::PREPARE_PREFIX)
-            / (wire::ENTRY_FIXED + self.value_len))
-            .min(MAX_PREPARES_PER_MSG)
+            / (wire::ENTRY_FIXED + self.slot_len()))
+        .min(MAX_PREPARES_PER_MSG)
     }
 
     /// Entries one WRITE can carry within the MTU.
     pub fn writes_fitting(&self) -> usize {
+        if self.fragments() > 1 {
+            return 1;
+        }
         ((self.mtu - wire::HEADER_BYTES - wire::WRITE_PREFIX)
-            / (wire::ENTRY_FIXED + self.value_len))
-            .min(MAX_WRITES_PER_MSG)
+            / (wire::ENTRY_FIXED + self.slot_len()))
+        .min(MAX_WRITES_PER_MSG)
+    }
+
+    /// Bytes of snapshot item per SNAPSHOT entry: the whole item, or a chunk that fills the
+    /// datagram.
+    pub fn snapshot_slot_len(&self) -> usize {
+        let capacity = (self.mtu.saturating_sub(
+            wire::HEADER_BYTES + wire::SNAPSHOT_PREFIX + wire::SNAPSHOT_ENTRY_FIXED,
+        ) / 8)
+            * 8;
+        let whole = self.item_len.max(8).next_multiple_of(8);
+        if whole <= capacity {
+            whole
+        } else {
+            capacity.max(8)
+        }
+    }
+
+    /// Snapshot positions one item takes: 1, or its chunks.
+    pub fn snapshot_chunks(&self) -> u64 {
+        self.item_len.max(1).div_ceil(self.snapshot_slot_len()) as u64
     }
 
     /// Entries one SNAPSHOT can carry within the MTU.
     pub fn snapshot_entries_fitting(&self) -> usize {
+        if self.snapshot_chunks() > 1 {
+            return 1;
+        }
         ((self.mtu - wire::HEADER_BYTES - wire::SNAPSHOT_PREFIX)
-            / (wire::SNAPSHOT_ENTRY_FIXED + self.value_len))
-            .min(MAX_SNAPSHOT_ENTRIES_PER_MSG)
+            / (wire::SNAPSHOT_ENTRY_FIXED + self.snapshot_slot_len()))
+        .min(MAX_SNAPSHOT_ENTRIES_PER_MSG)
     }
 
-    /// The key positions `[first, end)` this pipeline sends or installs in a snapshot.
+    /// The snapshot positions `[first, end)` this pipeline sends or installs: its share of the
+    /// items, each [`PipelineConfig::snapshot_chunks`] positions long.
     pub fn snapshot_range(&self) -> (u64, u64) {
         let pipelines = u64::from(self.pipelines.max(1));
         let share = |pipeline: u64| {
@@ -254,44 +416,63 @@ impl PipelineConfig {
                 .unwrap_or(u64::MAX)
         };
         let pipeline = u64::from(self.pipeline);
-        (share(pipeline), share(pipeline + 1))
+        let chunks = self.snapshot_chunks();
+        (
+            share(pipeline).saturating_mul(chunks),
+            share(pipeline + 1).saturating_mul(chunks),
+        )
     }
 
     /// Checks that the configuration can work at all.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), PipelineConfigError> {
         if self.nodes == 0 || usize::from(self.nodes) > MAX_NODES || self.node >= self.nodes {
-            return Err(format!(
-                "node {} of {}: need 1..={MAX_NODES} nodes",
-                self.node, self.nodes
-            ));
+            return Err(PipelineConfigError::Nodes {
+                node: self.node,
+                nodes: self.nodes,
+            });
         }
-        if !self.window.is_power_of_two() || self.window < 2 * MAX_PREPARES_PER_MSG {
-            return Err(format!(
-                "window {} must be a power of two of at least 32",
-                self.window
-            ));
+        let least_window = (2 * MAX_PREPARES_PER_MSG).max(2 * self.fragments());
+        if !self.window.is_power_of_two() || self.window < least_window {
+            return Err(PipelineConfigError::Window {
+                window: self.window,
+                least: least_window.next_power_of_two(),
+                fragments: self.fragments(),
+            });
         }
         if !self.retained.is_power_of_two() || self.retained < 2 * self.window {
-            return Err(format!(
-                "the leader's ring of {} prepares must be a power of two of at least two windows ({})",
-                self.retained,
-                2 * self.window
-            ));
+            return Err(PipelineConfigError::Retained {
+                retained: self.retained,
+                least: 2 * self.window,
+            });
         }
-        if self.mtu
-            < wire::prepare_len(1, self.value_len).max(wire::snapshot_len(1, self.value_len))
-        {
-            return Err(format!(
-                "value size {} does not fit the transport MTU of {} bytes (one prepare needs {})",
-                self.value_len,
-                self.mtu,
-                wire::prepare_len(1, self.value_len)
-            ));
+        let least_mtu = wire::prepare_len(1, 8).max(wire::snapshot_len(1, 8));
+        if self.mtu < least_mtu {
+            return Err(PipelineConfigError::Mtu {
+                mtu: self.mtu,
+                least: least_mtu,
+            });
+        }
+        if self.txn_len == 0 || self.fragments() > u32::MAX as usize {
+            return Err(PipelineConfigError::TxnLength(self.txn_len));
         }
         if self.sessions > usize::from(u16::MAX) {
-            return Err("too many sessions".into());
+            return Err(PipelineConfigError::Sessions(self.sessions));
         }
         Ok(())
+    }
+
+    /// This configuration with the committed-transaction ring [`retained_for_bytes`] gives
+    /// for `bytes` in all.
+    pub fn with_retained(self, bytes: u64) -> Self {
+        PipelineConfig {
+            retained: retained_for_bytes(
+                bytes,
+                usize::from(self.pipelines),
+                self.slot_len(),
+                self.window,
+            ),
+            ..self
+        }
     }
 
     /// The header of a message of this pipeline's node (sealed later by the outbox).
@@ -308,7 +489,11 @@ impl PipelineConfig {
             pipeline: self.pipeline,
             count: u16::try_from(count).unwrap_or(u16::MAX),
             cluster_tag: self.cluster_tag,
-            value_len: u16::try_from(self.value_len).unwrap_or(u16::MAX),
+            slot_words: match kind {
+                Kind::Prepare | Kind::Write => wire::slot_words(self.slot_len()),
+                Kind::Snapshot => wire::slot_words(self.snapshot_slot_len()),
+                _ => 0,
+            },
             flags,
             run: self.run,
             instance: self.instance,
@@ -322,7 +507,9 @@ impl PipelineConfig {
         wire::WireContext {
             cluster_tag: self.cluster_tag,
             run: self.run,
-            value_len: self.value_len,
+            slot_len: self.slot_len(),
+            fragmented: self.fragments() > 1,
+            snapshot_slot_len: self.snapshot_slot_len(),
             nodes: usize::from(self.nodes),
             pipelines: usize::from(self.pipelines),
             integrity: self.integrity,
@@ -331,10 +518,10 @@ impl PipelineConfig {
 }
 
 /// Prepares each of `pipelines` leader pipelines keeps in a committed-transaction ring of
-/// `bytes` in all, for `value_len`-byte values: the largest power of two that fits, and at
-/// least two windows (the least the leader works with).
-pub fn retained_for_bytes(bytes: u64, pipelines: usize, value_len: usize, window: usize) -> usize {
-    let entry = (std::mem::size_of::<EntryMeta>() + value_len) as u64;
+/// `bytes` in all, for entries of `slot_len`-byte slots ([`PipelineConfig::slot_len`]): the
+/// largest power of two that fits, and at least two windows (the least the leader works with).
+pub fn retained_for_bytes(bytes: u64, pipelines: usize, slot_len: usize, window: usize) -> usize {
+    let entry = (std::mem::size_of::<EntryMeta>() + slot_len) as u64;
     let per_pipeline = bytes / (pipelines.max(1) as u64) / entry;
     let entries = usize::try_from(per_pipeline).unwrap_or(usize::MAX);
     let floor = 2 * window.max(1);
@@ -348,6 +535,9 @@ pub fn retained_for_bytes(bytes: u64, pipelines: usize, value_len: usize, window
 /// The committed-transaction ring's default, in bytes per node: at 32-byte values about
 /// 3.7 million prepares, seconds of full write load on this machine.
 pub const DEFAULT_COMMITTED_RING_BYTES: u64 = 256 << 20;
+
+/// The default largest transaction: ZooKeeper's default request limit (jute.maxbuffer).
+pub const DEFAULT_MAX_TXN_BYTES: usize = 1 << 20;
 
 /// Most entries one SNAPSHOT message carries.
 pub const MAX_SNAPSHOT_ENTRIES_PER_MSG: usize = 64;
@@ -442,7 +632,13 @@ impl CatchupBoard {
     }
 
     /// Pipeline `pipeline` has restarted towards `follower`'s `instance`.
-    pub fn register(&self, follower: usize, instance: u64, pipeline: u8, replica: &impl Replica) {
+    pub fn register(
+        &self,
+        follower: usize,
+        instance: u64,
+        pipeline: u8,
+        replica: &impl StateMachine,
+    ) {
         let Ok(mut slots) = self.slots.lock() else {
             return;
         };
@@ -478,12 +674,13 @@ impl CatchupBoard {
     }
 }
 
-/// Metadata of one write held in a ring.
+/// Metadata of one entry (a transaction, or one fragment of one) held in a ring.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct EntryMeta {
     pub zxid: u64,
-    pub key: u64,
     pub session_seq: u64,
+    /// Which fragment of its transaction this entry is (0 for an unfragmented one).
+    pub fragment: u32,
     pub session: u16,
     pub origin_node: u8,
     pub present: bool,
@@ -492,12 +689,12 @@ pub struct EntryMeta {
 }
 
 impl EntryMeta {
-    /// A write of one of this node's sessions, not yet ordered.
-    pub fn local_write(node: u8, session: u16, session_seq: u64, key: u64) -> Self {
+    /// Fragment `fragment` of a write of one of this node's sessions, not yet ordered.
+    pub fn local_write(node: u8, session: u16, session_seq: u64, fragment: u32) -> Self {
         EntryMeta {
             zxid: 0,
-            key,
             session_seq,
+            fragment,
             session,
             origin_node: node,
             present: true,
@@ -506,22 +703,24 @@ impl EntryMeta {
     }
 }
 
-/// A fixed ring of writes (metadata plus values), indexed by a 64-bit position.
+/// A fixed ring of entries (metadata plus a slot of transaction bytes each), indexed by a
+/// 64-bit position. A transaction of several fragments takes consecutive positions, so its
+/// bytes lie contiguously but for a wrap at the ring's end ([`EntryRing::txn`]).
 #[derive(Debug)]
 pub struct EntryRing {
     metas: Vec<EntryMeta>,
-    values: Vec<u8>,
-    value_len: usize,
+    slots: Vec<u8>,
+    slot_len: usize,
     mask: usize,
 }
 
 impl EntryRing {
-    pub fn new(capacity: usize, value_len: usize) -> Self {
+    pub fn new(capacity: usize, slot_len: usize) -> Self {
         let capacity = capacity.next_power_of_two();
         EntryRing {
             metas: vec![EntryMeta::default(); capacity],
-            values: vec![0; capacity * value_len],
-            value_len,
+            slots: vec![0; capacity * slot_len],
+            slot_len,
             mask: capacity - 1,
         }
     }
@@ -546,18 +745,43 @@ impl EntryRing {
         &mut self.metas[index]
     }
 
-    pub fn value(&self, position: u64) -> &[u8] {
-        let at = self.index(position) * self.value_len;
-        &self.values[at..at + self.value_len]
+    pub fn slot(&self, position: u64) -> &[u8] {
+        let at = self.index(position) * self.slot_len;
+        &self.slots[at..at + self.slot_len]
     }
 
-    /// Stores a write at `position`.
-    pub fn put(&mut self, position: u64, meta: EntryMeta, value: &[u8]) {
+    /// The first `len` bytes of the transaction whose first entry is at `position`.
+    pub fn txn(&self, position: u64, len: usize) -> Txn<'_> {
+        let at = self.index(position) * self.slot_len;
+        let len = len.min(self.slots.len());
+        let first = (self.slots.len() - at).min(len);
+        Txn::split(&self.slots[at..at + first], &self.slots[..len - first])
+    }
+
+    /// Stores one entry at `position`: its metadata, and `bytes` (at most a slot) in its slot.
+    pub fn put(&mut self, position: u64, meta: EntryMeta, bytes: &[u8]) {
         let index = self.index(position);
         self.metas[index] = meta;
-        let at = index * self.value_len;
-        let len = value.len().min(self.value_len);
-        self.values[at..at + len].copy_from_slice(&value[..len]);
+        let at = index * self.slot_len;
+        let len = bytes.len().min(self.slot_len);
+        self.slots[at..at + len].copy_from_slice(&bytes[..len]);
+        // Padding goes on the wire: never last use's bytes.
+        self.slots[at + len..at + self.slot_len].fill(0);
+    }
+
+    /// Stores a whole transaction from `position` on, a slot per fragment, each with `meta`
+    /// but for its fragment index; returns the entries it took.
+    pub fn put_txn(&mut self, position: u64, meta: EntryMeta, txn: &[u8]) -> u64 {
+        let mut fragment = 0u32;
+        for (offset, piece) in txn.chunks(self.slot_len.max(1)).enumerate() {
+            self.put(
+                position + offset as u64,
+                EntryMeta { fragment, ..meta },
+                piece,
+            );
+            fragment = fragment.saturating_add(1);
+        }
+        u64::from(fragment.max(1))
     }
 
     /// Encodes the `count` entries from `first` on as wire entries into `out`; returns the
@@ -566,15 +790,16 @@ impl EntryRing {
         let mut len = 0;
         for position in first..first + count {
             let meta = self.meta(position);
-            wire::put_entry(
+            wire::put_entry_fixed(
                 &mut out[len..],
                 meta.origin_node,
                 meta.session,
+                meta.fragment,
                 meta.session_seq,
-                meta.key,
-                self.value(position),
             );
-            len += wire::ENTRY_FIXED + self.value_len;
+            len += wire::ENTRY_FIXED;
+            out[len..len + self.slot_len].copy_from_slice(self.slot(position));
+            len += self.slot_len;
         }
         len
     }
@@ -583,10 +808,10 @@ impl EntryRing {
     pub fn put_from(&mut self, to: u64, meta: EntryMeta, source: &EntryRing, from: u64) {
         let index = self.index(to);
         self.metas[index] = meta;
-        let at = index * self.value_len;
-        let from_at = source.index(from) * source.value_len;
-        self.values[at..at + self.value_len]
-            .copy_from_slice(&source.values[from_at..from_at + self.value_len]);
+        let at = index * self.slot_len;
+        let from_at = source.index(from) * source.slot_len;
+        self.slots[at..at + self.slot_len]
+            .copy_from_slice(&source.slots[from_at..from_at + self.slot_len]);
     }
 }
 

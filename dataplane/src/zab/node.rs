@@ -12,7 +12,7 @@ use super::follower::{Follower, LeaderIdentity, Phase};
 use super::leader::Leader;
 use super::wire::{self, Kind, Message};
 use super::{
-    CatchupBoard, Completions, Limits, Outbox, PipelineConfig, PipelineStats, Replica, Target,
+    CatchupBoard, Completions, Limits, Outbox, PipelineConfig, PipelineStats, StateMachine, Target,
     ZxidSource, hello_words,
 };
 
@@ -119,7 +119,7 @@ impl Node {
         &mut self,
         message: &Message<'_>,
         now_ns: u64,
-        replica: &impl Replica,
+        replica: &impl StateMachine,
         board: &CatchupBoard,
     ) {
         if message.header.kind != Kind::Hello {
@@ -162,7 +162,7 @@ impl Node {
         header: &wire::Header,
         now_ns: u64,
         catch_up: bool,
-        replica: &impl Replica,
+        replica: &impl StateMachine,
         board: &CatchupBoard,
     ) {
         match &mut self.role {
@@ -190,7 +190,7 @@ impl Node {
         &mut self,
         header: &wire::Header,
         now_ns: u64,
-        replica: &impl Replica,
+        replica: &impl StateMachine,
         board: &CatchupBoard,
     ) {
         // As an answer at the start: pseq 0, no snapshot.
@@ -246,7 +246,7 @@ impl Node {
         &mut self,
         now_ns: u64,
         outbox: &mut impl Outbox,
-        replica: &impl Replica,
+        replica: &impl StateMachine,
         zxids: &ZxidSource,
         board: &CatchupBoard,
         completions: &mut impl Completions,
@@ -264,10 +264,12 @@ impl Node {
     }
 
     /// Queues a write of one of this node's sessions; false when it cannot be taken now.
-    pub fn submit_write(&mut self, session: u16, session_seq: u64, key: u64, value: &[u8]) -> bool {
+    /// Submits a transaction of one of this node's sessions (exactly the configured length);
+    /// false when it cannot be taken now.
+    pub fn submit_write(&mut self, session: u16, session_seq: u64, txn: &[u8]) -> bool {
         match &mut self.role {
-            Role::Leader(leader) => leader.submit_write(session, session_seq, key, value),
-            Role::Follower(follower) => follower.submit_write(session, session_seq, key, value),
+            Role::Leader(leader) => leader.submit_write(session, session_seq, txn),
+            Role::Follower(follower) => follower.submit_write(session, session_seq, txn),
         }
     }
 

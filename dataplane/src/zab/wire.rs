@@ -1,7 +1,7 @@
 //! Wire formats of the ZAB messages: a fixed 96-byte header followed by a kind-specific body.
 //! The header names the cluster (a tag of its name), the run (a generation every node of the
 //! cluster is started with), the sender (node, pipeline, process instance) and the epoch it
-//! speaks in; it carries the entry count, value length, flags, five 64-bit words whose meaning
+//! speaks in; it carries the entry count, the entry slot length, flags, five 64-bit words whose meaning
 //! depends on the direction (flow-control and progress counters), the body's length, and an
 //! integrity check over everything else ([`Integrity`]: CRC32C, or a keyed MAC from the
 //! cluster secret). All integers are little-endian.
@@ -9,12 +9,12 @@
 //! | bytes  | field |
 //! |--------|-------|
 //! | 0..2   | magic `ZB` |
-//! | 2      | version (3) |
+//! | 2      | version (4) |
 //! | 3      | kind |
 //! | 4, 5   | sender node, pipeline |
 //! | 6..8   | entry count |
 //! | 8..12  | cluster tag |
-//! | 12..14 | value length |
+//! | 12..14 | slot length of the entries, in 8-byte words |
 //! | 14..16 | flags |
 //! | 16..24 | run |
 //! | 24..32 | sender's process instance |
@@ -34,7 +34,7 @@ use std::fmt;
 
 /// "ZB", little-endian.
 pub const MAGIC: u16 = 0x425A;
-pub const VERSION: u8 = 3;
+pub const VERSION: u8 = 4;
 pub const HEADER_BYTES: usize = 96;
 /// Words in the header.
 pub const WORDS: usize = 5;
@@ -46,14 +46,17 @@ const BODY_LEN_AT: usize = 36;
 pub const PREPARE_PREFIX: usize = 16;
 /// Body prefix of WRITE: the follower's message sequence (0 on a retransmission).
 pub const WRITE_PREFIX: usize = 8;
-/// Fixed part of every PREPARE or WRITE entry (origin, session, sequence, key); the value follows.
-pub const ENTRY_FIXED: usize = 24;
+/// Fixed part of every PREPARE or WRITE entry: origin node (byte 0), session (2..4), fragment
+/// index (4..8), session sequence (8..16). A slot of transaction bytes follows: the whole
+/// transaction (zero-padded to the slot), or one fragment of one too large for a datagram.
+pub const ENTRY_FIXED: usize = 16;
 /// Body of ACK, NACK and COMMIT: a range (first pipeline sequence, count).
 pub const RANGE_BODY: usize = 16;
 /// Body prefix of SNAPSHOT: the zxid the snapshot stands on, the first key position it
 /// carries, and the end of the key range being sent.
 pub const SNAPSHOT_PREFIX: usize = 24;
-/// Fixed part of every SNAPSHOT entry (key, zxid of its value); the value follows.
+/// Fixed part of every SNAPSHOT entry (item, zxid of its value); a slot of the item's bytes
+/// follows (the whole item, or one chunk of one too large for a datagram).
 pub const SNAPSHOT_ENTRY_FIXED: usize = 16;
 
 const _: () = assert!(40 + WORDS * 8 == CHECK_AT && CHECK_BYTES == 16);
@@ -136,8 +139,10 @@ pub enum WireError {
     Truncated { claimed: usize, found: usize },
     #[error("integrity check failed (corrupt, or not sealed with this cluster's secret)")]
     BadCheck,
-    #[error("value length {found} differs from the configured {expected}")]
-    ValueLength { found: usize, expected: usize },
+    #[error("slot length {found} differs from the configured {expected}")]
+    SlotLength { found: usize, expected: usize },
+    #[error("{0} fragment entries in one message (a fragment fills a datagram)")]
+    FragmentCount(usize),
     #[error("body of {found} bytes does not match {count} entries ({expected} bytes)")]
     BodyLength {
         found: usize,
@@ -266,7 +271,12 @@ pub fn seal(datagram: &mut [u8], integrity: &Integrity) {
 pub struct WireContext {
     pub cluster_tag: u32,
     pub run: u64,
-    pub value_len: usize,
+    /// Bytes of transaction per PREPARE or WRITE entry.
+    pub slot_len: usize,
+    /// Whether transactions travel as fragments (one entry per message).
+    pub fragmented: bool,
+    /// Bytes of snapshot item per SNAPSHOT entry.
+    pub snapshot_slot_len: usize,
     pub nodes: usize,
     pub pipelines: usize,
     pub integrity: Integrity,
@@ -287,7 +297,8 @@ pub struct Header {
     pub pipeline: u8,
     pub count: u16,
     pub cluster_tag: u32,
-    pub value_len: u16,
+    /// Entry slot length in 8-byte words (PREPARE, WRITE, SNAPSHOT; 0 otherwise).
+    pub slot_words: u16,
     pub flags: u16,
     pub run: u64,
     /// The sender's process instance: a restarted process has a new one.
@@ -327,7 +338,7 @@ pub fn put_header(out: &mut [u8], header: &Header) {
     out[5] = header.pipeline;
     out[6..8].copy_from_slice(&header.count.to_le_bytes());
     out[8..12].copy_from_slice(&header.cluster_tag.to_le_bytes());
-    out[12..14].copy_from_slice(&header.value_len.to_le_bytes());
+    out[12..14].copy_from_slice(&header.slot_words.to_le_bytes());
     out[14..16].copy_from_slice(&header.flags.to_le_bytes());
     out[16..24].copy_from_slice(&header.run.to_le_bytes());
     out[24..32].copy_from_slice(&header.instance.to_le_bytes());
@@ -338,29 +349,35 @@ pub fn put_header(out: &mut [u8], header: &Header) {
     }
 }
 
-/// Size of a PREPARE carrying `count` entries of `value_len`-byte values.
-pub const fn prepare_len(count: usize, value_len: usize) -> usize {
-    HEADER_BYTES + PREPARE_PREFIX + count * (ENTRY_FIXED + value_len)
+/// Size of a PREPARE carrying `count` entries of `slot_len`-byte slots.
+pub const fn prepare_len(count: usize, slot_len: usize) -> usize {
+    HEADER_BYTES + PREPARE_PREFIX + count * (ENTRY_FIXED + slot_len)
 }
 
-/// Size of a WRITE carrying `count` entries.
-pub const fn write_len(count: usize, value_len: usize) -> usize {
-    HEADER_BYTES + WRITE_PREFIX + count * (ENTRY_FIXED + value_len)
+/// Size of a WRITE carrying `count` entries of `slot_len`-byte slots.
+pub const fn write_len(count: usize, slot_len: usize) -> usize {
+    HEADER_BYTES + WRITE_PREFIX + count * (ENTRY_FIXED + slot_len)
 }
 
-/// Size of a SNAPSHOT carrying `count` entries.
-pub const fn snapshot_len(count: usize, value_len: usize) -> usize {
-    HEADER_BYTES + SNAPSHOT_PREFIX + count * (SNAPSHOT_ENTRY_FIXED + value_len)
+/// Size of a SNAPSHOT carrying `count` entries of `slot_len`-byte slots.
+pub const fn snapshot_len(count: usize, slot_len: usize) -> usize {
+    HEADER_BYTES + SNAPSHOT_PREFIX + count * (SNAPSHOT_ENTRY_FIXED + slot_len)
 }
 
-/// One client write inside a PREPARE or WRITE body.
+/// The header's slot length field for `slot_len` bytes (a multiple of 8).
+pub fn slot_words(slot_len: usize) -> u16 {
+    u16::try_from(slot_len / 8).unwrap_or(u16::MAX)
+}
+
+/// One entry inside a PREPARE or WRITE body: a whole transaction (its slot, zero-padded), or
+/// fragment `fragment` of one.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct EntryView<'a> {
     pub origin_node: u8,
     pub session: u16,
+    pub fragment: u32,
     pub session_seq: u64,
-    pub key: u64,
-    pub value: &'a [u8],
+    pub slot: &'a [u8],
 }
 
 impl EntryView<'_> {
@@ -368,38 +385,35 @@ impl EntryView<'_> {
     pub const EMPTY: EntryView<'static> = EntryView {
         origin_node: 0,
         session: 0,
+        fragment: 0,
         session_seq: 0,
-        key: 0,
-        value: &[],
+        slot: &[],
     };
 }
 
-/// Writes one entry at `out[..ENTRY_FIXED + value.len()]`.
-pub fn put_entry(
+/// Writes one entry's fixed part at `out[..ENTRY_FIXED]`; its slot follows.
+pub fn put_entry_fixed(
     out: &mut [u8],
     origin_node: u8,
     session: u16,
+    fragment: u32,
     session_seq: u64,
-    key: u64,
-    value: &[u8],
 ) {
     out[0] = origin_node;
     out[1] = 0;
     out[2..4].copy_from_slice(&session.to_le_bytes());
-    out[4..8].copy_from_slice(&[0; 4]);
+    out[4..8].copy_from_slice(&fragment.to_le_bytes());
     out[8..16].copy_from_slice(&session_seq.to_le_bytes());
-    out[16..24].copy_from_slice(&key.to_le_bytes());
-    out[ENTRY_FIXED..ENTRY_FIXED + value.len()].copy_from_slice(value);
 }
 
-fn entry_at(body: &[u8], index: usize, value_len: usize) -> EntryView<'_> {
-    let at = index * (ENTRY_FIXED + value_len);
+fn entry_at(body: &[u8], index: usize, slot_len: usize) -> EntryView<'_> {
+    let at = index * (ENTRY_FIXED + slot_len);
     EntryView {
         origin_node: body[at],
         session: u16_at(body, at + 2),
+        fragment: u32_at(body, at + 4),
         session_seq: u64_at(body, at + 8),
-        key: u64_at(body, at + 16),
-        value: &body[at + ENTRY_FIXED..at + ENTRY_FIXED + value_len],
+        slot: &body[at + ENTRY_FIXED..at + ENTRY_FIXED + slot_len],
     }
 }
 
@@ -432,7 +446,7 @@ impl<'a> Message<'a> {
             pipeline: datagram[5],
             count: u16_at(datagram, 6),
             cluster_tag: u32_at(datagram, 8),
-            value_len: u16_at(datagram, 12),
+            slot_words: u16_at(datagram, 12),
             flags: u16_at(datagram, 14),
             run: u64_at(datagram, 16),
             instance: u64_at(datagram, 24),
@@ -461,23 +475,33 @@ impl<'a> Message<'a> {
         if !context.integrity.verify(datagram) {
             return Err(WireError::BadCheck);
         }
-        let (value_len, nodes, pipelines) = (context.value_len, context.nodes, context.pipelines);
+        let (nodes, pipelines) = (context.nodes, context.pipelines);
         if usize::from(header.from_node) >= nodes || usize::from(header.pipeline) >= pipelines {
             return Err(WireError::BadSender(header.from_node, header.pipeline));
         }
         let body = &datagram[HEADER_BYTES..];
         let count = usize::from(header.count);
-        let carries_values = matches!(kind, Kind::Write | Kind::Prepare | Kind::Snapshot);
-        if carries_values && usize::from(header.value_len) != value_len {
-            return Err(WireError::ValueLength {
-                found: usize::from(header.value_len),
-                expected: value_len,
-            });
+        let slot_len = match kind {
+            Kind::Write | Kind::Prepare => Some(context.slot_len),
+            Kind::Snapshot => Some(context.snapshot_slot_len),
+            _ => None,
+        };
+        if let Some(slot_len) = slot_len {
+            if usize::from(header.slot_words) * 8 != slot_len {
+                return Err(WireError::SlotLength {
+                    found: usize::from(header.slot_words) * 8,
+                    expected: slot_len,
+                });
+            }
         }
+        if context.fragmented && matches!(kind, Kind::Write | Kind::Prepare) && count > 1 {
+            return Err(WireError::FragmentCount(count));
+        }
+        let slot_len = slot_len.unwrap_or(0);
         let expected = match kind {
-            Kind::Write => WRITE_PREFIX + count * (ENTRY_FIXED + value_len),
-            Kind::Prepare => PREPARE_PREFIX + count * (ENTRY_FIXED + value_len),
-            Kind::Snapshot => SNAPSHOT_PREFIX + count * (SNAPSHOT_ENTRY_FIXED + value_len),
+            Kind::Write => WRITE_PREFIX + count * (ENTRY_FIXED + slot_len),
+            Kind::Prepare => PREPARE_PREFIX + count * (ENTRY_FIXED + slot_len),
+            Kind::Snapshot => SNAPSHOT_PREFIX + count * (SNAPSHOT_ENTRY_FIXED + slot_len),
             Kind::Ack | Kind::Nack | Kind::Commit => RANGE_BODY,
             Kind::Credit | Kind::Hello => 0,
         };
@@ -511,7 +535,7 @@ impl<'a> Message<'a> {
 
     /// Entry `index` of a PREPARE or WRITE (index below `header.count`).
     pub fn entry(&self, index: usize) -> EntryView<'a> {
-        let value_len = usize::from(self.header.value_len);
+        let slot_len = usize::from(self.header.slot_words) * 8;
         let prefix = match self.header.kind {
             Kind::Prepare => PREPARE_PREFIX,
             Kind::Write => WRITE_PREFIX,
@@ -521,7 +545,7 @@ impl<'a> Message<'a> {
         entry_at(
             body,
             index.min(usize::from(self.header.count).saturating_sub(1)),
-            value_len,
+            slot_len,
         )
     }
 
@@ -556,10 +580,10 @@ impl<'a> Message<'a> {
         }
     }
 
-    /// Entry `index` of a SNAPSHOT (index below `header.count`): (key, zxid, value).
+    /// Entry `index` of a SNAPSHOT (index below `header.count`): (item, zxid, slot).
     pub fn snapshot_entry(&self, index: usize) -> (u64, u64, &'a [u8]) {
-        let value_len = usize::from(self.header.value_len);
-        let size = SNAPSHOT_ENTRY_FIXED + value_len;
+        let slot_len = usize::from(self.header.slot_words) * 8;
+        let size = SNAPSHOT_ENTRY_FIXED + slot_len;
         let at = SNAPSHOT_PREFIX + index * size;
         if self.header.kind != Kind::Snapshot || at + size > self.body.len() {
             return (0, 0, &[]);
@@ -585,11 +609,11 @@ pub fn put_snapshot_prefix(out: &mut [u8], base_zxid: u64, first: u64, end: u64)
     out[at + 16..at + 24].copy_from_slice(&end.to_le_bytes());
 }
 
-/// Writes one SNAPSHOT entry at `out[..SNAPSHOT_ENTRY_FIXED + value.len()]`.
-pub fn put_snapshot_entry(out: &mut [u8], key: u64, zxid: u64, value: &[u8]) {
-    out[0..8].copy_from_slice(&key.to_le_bytes());
+/// Writes one SNAPSHOT entry at `out[..SNAPSHOT_ENTRY_FIXED + slot.len()]`.
+pub fn put_snapshot_entry(out: &mut [u8], item: u64, zxid: u64, slot: &[u8]) {
+    out[0..8].copy_from_slice(&item.to_le_bytes());
     out[8..16].copy_from_slice(&zxid.to_le_bytes());
-    out[SNAPSHOT_ENTRY_FIXED..SNAPSHOT_ENTRY_FIXED + value.len()].copy_from_slice(value);
+    out[SNAPSHOT_ENTRY_FIXED..SNAPSHOT_ENTRY_FIXED + slot.len()].copy_from_slice(slot);
 }
 
 /// Writes a PREPARE's body prefix after the header.
@@ -640,7 +664,7 @@ mod tests {
             pipeline: 0,
             count,
             cluster_tag: 7,
-            value_len: 8,
+            slot_words: 1,
             flags: 0,
             run: RUN,
             instance: 42,
@@ -653,7 +677,9 @@ mod tests {
         WireContext {
             cluster_tag: 7,
             run: RUN,
-            value_len: 8,
+            slot_len: 8,
+            fragmented: false,
+            snapshot_slot_len: 8,
             nodes: 3,
             pipelines: 1,
             integrity,
@@ -674,15 +700,11 @@ mod tests {
         put_header(&mut buffer, &header(Kind::Prepare, 2));
         put_prepare_prefix(&mut buffer, 10, 99);
         let body_at = HEADER_BYTES + PREPARE_PREFIX;
-        put_entry(&mut buffer[body_at..], 1, 3, 44, 5, &[9; 8]);
-        put_entry(
-            &mut buffer[body_at + ENTRY_FIXED + 8..],
-            2,
-            4,
-            45,
-            6,
-            &[8; 8],
-        );
+        put_entry_fixed(&mut buffer[body_at..], 1, 3, 0, 44);
+        buffer[body_at + ENTRY_FIXED..body_at + ENTRY_FIXED + 8].fill(9);
+        let second = body_at + ENTRY_FIXED + 8;
+        put_entry_fixed(&mut buffer[second..], 2, 4, 6, 45);
+        buffer[second + ENTRY_FIXED..second + ENTRY_FIXED + 8].fill(8);
         seal(&mut buffer, &Integrity::Crc32c);
         let message = Message::decode(&buffer, &context(Integrity::Crc32c)).unwrap();
         assert_eq!(message.header, header(Kind::Prepare, 2));
@@ -692,9 +714,29 @@ mod tests {
             EntryView {
                 origin_node: 2,
                 session: 4,
+                fragment: 6,
                 session_seq: 45,
-                key: 6,
-                value: &[8; 8]
+                slot: &[8; 8]
+            }
+        );
+        // Fragments fill a datagram each: a fragmenting receiver refuses two in one.
+        let fragmenting = WireContext {
+            fragmented: true,
+            ..context(Integrity::Crc32c)
+        };
+        assert_eq!(
+            Message::decode(&buffer, &fragmenting).unwrap_err(),
+            WireError::FragmentCount(2)
+        );
+        let mut other_slot = header(Kind::Prepare, 2);
+        other_slot.slot_words = 2;
+        put_header(&mut buffer, &other_slot);
+        seal(&mut buffer, &Integrity::Crc32c);
+        assert_eq!(
+            Message::decode(&buffer, &context(Integrity::Crc32c)).unwrap_err(),
+            WireError::SlotLength {
+                found: 16,
+                expected: 8
             }
         );
     }
@@ -851,7 +893,9 @@ mod tests {
             let own = WireContext {
                 cluster_tag: u32_at(&garbage, 8),
                 run: u64_at(&garbage, 16),
-                value_len: usize::from(u16_at(&garbage, 12)),
+                slot_len: usize::from(u16_at(&garbage, 12)) * 8,
+                fragmented: garbage[1] & 1 == 1,
+                snapshot_slot_len: usize::from(u16_at(&garbage, 12)) * 8,
                 nodes: 256,
                 pipelines: 256,
                 integrity: Integrity::Unchecked,
