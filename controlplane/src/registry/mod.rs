@@ -33,12 +33,17 @@
 //! with it), [`records`] (keys and the node and ready records), [`cluster_knobs`] (the knobs
 //! document, its versions and what was applied here), [`status`] (what the worker reports and
 //! REST reads) and [`worker`] (the state machine). The worker reaches memcached only through a
-//! [`Connector`], so its logic is unit-tested against an in-memory store.
+//! [`Connector`], so its logic is unit-tested against an in-memory store (`memory`, in the
+//! crate's tests only; the tests are in `tests`).
 
 pub mod client;
 pub mod cluster_knobs;
+#[cfg(test)]
+mod memory;
 pub mod records;
 pub mod status;
+#[cfg(test)]
+mod tests;
 pub mod worker;
 
 use std::time::Duration;
