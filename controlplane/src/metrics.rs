@@ -5,7 +5,7 @@
 //! scrape always shows the data plane's current numbers. Families and labels:
 //! every counter of `rzab_shared::counters::COUNTERS` as `rzab_{family}` (labels node, worker,
 //! role plus the counter's own), `rzab_write_latency_seconds` (histogram), the per-worker gauges
-//! `rzab_committed_zxid`, `rzab_leader_zxid`, `rzab_replication_lag`, `rzab_sync_state`, and
+//! `rzab_applied_zxid`, `rzab_leader_zxid`, `rzab_replication_lag`, `rzab_sync_state`, and
 //! the per-node `rzab_knob_value`, `rzab_knob_epoch`, `rzab_dataplane_up`,
 //! `rzab_dataplane_heartbeat_age_seconds`, `rzab_registry_state`, `rzab_controlplane_up`,
 //! `rzab_peers_known`. Without an attached block only the per-node liveness families are
@@ -41,7 +41,7 @@ const FAMILIES: &[(&str, MetricType, &str, &[&str])] = &[
         WORKER_LABELS,
     ),
     (
-        "rzab_committed_zxid",
+        "rzab_applied_zxid",
         MetricType::GAUGE,
         "Highest zxid this worker's node has applied, as seen by the worker.",
         WORKER_LABELS,
@@ -55,13 +55,13 @@ const FAMILIES: &[(&str, MetricType, &str, &[&str])] = &[
     (
         "rzab_replication_lag",
         MetricType::GAUGE,
-        "rzab_leader_zxid minus rzab_committed_zxid, 0 when not behind.",
+        "rzab_leader_zxid minus rzab_applied_zxid, 0 when not behind.",
         WORKER_LABELS,
     ),
     (
         "rzab_sync_state",
         MetricType::GAUGE,
-        "Whether the worker's pipeline is in step with the leader: 0 starting, 1 catching_up, 2 serving (also named by the state label).",
+        "Whether the worker's pipeline is in step with the leader: 0 starting, 1 catching_up, 2 serving; in trouble: 3 no_leader, 4 no_quorum, 5 fell_behind (also named by the state label).",
         &["node", "worker", "role", "state"],
     ),
     (
@@ -253,7 +253,7 @@ impl BlockCollector {
         let workers = (block.worker_count() as usize).min(MAX_WORKERS);
         let mut counters: BTreeMap<String, Vec<Metric>> = BTreeMap::new();
         let mut latency = Vec::with_capacity(workers);
-        let mut committed = Vec::with_capacity(workers);
+        let mut applied = Vec::with_capacity(workers);
         let mut leader = Vec::with_capacity(workers);
         let mut lag = Vec::with_capacity(workers);
         let mut sync = Vec::with_capacity(workers);
@@ -271,13 +271,13 @@ impl BlockCollector {
             }
             latency.push(histogram(&base, &worker_block.write_latency_ns));
             let gauges = &worker_block.gauges;
-            let committed_zxid = gauges.committed_zxid.load(Ordering::Relaxed);
+            let applied_zxid = gauges.applied_zxid.load(Ordering::Relaxed);
             let leader_zxid = gauges.leader_zxid.load(Ordering::Relaxed);
-            committed.push(gauge(&base, committed_zxid as f64));
+            applied.push(gauge(&base, applied_zxid as f64));
             leader.push(gauge(&base, leader_zxid as f64));
             lag.push(gauge(
                 &base,
-                leader_zxid.saturating_sub(committed_zxid) as f64,
+                leader_zxid.saturating_sub(applied_zxid) as f64,
             ));
             let code = gauges.sync_state.load(Ordering::Relaxed);
             let state = SyncState::from_code(code);
@@ -304,7 +304,7 @@ impl BlockCollector {
             MetricType::HISTOGRAM,
             latency,
         ));
-        families.push(self.gauge_family("rzab_committed_zxid", committed));
+        families.push(self.gauge_family("rzab_applied_zxid", applied));
         families.push(self.gauge_family("rzab_leader_zxid", leader));
         families.push(self.gauge_family("rzab_replication_lag", lag));
         families.push(self.gauge_family("rzab_sync_state", sync));

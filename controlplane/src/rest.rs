@@ -224,11 +224,13 @@ pub struct RegistryView {
 #[derive(Clone, Debug, Serialize, ToSchema)]
 pub struct WorkerStatus {
     pub worker: u32,
-    /// starting, catching_up or serving.
+    /// starting, catching_up or serving; in trouble: no_leader, no_quorum or fell_behind
+    /// (see docs/reliability.md).
     pub sync_state: String,
-    pub committed_zxid: u64,
+    /// The highest zxid this worker's node has applied, as the worker saw it.
+    pub applied_zxid: u64,
     pub leader_zxid: u64,
-    /// leader_zxid minus committed_zxid, 0 when not behind.
+    /// leader_zxid minus applied_zxid, 0 when not behind.
     pub replication_lag: u64,
     pub knob_epoch_seen: u64,
     /// Seconds since the worker's last report (null unless it publishes a wall-clock stamp).
@@ -273,8 +275,8 @@ pub struct StatusResponse {
     pub workers: Option<u32>,
     pub nodes: Option<u32>,
     pub lifecycle: Option<String>,
-    /// The highest committed zxid over this node's workers.
-    pub committed_zxid: Option<u64>,
+    /// The highest zxid applied by this node, over its workers.
+    pub applied_zxid: Option<u64>,
     /// The largest replication lag over this node's workers.
     pub replication_lag: Option<u64>,
     pub knob_epoch: Option<u64>,
@@ -293,7 +295,7 @@ fn worker_status(block: &ControlBlock) -> Vec<WorkerStatus> {
     (0..workers)
         .map(|worker| {
             let gauges = &block.worker(worker as usize).gauges;
-            let committed_zxid = gauges.committed_zxid.load(Ordering::Relaxed);
+            let applied_zxid = gauges.applied_zxid.load(Ordering::Relaxed);
             let leader_zxid = gauges.leader_zxid.load(Ordering::Relaxed);
             let heartbeat = gauges.heartbeat_ns.load(Ordering::Relaxed);
             WorkerStatus {
@@ -301,9 +303,9 @@ fn worker_status(block: &ControlBlock) -> Vec<WorkerStatus> {
                 sync_state: SyncState::from_code(gauges.sync_state.load(Ordering::Relaxed))
                     .name()
                     .to_owned(),
-                committed_zxid,
+                applied_zxid,
                 leader_zxid,
-                replication_lag: leader_zxid.saturating_sub(committed_zxid),
+                replication_lag: leader_zxid.saturating_sub(applied_zxid),
                 knob_epoch_seen: gauges.knob_epoch_seen.load(Ordering::Relaxed),
                 // Only a wall-clock stamp from this data plane's lifetime means anything.
                 heartbeat_age_seconds: (heartbeat != 0 && heartbeat >= started)
@@ -333,10 +335,10 @@ pub fn status_document(shared: &Shared) -> StatusResponse {
         workers: block.map(ControlBlock::worker_count),
         nodes: block.map(ControlBlock::node_count),
         lifecycle: block.map(|block| block.lifecycle().name().to_owned()),
-        committed_zxid: block.map(|_| {
+        applied_zxid: block.map(|_| {
             workers
                 .iter()
-                .map(|worker| worker.committed_zxid)
+                .map(|worker| worker.applied_zxid)
                 .max()
                 .unwrap_or(0)
         }),

@@ -266,11 +266,11 @@ async fn metrics_parse_and_show_the_block_at_scrape_time() {
     block.worker(0).write_latency_ns.record(3000);
     block.worker(0).write_latency_ns.record(3000);
     let gauges = &block.worker(0).gauges;
-    gauges.committed_zxid.store(5, Ordering::Relaxed);
+    gauges.applied_zxid.store(5, Ordering::Relaxed);
     gauges.leader_zxid.store(9, Ordering::Relaxed);
     gauges.sync_state.store(2, Ordering::Relaxed);
     let gauges = &block.worker(1).gauges;
-    gauges.committed_zxid.store(10, Ordering::Relaxed);
+    gauges.applied_zxid.store(10, Ordering::Relaxed);
     gauges.leader_zxid.store(3, Ordering::Relaxed);
     eventually("the data plane is up in /metrics", async || {
         let text = request(address, "GET", "/metrics", None).await.body;
@@ -389,7 +389,7 @@ async fn metrics_parse_and_show_the_block_at_scrape_time() {
     // Gauges.
     let value =
         |family: &str, labels: &[(&str, &str)]| find(&families[family], family, labels).value;
-    assert_eq!(value("rzab_committed_zxid", &[("worker", "0")]), 5.0);
+    assert_eq!(value("rzab_applied_zxid", &[("worker", "0")]), 5.0);
     assert_eq!(value("rzab_leader_zxid", &[("worker", "0")]), 9.0);
     assert_eq!(value("rzab_replication_lag", &[("worker", "0")]), 4.0);
     assert_eq!(

@@ -755,11 +755,7 @@ fn print_stats_line(
         "unicast"
     };
     let p99 = latency(block).quantile_upper_bound(0.99);
-    let zxid = block
-        .worker(0)
-        .gauges
-        .committed_zxid
-        .load(Ordering::Relaxed);
+    let zxid = block.worker(0).gauges.applied_zxid.load(Ordering::Relaxed);
     if options.json_stats {
         println!(
             "{}",

@@ -802,7 +802,7 @@ impl<T: Transport> Worker<T> {
         );
         counters
             .gauges
-            .committed_zxid
+            .applied_zxid
             .store(applied, Ordering::Relaxed);
         // Wall-clock time, so another process can tell how fresh it is.
         let wall_ns = std::time::SystemTime::now()

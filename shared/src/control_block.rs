@@ -228,11 +228,11 @@ pub struct EndpointSlot {
 #[derive(Debug)]
 pub struct WorkerGauges {
     /// The highest zxid this worker's node has applied, as seen by this worker.
-    pub committed_zxid: AtomicU64,
+    pub applied_zxid: AtomicU64,
     /// Wall-clock nanoseconds of this worker's last loop iteration report.
     pub heartbeat_ns: AtomicU64,
     /// The highest zxid this worker knows the leader to have committed (on the leader, its
-    /// own); replication lag is this minus `committed_zxid`.
+    /// own); replication lag is this minus `applied_zxid`.
     pub leader_zxid: AtomicU64,
     /// The knob epoch this worker has last applied, so a knob change can be seen to land.
     pub knob_epoch_seen: AtomicU64,

@@ -499,13 +499,13 @@ pub fn attach_running_instance(
 }
 
 /// The highest zxid a node's workers report as applied.
-pub fn committed_zxid(block: &rzab_shared::AttachedControlBlock) -> u64 {
+pub fn applied_zxid(block: &rzab_shared::AttachedControlBlock) -> u64 {
     (0..block.worker_count() as usize)
         .map(|worker| {
             block
                 .worker(worker)
                 .gauges
-                .committed_zxid
+                .applied_zxid
                 .load(std::sync::atomic::Ordering::Relaxed)
         })
         .max()

@@ -280,7 +280,7 @@ fn forged_prepares_without_the_secret_are_dropped_and_counted() {
     // missing: half are sealed with a guessed key, half with a plain CRC32C.
     let run = wire::run_tag(run_id);
     let guessed = Integrity::mac(b"a guess at the cluster secret", run);
-    let committed = rzab_tests::committed_zxid(&running.blocks[1]);
+    let committed = rzab_tests::applied_zxid(&running.blocks[1]);
     let forged: Vec<Vec<u8>> = (0..600u64)
         .map(|index| {
             // A transaction of the key-value store: its 8-byte key, then the value.

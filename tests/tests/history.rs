@@ -241,9 +241,9 @@ fn record_run() -> Vec<HistoryFile> {
     std::thread::sleep(Duration::from_millis(200));
 
     processes[2].signal("STOP");
-    let stopped_at = rzab_tests::committed_zxid(&leader);
+    let stopped_at = rzab_tests::applied_zxid(&leader);
     rzab_tests::ops::wait_until("the leader commits without node 2", || {
-        rzab_tests::committed_zxid(&leader) >= stopped_at + 20_000
+        rzab_tests::applied_zxid(&leader) >= stopped_at + 20_000
     });
     processes[2].signal("CONT");
     let rejoined = rzab_tests::attach_running_instance(&block_of(2), Some(first_instance));

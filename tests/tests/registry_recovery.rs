@@ -93,12 +93,12 @@ fn controlplane(
 /// Samples the committed zxid for `span` and returns the longest time it stood still.
 fn longest_stall(block: &AttachedControlBlock, span: Duration) -> Duration {
     let end = Instant::now() + span;
-    let mut last = rzab_tests::committed_zxid(block);
+    let mut last = rzab_tests::applied_zxid(block);
     let mut since = Instant::now();
     let mut longest = Duration::ZERO;
     while Instant::now() < end {
         std::thread::sleep(Duration::from_millis(20));
-        let now = rzab_tests::committed_zxid(block);
+        let now = rzab_tests::applied_zxid(block);
         if now == last {
             longest = longest.max(since.elapsed());
         } else {

@@ -61,11 +61,11 @@ impl ProgressWatch {
         let flag = Arc::clone(&armed);
         let thread = std::thread::spawn(move || {
             let mut longest = Duration::ZERO;
-            let mut last = rzab_tests::committed_zxid(&block);
+            let mut last = rzab_tests::applied_zxid(&block);
             let mut since = Instant::now();
             while flag.load(Ordering::Relaxed) {
                 std::thread::sleep(Duration::from_millis(20));
-                let now = rzab_tests::committed_zxid(&block);
+                let now = rzab_tests::applied_zxid(&block);
                 if now != last {
                     last = now;
                     since = Instant::now();
@@ -275,9 +275,9 @@ fn a_stopped_follower_that_fell_behind_rejoins_as_a_new_process() {
     // Stopped for far longer than the leader waits for a silent follower (100 ms): the leader
     // leaves it behind and keeps committing; once resumed it finds the prepares it lacks gone.
     processes[2].signal("STOP");
-    let stopped_at = rzab_tests::committed_zxid(&leader);
+    let stopped_at = rzab_tests::applied_zxid(&leader);
     let deadline = Instant::now() + Duration::from_secs(60);
-    while rzab_tests::committed_zxid(&leader) < stopped_at + 200_000 {
+    while rzab_tests::applied_zxid(&leader) < stopped_at + 200_000 {
         assert!(
             Instant::now() < deadline,
             "the leader stopped committing without node 2"
@@ -330,9 +330,9 @@ fn a_follower_stopped_for_two_seconds_under_full_write_load_comes_back_by_diff()
     wait_serving_with_writes(&follower, "node 2");
     let instance = rzab_tests::instance_of(&follower);
     processes[2].signal("STOP");
-    let stopped_at = rzab_tests::committed_zxid(&leader);
+    let stopped_at = rzab_tests::applied_zxid(&leader);
     std::thread::sleep(Duration::from_secs(2));
-    let missed = rzab_tests::committed_zxid(&leader) - stopped_at;
+    let missed = rzab_tests::applied_zxid(&leader) - stopped_at;
     let repeated_before = leader.counter_total(Counter::RetransmitPrepare);
     processes[2].signal("CONT");
     let outputs: Vec<NodeOutput> = processes.into_iter().map(NodeProcess::finish).collect();
