@@ -101,8 +101,8 @@ scrape_totals() {
     }
     /^rzab_dataplane_up\{/ { up += $NF }
     /^rzab_write_latency_seconds_bucket\{/ {
-      if (match($0, /le="[^"]+"/)) {
-        le = substr($0, RSTART + 4, RLENGTH - 5)
+      if (match($0, /[{,]le="[^"]+"/)) {
+        le = substr($0, RSTART + 5, RLENGTH - 6)
         if (!(le in latency)) bounds[++nbounds] = le
         latency[le] += $NF
       }

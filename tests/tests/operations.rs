@@ -1027,6 +1027,15 @@ fn run_local_runs_a_cluster_for_its_duration_and_leaves_nothing_behind() {
             assert!(line.contains(part), "{line}");
         }
     }
+    // Write latency percentiles, on the lines of intervals with writes.
+    assert!(
+        live.iter().any(|line| {
+            ["write us p50 ", " p99 ", " p99.9 ", " max "]
+                .iter()
+                .all(|part| line.contains(part))
+        }),
+        "no write latency on the live line:\n{output}"
+    );
     assert!(output.contains("--duration 4 s is over"), "{output}");
     assert_nothing_left(&output, &cluster, base);
 }
