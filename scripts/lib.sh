@@ -73,7 +73,9 @@ wait_listening() {
 # Scrapes every BASE URL's /metrics (curl, 1 s timeout) and prints one line of cluster totals:
 #   scraped reads writes prepare_entries prepare_messages write_entries write_messages
 #   ack_entries ack_messages commit_entries commit_messages broadcasts_multicast
-#   broadcasts_unicast dataplanes_up multicast_knob_min
+#   broadcasts_unicast dataplanes_up multicast_knob_min LE=COUNT...
+# where the LE=COUNT fields are rzab_write_latency_seconds_bucket summed over the nodes, one
+# per bound in ascending order (+Inf last; none while no data plane is attached).
 # A node whose control plane does not answer is left out (and not counted in `scraped`).
 scrape_totals() {
   local url
@@ -98,6 +100,13 @@ scrape_totals() {
       if (type == "prepare" || type == "commit") sent[label("path")] += $NF
     }
     /^rzab_dataplane_up\{/ { up += $NF }
+    /^rzab_write_latency_seconds_bucket\{/ {
+      if (match($0, /[{,]le="[^"]+"/)) {
+        le = substr($0, RSTART + 5, RLENGTH - 6)
+        if (!(le in latency)) bounds[++nbounds] = le
+        latency[le] += $NF
+      }
+    }
     /^rzab_knob_value\{/ {
       if (label("knob") == "multicast") {
         if (mc == "" || $NF + 0 < mc + 0) mc = $NF
@@ -108,29 +117,59 @@ scrape_totals() {
       printf "%d %.0f %.0f", scraped, ops["read"], ops["write"]
       n = split("prepare write ack commit", types, " ")
       for (i = 1; i <= n; i++) printf " %.0f %.0f", entries[types[i]], messages[types[i]]
-      printf " %.0f %.0f %d %d\n", sent["multicast"], sent["unicast"], up, mc
+      printf " %.0f %.0f %d %d", sent["multicast"], sent["unicast"], up, mc
+      for (i = 1; i <= nbounds; i++) printf " %s=%.0f", bounds[i], latency[bounds[i]]
+      printf "\n"
     }'
 }
 
-# Prints the live line from two scrape_totals lines taken SECONDS apart:
+# Prints the live line from two scrape_totals lines taken SECONDS apart, with the write
+# latency percentiles of the interval computed as Prometheus's histogram_quantile does (linear
+# inside the exported log-linear bucket, within 1.6% of the data planes' own figures):
 # live_line SECONDS NODES "BEFORE" "NOW"
 live_line() {
   awk -v seconds="$1" -v nodes="$2" -v before="$3" -v now="$4" '
     function rate(i) { return (n[i] - b[i]) / seconds }
     function avg(i) { return (n[i + 1] - b[i + 1]) > 0 ? (n[i] - b[i]) / (n[i + 1] - b[i + 1]) : 0 }
+    function micros(v) {
+      v *= 1e6
+      return v < 10 ? sprintf("%.2f", v) : (v < 100 ? sprintf("%.1f", v) : sprintf("%.0f", v))
+    }
+    # histogram_quantile(q) over bound[1..k] (the last is +Inf) and cumulative counts cum[].
+    function quantile(q,   rank, i, lower, below) {
+      rank = q * cum[k]; lower = 0; below = 0
+      for (i = 1; i <= k; i++) {
+        if (cum[i] >= rank) {
+          if (bound[i] == "+Inf") return i > 1 ? bound[i - 1] + 0 : 0
+          return lower + (bound[i] - lower) * (cum[i] > below ? (rank - below) / (cum[i] - below) : 1)
+        }
+        lower = bound[i] + 0; below = cum[i]
+      }
+      return lower
+    }
     function human(v) {
       if (v >= 1e6) return sprintf("%.2f M", v / 1e6)
       if (v >= 1e3) return sprintf("%.1f k", v / 1e3)
       return sprintf("%.0f", v)
     }
     BEGIN {
-      split(before, b, " "); split(now, n, " ")
+      fields_before = split(before, b, " "); fields_now = split(now, n, " ")
       if (n[1] == 0) { print "no control plane answers /metrics"; exit }
       reads = rate(2); writes = rate(3)
       path = n[15] == 1 ? "multicast" : (n[15] == 0 ? "unicast" : "?")
       printf "cluster %s ops/s (reads %s, writes %s) | batch prepare %.1f write %.1f ack %.1f commit %.1f | broadcasts by %s: multicast %s/s unicast %s/s | data planes up %d/%d",
         human(reads + writes), human(reads), human(writes), avg(4), avg(6), avg(8), avg(10),
         path, human(rate(12)), human(rate(13)), n[14], nodes
+      k = 0
+      if (fields_now == fields_before && fields_now > 15) {
+        for (i = 16; i <= fields_now; i++) {
+          split(n[i], pn, "="); split(b[i], pb, "=")
+          if (pn[1] != pb[1]) { k = 0; break }
+          bound[++k] = pn[1]; cum[k] = pn[2] - pb[2]
+        }
+      }
+      if (k > 1 && cum[k] > 0)
+        printf " | write us p50 %s p99 %s p99.9 %s max %s", micros(quantile(0.5)), micros(quantile(0.99)), micros(quantile(0.999)), micros(quantile(1))
       if (n[1] < nodes) printf " | %d of %d control planes answer", n[1], nodes
       printf "\n"
     }'

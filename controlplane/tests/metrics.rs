@@ -17,7 +17,7 @@ use std::sync::atomic::Ordering;
 use common::{FakeDataPlane, Peers, config, eventually, free_port, generation, get_json, request};
 use rzab_controlplane::ControlPlane;
 use rzab_controlplane::metrics::family_names;
-use rzab_shared::counters::COUNTERS;
+use rzab_shared::counters::{COUNTERS, EXPORT_BUCKETS, export_bounds};
 use rzab_shared::knobs::KNOBS;
 use rzab_shared::{Counter, RegistryState};
 
@@ -202,6 +202,27 @@ fn parse_exposition(text: &str) -> BTreeMap<String, Family> {
     families
 }
 
+/// Prometheus's `histogram_quantile` over `(le, cumulative count)` pairs ending with `+Inf`:
+/// linear interpolation inside the bucket the rank falls in.
+fn histogram_quantile(quantile: f64, buckets: &[(f64, f64)]) -> f64 {
+    let total = buckets[buckets.len() - 1].1;
+    let rank = quantile * total;
+    let found = buckets
+        .iter()
+        .position(|(_, count)| *count >= rank)
+        .unwrap_or(buckets.len() - 1);
+    if found == buckets.len() - 1 {
+        return buckets[buckets.len() - 2].0;
+    }
+    let (lower, below) = if found == 0 {
+        (0.0, 0.0)
+    } else {
+        buckets[found - 1]
+    };
+    let (upper, count) = buckets[found];
+    lower + (upper - lower) * ((rank - below) / (count - below))
+}
+
 fn find<'a>(family: &'a Family, name: &str, labels: &[(&str, &str)]) -> &'a Sample {
     family
         .samples
@@ -265,6 +286,13 @@ async fn metrics_parse_and_show_the_block_at_scrape_time() {
     block.worker(0).write_latency_ns.record(1500);
     block.worker(0).write_latency_ns.record(3000);
     block.worker(0).write_latency_ns.record(3000);
+    // Worker 1: 9 997 latencies spread from 10 us to about 5 ms, merged with worker 0's.
+    for step in 0..9_997u64 {
+        block
+            .worker(1)
+            .write_latency_ns
+            .record(10_000 + step * step / 20);
+    }
     let gauges = &block.worker(0).gauges;
     gauges.applied_zxid.store(5, Ordering::Relaxed);
     gauges.leader_zxid.store(9, Ordering::Relaxed);
@@ -344,14 +372,16 @@ async fn metrics_parse_and_show_the_block_at_scrape_time() {
         3.0
     );
 
-    // The histogram: cumulative log2 buckets in seconds, +Inf equal to the count.
+    // The histogram, per node over its workers: cumulative buckets in seconds at the exported
+    // log-linear bounds, +Inf equal to the count.
     let latency = &families["rzab_write_latency_seconds"];
-    let worker0 = [("worker", "0")];
+    let node0 = [("node", "0")];
     let buckets: Vec<&Sample> = latency
         .samples
         .iter()
-        .filter(|sample| sample.name.ends_with("_bucket") && sample.labels["worker"] == "0")
+        .filter(|sample| sample.name.ends_with("_bucket"))
         .collect();
+    assert_eq!(buckets.len(), EXPORT_BUCKETS + 1, "one series per bound");
     assert!(
         buckets
             .windows(2)
@@ -363,6 +393,9 @@ async fn metrics_parse_and_show_the_block_at_scrape_time() {
             .windows(2)
             .all(|pair| bound(pair[0]) < bound(pair[1]))
     );
+    for (sample, exported) in buckets.iter().zip(export_bounds()) {
+        assert_eq!(bound(sample), exported as f64 / 1e9);
+    }
     let at = |seconds: f64| {
         buckets
             .iter()
@@ -370,20 +403,55 @@ async fn metrics_parse_and_show_the_block_at_scrape_time() {
             .unwrap_or_else(|| panic!("no bucket le={seconds}"))
             .value
     };
-    assert_eq!(at(1024.0 / 1e9), 0.0);
-    assert_eq!(at(2048.0 / 1e9), 1.0);
-    assert_eq!(at(4096.0 / 1e9), 3.0);
-    assert_eq!(at(f64::INFINITY), 3.0);
+    // 1500 ns is in [1488, 1504) (16 ns steps from 1024 ns), 3000 ns in [2976, 3008).
+    assert_eq!(at(1488.0 / 1e9), 0.0);
+    assert_eq!(at(1504.0 / 1e9), 1.0);
+    assert_eq!(at(2976.0 / 1e9), 1.0);
+    assert_eq!(at(3008.0 / 1e9), 3.0);
+    assert_eq!(at(9984.0 / 1e9), 3.0, "below worker 1's 10 us");
+    assert_eq!(at(f64::INFINITY), 10_000.0);
     assert_eq!(
-        find(latency, "rzab_write_latency_seconds_count", &worker0).value,
-        3.0
+        find(latency, "rzab_write_latency_seconds_count", &node0).value,
+        10_000.0
     );
+    let mut snapshot = block.worker(0).write_latency_ns.snapshot();
+    snapshot.merge(&block.worker(1).write_latency_ns.snapshot());
     assert!(
-        (find(latency, "rzab_write_latency_seconds_sum", &worker0).value - 7.5e-6).abs() < 1e-12
+        (find(latency, "rzab_write_latency_seconds_sum", &node0).value - snapshot.sum as f64 / 1e9)
+            .abs()
+            < 1e-9
     );
     assert_eq!(
-        label_names(find(latency, "rzab_write_latency_seconds_count", &worker0)),
-        ["node", "role", "worker"].into()
+        label_names(find(latency, "rzab_write_latency_seconds_count", &node0)),
+        ["node", "role"].into()
+    );
+    // histogram_quantile over the exported buckets gives the data plane's figures within 2%.
+    let series: Vec<(f64, f64)> = buckets
+        .iter()
+        .map(|sample| (bound(sample), sample.value))
+        .collect();
+    let percentiles = snapshot.percentiles();
+    for (quantile, ours) in [
+        (0.5, percentiles.p50),
+        (0.99, percentiles.p99),
+        (0.999, percentiles.p999),
+        (1.0, percentiles.max),
+    ] {
+        let ours = ours as f64 / 1e9;
+        let prometheus = histogram_quantile(quantile, &series);
+        assert!(
+            (prometheus - ours).abs() / ours <= 0.02,
+            "q{quantile}: histogram_quantile {prometheus} against {ours}"
+        );
+    }
+    assert_eq!(
+        find(
+            &families["rzab_write_latency_max_seconds"],
+            "rzab_write_latency_max_seconds",
+            &node0
+        )
+        .value,
+        snapshot.max as f64 / 1e9
     );
 
     // Gauges.

@@ -155,6 +155,8 @@ mod tests {
             ops_per_second: 0.0,
             write_p50_ns: 0,
             write_p99_ns: 0,
+            write_p999_ns: 0,
+            write_max_ns: 0,
             applied_zxid: 0,
             digest: 0,
             store_digest: 0,

@@ -32,7 +32,7 @@ use crate::limits::{
 /// "RZABCTL" followed by a zero byte, little-endian.
 pub const CONTROL_BLOCK_MAGIC: u64 = u64::from_le_bytes(*b"RZABCTL\0");
 /// Bumped whenever the layout of [`ControlBlock`] changes.
-pub const LAYOUT_VERSION: u32 = 3;
+pub const LAYOUT_VERSION: u32 = 4;
 
 /// The lifecycle of the data plane that owns a block.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

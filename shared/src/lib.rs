@@ -16,6 +16,6 @@ pub use control_block::{
     AttachedControlBlock, ControlBlock, ControlBlockError, ControlBlockInit, Lifecycle,
     OwnedControlBlock, RegistryState, SyncState,
 };
-pub use counters::{Counter, Histogram};
+pub use counters::{Counter, Histogram, HistogramSnapshot, Percentiles};
 pub use endpoint::{EndpointAddress, EndpointDecodeError, EndpointRecord, TransportKind};
 pub use knobs::{Knob, KnobError, KnobKind, KnobSpec};

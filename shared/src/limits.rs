@@ -11,8 +11,18 @@ pub const MAX_WORKERS: usize = 32;
 pub const MAX_KNOBS: usize = 32;
 /// Slots for counters per worker in the control block.
 pub const MAX_COUNTERS: usize = 96;
-/// Log2 buckets of a latency histogram: bucket `i` counts values in `[2^i, 2^(i+1))` ns.
-pub const HISTOGRAM_BUCKETS: usize = 48;
+/// Linear sub-buckets per power of two in a latency histogram, as a power of two: 2^7 = 128, so
+/// a bucket is at most 1/128 (0.78%) of the values it holds wide, HdrHistogram's layout for 2
+/// significant digits (see `counters::Histogram`).
+pub const HISTOGRAM_SUB_BUCKET_BITS: u32 = 7;
+/// Values from `2^HISTOGRAM_RANGE_BITS` ns (about 68.7 s) up share one overflow bucket.
+pub const HISTOGRAM_RANGE_BITS: u32 = 36;
+/// Buckets of a latency histogram: values below `2^HISTOGRAM_SUB_BUCKET_BITS` exactly, then
+/// `2^HISTOGRAM_SUB_BUCKET_BITS` linear buckets for each power of two up to the range, then
+/// the overflow bucket.
+pub const HISTOGRAM_BUCKETS: usize = ((HISTOGRAM_RANGE_BITS - HISTOGRAM_SUB_BUCKET_BITS + 1)
+    << HISTOGRAM_SUB_BUCKET_BITS) as usize
+    + 1;
 /// Bytes of an encoded endpoint address.
 pub const ENDPOINT_BYTES: usize = 64;
 /// Bytes of the cluster name stored in the control block header.
@@ -50,3 +60,5 @@ const _: () = assert!(ENDPOINT_BYTES % 8 == 0);
 const _: () = assert!(CLUSTER_NAME_BYTES % 8 == 0);
 const _: () = assert!(MIN_WINDOW.is_power_of_two() && MAX_WINDOW.is_power_of_two());
 const _: () = assert!(MIN_WINDOW <= MAX_WINDOW);
+const _: () = assert!(HISTOGRAM_SUB_BUCKET_BITS >= 1 && HISTOGRAM_RANGE_BITS < 64);
+const _: () = assert!(HISTOGRAM_SUB_BUCKET_BITS < HISTOGRAM_RANGE_BITS);

@@ -731,6 +731,155 @@ fn prometheus_scrapes_every_node_and_every_dashboard_query_returns_data() {
     );
 }
 
+/// The dashboard's latency panels, evaluated by a real Prometheus, give the data plane's own
+/// p50/p99/p99.9/max within 2%: this test plays the data plane (it creates the control block
+/// and records a known set of latencies into two workers' histograms), a real
+/// `rzab-controlplane` exports it and Prometheus scrapes it every second. The latencies are
+/// recorded in one burst after a scrape that saw none, so every `rate(...[window])` of the
+/// panels covers exactly that burst.
+#[test]
+fn dashboard_latency_quantiles_match_the_data_plane_within_two_percent() {
+    use rzab_shared::{ControlBlockInit, HistogramSnapshot, OwnedControlBlock, TransportKind};
+    assert!(
+        Path::new(rzab_tests::ops::PROMETHEUS).exists(),
+        "prometheus not found: apt-get install prometheus (scripts/test.sh does)"
+    );
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let memcached = Memcached::start(dir.path());
+    let cluster = rzab_tests::cluster_name("latq");
+    let block_path = dir.path().join("block");
+    let block = OwnedControlBlock::create(
+        &block_path,
+        &ControlBlockInit {
+            cluster: cluster.clone(),
+            node_id: 0,
+            node_count: 1,
+            worker_count: 2,
+            transport: TransportKind::Shm,
+        },
+    )
+    .unwrap();
+    let address = rzab_tests::ops::free_address();
+    let mut command = Command::new(binary("rzab-controlplane"));
+    command
+        .args(["--cluster", &cluster, "--node", "0", "--registry"])
+        .arg(memcached.address())
+        .arg("--block")
+        .arg(&block_path)
+        .args(["--generation", &rzab_tests::ops::fresh_generation("latq")])
+        .args(["--listen", &address.to_string()]);
+    let mut control_plane = Guarded::spawn(command, &dir.path().join("controlplane.log"));
+    wait_until("the control plane listens", || {
+        assert!(control_plane.running(), "{}", control_plane.output());
+        listening(address)
+    });
+    let config = format!(
+        "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n  evaluation_interval: 1s\n\
+         scrape_configs:\n  - job_name: rzab\n    metrics_path: /metrics\n    static_configs:\n      \
+         - targets: ['{address}']\n"
+    );
+    let prometheus_dir = dir.path().join("prometheus");
+    std::fs::create_dir_all(&prometheus_dir).unwrap();
+    let prometheus = Prometheus::start(&prometheus_dir, &config);
+    let count = |prometheus: &Prometheus| {
+        prometheus
+            .query("sum(rzab_write_latency_seconds_count)")
+            .first()
+            .and_then(|series| series["value"][1].as_str()?.parse::<f64>().ok())
+    };
+    wait_until("prometheus scrapes the empty histogram", || {
+        count(&prometheus) == Some(0.0)
+    });
+
+    // 40 000 latencies, log-uniform from 4 us to about 4 ms, over two workers.
+    let mut state = 0x5eed_u64;
+    let mut next = || {
+        state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    };
+    const SAMPLES: u64 = 40_000;
+    for sample in 0..SAMPLES {
+        let exponent = 12 + next() % 10;
+        let value = (1u64 << exponent) + next() % (1u64 << exponent);
+        block
+            .worker(usize::from(sample % 3 == 0))
+            .write_latency_ns
+            .record(value);
+    }
+    let mut snapshot = HistogramSnapshot::default();
+    snapshot.merge(&block.worker(0).write_latency_ns.snapshot());
+    snapshot.merge(&block.worker(1).write_latency_ns.snapshot());
+    let ours = snapshot.percentiles();
+    wait_until("prometheus scrapes the recorded latencies", || {
+        count(&prometheus) == Some(SAMPLES as f64)
+    });
+
+    let expected = |quantile: f64| {
+        let ns = if quantile >= 1.0 {
+            ours.max
+        } else if quantile >= 0.999 {
+            ours.p999
+        } else if quantile >= 0.99 {
+            ours.p99
+        } else {
+            assert_eq!(quantile, 0.5, "a quantile this test knows");
+            ours.p50
+        };
+        ns as f64 / 1e9
+    };
+    let mut compared = Vec::new();
+    let queries = dashboard_queries(&dashboard());
+    let mut latency_queries: Vec<&(String, String)> = queries
+        .iter()
+        .filter(|(_, expr)| expr.contains("rzab_write_latency"))
+        .collect();
+    assert!(latency_queries.len() >= 6, "{latency_queries:?}");
+    // The whole-run form, without rate().
+    let whole_run = (
+        "whole run".to_owned(),
+        r#"histogram_quantile(0.999, sum by (le) (rzab_write_latency_seconds_bucket{node=~"$node"}))"#
+            .to_owned(),
+    );
+    latency_queries.push(&whole_run);
+    for (place, expr) in latency_queries {
+        // The window covers the scrape before the burst and the ones after it.
+        let query = expr
+            .replace("$node", ".*")
+            .replace("$__rate_interval", "1m");
+        let result = prometheus.query(&query);
+        let value: f64 = result
+            .first()
+            .and_then(|series| series["value"][1].as_str()?.parse().ok())
+            .unwrap_or_else(|| panic!("{place}: no value for {query}: {result:?}"));
+        let want = match expr
+            .strip_prefix("histogram_quantile(")
+            .and_then(|rest| rest.split(',').next())
+        {
+            Some(quantile) => expected(quantile.trim().parse().unwrap()),
+            // max(rzab_write_latency_max_seconds{...}): the exact maximum.
+            None => ours.max as f64 / 1e9,
+        };
+        let error = (value - want).abs() / want;
+        assert!(
+            error <= 0.02,
+            "{place}: Prometheus says {value} s, the data plane {want} s ({:.2}%): {query}",
+            error * 100.0
+        );
+        compared.push(format!(
+            "{place}: {value:.4e} s against {want:.4e} s ({:.2}%)",
+            error * 100.0
+        ));
+    }
+    eprintln!("{}", compared.join("\n"));
+    drop(prometheus);
+    control_plane.kill();
+    drop(block);
+}
+
 /// `scripts/run-local.sh` in its own process group (as a terminal runs it); the whole group is
 /// killed on drop.
 struct Script {
@@ -878,6 +1027,15 @@ fn run_local_runs_a_cluster_for_its_duration_and_leaves_nothing_behind() {
             assert!(line.contains(part), "{line}");
         }
     }
+    // Write latency percentiles, on the lines of intervals with writes.
+    assert!(
+        live.iter().any(|line| {
+            ["write us p50 ", " p99 ", " p99.9 ", " max "]
+                .iter()
+                .all(|part| line.contains(part))
+        }),
+        "no write latency on the live line:\n{output}"
+    );
     assert!(output.contains("--duration 4 s is over"), "{output}");
     assert_nothing_left(&output, &cluster, base);
 }
