@@ -7,7 +7,10 @@
 #     0%, 5%, 50% and 100% writes: cluster throughput and write latency p50/p99/p99.9/max;
 #  3. the same at 20% writes with 0%, 1% and 10% of every node's sends lost (plus 1%
 #     duplicated and 1% reordered), against the lossless run;
-#  4. how long a follower killed and restarted under load takes to catch up with 1M keys.
+#  4. how long a follower killed and restarted under load takes to catch up with 1M keys;
+#  5. transactions of 32 B, 1 KiB, 64 KiB and 1 MiB at 100% writes (those past a 4 KiB
+#     datagram travel as fragments): transactions/s, committed MB/s, write latency, and the
+#     bare shared-memory ring's byte rate at 4 KiB datagrams measured in the same run.
 #   scripts/bench.sh [--seconds 5] [--skip-transport]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -73,6 +76,31 @@ print(f"| {ratio/10:g}% | {(reads+writes)/1e6:.2f} | {reads/1e6:.2f} | {writes/1
 PY
 done
 echo "(latency: the worst node's; p50/p99/p99.9 within 0.78% of the exact sample (log-linear histogram), max exact)"
+
+# Transaction sizes: the key-value store's transaction is its value and an 8-byte key.
+echo
+ring=$(./target/release/rzab-transport-tool ring-rate --size 4096 --batch 16 --seconds 1)
+echo "3 nodes, shm, 1 worker each, 100% writes, 8 sessions per node, $seconds s per row; bare shm ring at 4 KiB datagrams, batch 16: $(python3 -c "print(f'{$ring/1e9:.2f}')") GB/s"
+echo "| transaction | keys | transactions/s | committed MB/s | vs bare ring | write p50 (us) | write p99 (us) | replicas identical |"
+echo "|---|---|---|---|---|---|---|---|"
+for row in "32 1000000" "1024 100000" "65536 4096" "1048576 256"; do
+  read -r txn keys <<<"$row"
+  run_three --write-ratio 1000 --sessions 8 --keys "$keys" --value-size $((txn - 8))
+  python3 - "$txn" "$keys" "$ring" "$logs" "$summaries_py" <<'PY'
+import sys
+exec(sys.argv[5])
+txn, keys, ring, logs = int(sys.argv[1]), sys.argv[2], float(sys.argv[3]), sys.argv[4]
+summaries = json_summaries(logs)
+label = f"{txn} B" if txn < 1024 else f"{txn // 1024} KiB" if txn < 1 << 20 else f"{txn >> 20} MiB"
+if len(summaries) != 3:
+    print(f"| {label} | {keys} | failed | | | | | |"); sys.exit(0)
+writes = sum(s["writes"] / s["seconds"] for s in summaries)
+rate = writes * txn
+worst = lambda key: max(s[key] for s in summaries) / 1000
+same = len({(s["applied_zxid"], s["digest"]) for s in summaries}) == 1
+print(f"| {label} | {keys} | {writes:,.0f} | {rate/1e6:,.0f} | {rate/ring:.0%} | {worst('write_p50_ns'):.3g} | {worst('write_p99_ns'):.3g} | {'yes' if same else 'NO'} |")
+PY
+done
 
 # Loss recovery: the same cluster (20% writes) with faults injected into every node's sends,
 # against the lossless run; then the time a restarted follower takes to catch up.

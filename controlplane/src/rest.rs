@@ -265,7 +265,7 @@ pub struct StatusResponse {
     pub cluster: String,
     pub generation: String,
     pub node: u32,
-    /// leader (node 0) or follower.
+    /// leader or follower, as the data plane reports its pipelines' leader; unknown until it says.
     pub role: String,
     pub block: String,
     pub attached: bool,

@@ -37,15 +37,29 @@ impl Shared {
         }
     }
 
-    /// "leader" for node 0, "follower" otherwise.
+    /// What this node is, as its data plane reports it: "leader" when its pipelines lead,
+    /// "follower" when they follow another node, "unknown" before any says (not attached, or
+    /// not joined yet). No node is the leader by its number.
     pub fn role(&self) -> &'static str {
-        role(self.config.node)
+        self.attachment
+            .block()
+            .map_or(UNKNOWN_ROLE, |block| role(&block, self.config.node))
     }
 }
 
-/// "leader" for node 0, "follower" otherwise.
-pub fn role(node: u32) -> &'static str {
-    if node == 0 { "leader" } else { "follower" }
+/// The role of a node whose data plane has not said.
+pub const UNKNOWN_ROLE: &str = "unknown";
+
+/// What node `node` is in `block`: by the leader its first worker takes.
+pub fn role(block: &ControlBlock, node: u32) -> &'static str {
+    if block.worker_count() == 0 {
+        return UNKNOWN_ROLE;
+    }
+    match block.worker(0).gauges.leader_node() {
+        Some(leader) if leader == node => "leader",
+        Some(_) => "follower",
+        None => UNKNOWN_ROLE,
+    }
 }
 
 /// Wall-clock nanoseconds since the Unix epoch (0 if the clock is before it).

@@ -271,7 +271,7 @@ async fn metrics_parse_and_show_the_block_at_scrape_time() {
         find(
             down,
             "rzab_dataplane_up",
-            &[("node", "0"), ("role", "leader")]
+            &[("node", "0"), ("role", "unknown")]
         )
         .value,
         0.0

@@ -788,6 +788,9 @@ impl<T: Transport> Worker<T> {
             .gauges
             .leader_zxid
             .store(stats.leader_zxid.max(applied), Ordering::Relaxed);
+        counters
+            .gauges
+            .set_leader(self.node.known_leader().map(u32::from), self.node.epoch());
         counters.gauges.sync_state.store(
             self.node.sync_state(now_ns, limits) as u64,
             Ordering::Relaxed,

@@ -32,7 +32,7 @@ use crate::limits::{
 /// "RZABCTL" followed by a zero byte, little-endian.
 pub const CONTROL_BLOCK_MAGIC: u64 = u64::from_le_bytes(*b"RZABCTL\0");
 /// Bumped whenever the layout of [`ControlBlock`] changes.
-pub const LAYOUT_VERSION: u32 = 4;
+pub const LAYOUT_VERSION: u32 = 5;
 
 /// The lifecycle of the data plane that owns a block.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -238,6 +238,31 @@ pub struct WorkerGauges {
     pub knob_epoch_seen: AtomicU64,
     /// A [`SyncState`] code: whether this worker's pipeline serves local reads yet.
     pub sync_state: AtomicU64,
+    /// The node this worker's pipeline takes as its leader, plus one (0: not known yet). The
+    /// leader is the data plane's state, not a constant: read it with
+    /// [`WorkerGauges::leader_node`].
+    pub leader_node_plus_one: AtomicU64,
+    /// The epoch that leader leads in.
+    pub epoch: AtomicU64,
+}
+
+impl WorkerGauges {
+    /// The node this worker follows (or is, on the leader), once known.
+    pub fn leader_node(&self) -> Option<u32> {
+        let stored = self.leader_node_plus_one.load(Ordering::Relaxed);
+        stored
+            .checked_sub(1)
+            .and_then(|node| u32::try_from(node).ok())
+    }
+
+    /// Publishes the leader this worker takes (`None`: not known).
+    pub fn set_leader(&self, node: Option<u32>, epoch: u32) {
+        self.leader_node_plus_one.store(
+            node.map_or(0, |node| u64::from(node) + 1),
+            Ordering::Relaxed,
+        );
+        self.epoch.store(u64::from(epoch), Ordering::Relaxed);
+    }
 }
 
 /// Whether a worker's pipeline is in step with the leader.

@@ -203,6 +203,8 @@ impl FakeDataPlane {
                 .worker(worker as usize)
                 .local_endpoint
                 .store(Some(&shm_address(node, worker, workers, offset)));
+            // As a cluster that has just started: node 0 leads, in epoch 1.
+            block.worker(worker as usize).gauges.set_leader(Some(0), 1);
         }
         block.handshake.endpoints_published.store(
             block.header.instance.load(Ordering::Relaxed),

@@ -50,6 +50,35 @@ enum Command_ {
     Bench(BenchOptions),
     /// What sealing and checking a datagram costs (CRC32C and the keyed MAC), by size.
     SealBench(SealBenchOptions),
+    /// The bare shared-memory ring's byte rate at one datagram size and batch (median of
+    /// three runs), printed as one number in bytes per second: the limit a cluster's
+    /// replication over shm is compared against.
+    RingRate(RingRateOptions),
+}
+
+#[derive(Clone, Debug, clap::Args)]
+struct RingRateOptions {
+    /// Bytes per datagram.
+    #[arg(long, default_value_t = 4096)]
+    size: usize,
+    /// Datagrams per release.
+    #[arg(long, default_value_t = 16)]
+    batch: usize,
+    /// Seconds per run.
+    #[arg(long, default_value_t = 1.0)]
+    seconds: f64,
+}
+
+fn ring_rate(options: &RingRateOptions) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        (1..=1 << 20).contains(&options.size) && (1..=1024).contains(&options.batch),
+        "--size must be 1..=1048576 and --batch 1..=1024"
+    );
+    let rates = (0..3)
+        .map(|_| measure_bare_ring(options.size, options.batch, options.seconds))
+        .collect::<anyhow::Result<Vec<f64>>>()?;
+    println!("{:.0}", median(rates) * options.size as f64);
+    Ok(())
 }
 
 #[derive(Clone, Debug, clap::Args)]
@@ -662,5 +691,6 @@ fn main() -> anyhow::Result<()> {
         Command_::Peer(peer_options) => peer(peer_options),
         Command_::Bench(bench_options) => bench(bench_options),
         Command_::SealBench(seal_options) => seal_bench(seal_options),
+        Command_::RingRate(ring_options) => ring_rate(ring_options),
     }
 }

@@ -83,6 +83,20 @@ impl Node {
         self.leader_node
     }
 
+    /// The node this pipeline takes as its leader, once that is known: itself on the leader,
+    /// the node that answered its hello on a follower.
+    pub fn known_leader(&self) -> Option<u8> {
+        match &self.role {
+            Role::Leader(_) => Some(self.leader_node),
+            Role::Follower(follower) => follower.leader().map(|leader| leader.node),
+        }
+    }
+
+    /// The epoch this pipeline's messages speak in.
+    pub fn epoch(&self) -> u32 {
+        self.config.epoch
+    }
+
     /// The leader process this follower follows, once its hello was answered.
     pub fn leader(&self) -> Option<LeaderIdentity> {
         match &self.role {
