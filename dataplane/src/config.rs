@@ -260,6 +260,8 @@ pub mod ranges {
     pub const MAX_MEMORY_MIB: IntRange = IntRange::new(1, 1 << 30);
     /// 64 KiB to 1 TiB (the leader's ring is at least two windows whatever it is given).
     pub const COMMITTED_RING_BYTES: IntRange = IntRange::new(1 << 16, 1 << 40);
+    /// From room for one small entry to the shm fabric's largest slot.
+    pub const DATAGRAM_BYTES: IntRange = IntRange::new(512, 1 << 20);
     /// 1 KiB to the store's largest value.
     pub const MAX_TXN_BYTES: IntRange = IntRange::new(1 << 10, MAX_VALUE_SIZE as u64);
 }
@@ -332,7 +334,7 @@ pub struct Options {
           help = ranges::KEYS.help("Keys in the store (populated at start; the memory check bounds them further)"))]
     pub keys: u64,
     #[arg(long, default_value_t = 32, value_parser = ranges::VALUE_SIZE.parser::<usize>(),
-          help = ranges::VALUE_SIZE.help("Bytes per value"))]
+          help = ranges::VALUE_SIZE.help("Bytes per value (at most --max-txn-bytes)"))]
     pub value_size: usize,
     #[arg(long, default_value_t = 50, value_parser = ranges::WRITE_RATIO.parser::<u64>(),
           help = ranges::WRITE_RATIO.help("Share of writes, per-mille (a live knob; this is its start value)"))]
@@ -377,6 +379,9 @@ pub struct Options {
           value_parser = ranges::MAX_TXN_BYTES.parser::<usize>(),
           help = ranges::MAX_TXN_BYTES.help("Largest transaction payload the cluster replicates (ZooKeeper's jute.maxbuffer; the key-value store's transaction is its value, plus the key); larger ones travel as fragments"))]
     pub max_txn_bytes: usize,
+    #[arg(long, value_name = "BYTES", value_parser = ranges::DATAGRAM_BYTES.parser::<usize>(),
+          help = ranges::DATAGRAM_BYTES.help("Largest datagram a node sends (default: 64 KiB on shm, 4 KiB on udp and verbs); transactions too large for one travel as fragments, so larger datagrams mean fewer of them"))]
+    pub datagram_bytes: Option<usize>,
     #[arg(long, default_value_t = 1, value_parser = ranges::SEED.parser::<u64>(),
           help = ranges::SEED.help("Seed of the emulated clients' traces"))]
     pub seed: u64,
@@ -767,8 +772,11 @@ impl Options {
 
     /// Every integer option with its value and range. The parsers already hold the command
     /// line and the file to these ranges; this holds options built or changed in code to them.
-    fn integer_options(&self) -> [(&'static str, i128, IntRange); 18] {
+    fn integer_options(&self) -> [(&'static str, i128, IntRange); 19] {
         let max_memory = self.max_memory_mib.unwrap_or(ranges::MAX_MEMORY_MIB.min);
+        let datagram = self
+            .datagram_bytes
+            .map_or(ranges::DATAGRAM_BYTES.min.into(), wide);
         [
             ("--node", self.node.into(), ranges::NODE),
             ("--nodes", self.nodes.into(), ranges::NODES),
@@ -807,6 +815,7 @@ impl Options {
                 ranges::MAX_TXN_BYTES,
             ),
             ("--seed", self.seed.into(), ranges::SEED),
+            ("--datagram-bytes", datagram, ranges::DATAGRAM_BYTES),
             (
                 "--max-memory-mib",
                 max_memory.into(),

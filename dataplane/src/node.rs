@@ -69,18 +69,26 @@ pub struct Summary {
     pub history: Option<crate::history::HistoryReport>,
 }
 
-/// The largest datagram the protocol asks of a transport.
-const DATAGRAM_CAP: usize = 4096;
+/// The largest datagram a node sends unless `--datagram-bytes` says otherwise: over shared
+/// memory a large datagram costs one copy like a small one, so fewer fragments are cheaper;
+/// over the network 4 KiB stays within one jumbo frame and a UD MTU.
+fn datagram_cap(options: &Options) -> usize {
+    options.datagram_bytes.unwrap_or(match options.transport {
+        TransportKind::Shm => 64 << 10,
+        TransportKind::Udp | TransportKind::Verbs => 4 << 10,
+    })
+}
 
-/// The datagram size the protocol needs for transactions of `txn_len` bytes: room for 16 of
-/// them, capped at [`DATAGRAM_CAP`] (larger ones just mean fewer per message, and one too
+/// The datagram size the protocol needs for the transactions of `options`: room for 16 of
+/// them, capped at [`datagram_cap`] (larger ones just mean fewer per message, and one too
 /// large for a datagram travels as fragments).
-fn needed_mtu(txn_len: usize) -> usize {
-    let slot = txn_len.max(1).next_multiple_of(8);
+fn needed_mtu(options: &Options) -> usize {
+    let slot = txn_len(options).max(1).next_multiple_of(8);
     let largest = wire::prepare_len(16, slot).max(wire::write_len(16, slot));
-    largest
-        .next_multiple_of(64)
-        .clamp(wire::prepare_len(1, 8).next_multiple_of(64), DATAGRAM_CAP)
+    largest.next_multiple_of(64).clamp(
+        wire::prepare_len(1, 8).next_multiple_of(64),
+        datagram_cap(options).max(wire::prepare_len(1, 8).next_multiple_of(64)),
+    )
 }
 
 /// The transaction length of a run of `options`: the key-value store's "set K to V".
@@ -161,7 +169,7 @@ pub fn run(options: &Options) -> anyhow::Result<Summary> {
     })
     .context("building the store")?;
     let zxids = ZxidSource::new();
-    let mtu = needed_mtu(txn_len(options));
+    let mtu = needed_mtu(options);
     let slots = recv_slots(options.nodes);
 
     match options.transport {

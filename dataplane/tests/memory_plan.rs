@@ -85,6 +85,9 @@ fn the_plan_covers_what_a_pipeline_allocates() {
             &value_size.to_string(),
             "--sessions",
             &sessions.to_string(),
+            // The MTU the configuration below is built with.
+            "--datagram-bytes",
+            "4096",
         ]
         .iter()
         .map(|arg| (*arg).to_owned())

@@ -236,7 +236,8 @@ fn help_names_every_range() {
     for fragment in [
         "Nodes in the cluster [range: 1..=16]",
         "[range: powers of two in 32..=1048576]",
-        "Bytes per value [range: 8..=1024]",
+        "Bytes per value (at most --max-txn-bytes) [range: 8..=67108864]",
+        "--datagram-bytes",
         "[range: 0..=31536000]",
         "--max-memory-mib",
         "prepare_batch            1..=16 [default: 16]",

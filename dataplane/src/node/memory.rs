@@ -119,7 +119,7 @@ impl MemoryPlan {
     /// The plan of `options` (which [`Options::validate`] accepted).
     pub fn of(options: &Options) -> Result<MemoryPlan, MemoryError> {
         let workers = u64::from(options.workers);
-        let mtu = super::needed_mtu(super::txn_len(options)) as u64;
+        let mtu = super::needed_mtu(options) as u64;
         let slots = super::recv_slots(options.nodes) as u64;
         let store = Store::size_for(&StoreConfig {
             keys: options.keys,
@@ -239,7 +239,7 @@ fn ring_bytes(capacity: u64, value_size: u64) -> u64 {
 /// What one pipeline of this node allocates for its state machine and its sessions, as
 /// `Leader::new` / `Follower::new` and `Sessions::new` do.
 pub fn pipeline_bytes(options: &Options) -> u64 {
-    let shape = super::pipeline_shape(options, super::needed_mtu(super::txn_len(options)));
+    let shape = super::pipeline_shape(options, super::needed_mtu(options));
     let slot = shape.slot_len() as u64;
     let fragments = shape.fragments() as u64;
     let txn = shape.txn_len as u64;
@@ -275,7 +275,7 @@ pub fn pipeline_bytes(options: &Options) -> u64 {
         } else {
             0
         } + if fragments > 1 || item > 0 {
-            nodes.saturating_mul(sessions).saturating_mul(64)
+            nodes.saturating_mul(sessions).saturating_mul(80)
         } else {
             0
         };
@@ -397,7 +397,7 @@ pub fn check(options: &Options) -> Result<MemoryPlan, MemoryError> {
     }
     if options.transport == TransportKind::Shm {
         let path = fabric_path(options);
-        let mtu = super::needed_mtu(super::txn_len(options)) as u64;
+        let mtu = super::needed_mtu(options) as u64;
         let needed = fabric_bytes(options, mtu, super::recv_slots(options.nodes) as u64);
         if !path.exists() {
             if let Some(free) = free_bytes(&options.shm_dir) {

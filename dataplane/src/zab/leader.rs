@@ -736,9 +736,19 @@ impl Leader {
             };
             if now_ns >= link.progress_ns.saturating_add(timeout) {
                 if behind_prepares {
-                    // Lost repairs, or a lost last ACK: go back to what it acknowledged.
+                    // Lost prepares, lost repairs or a lost last ACK, or only a follower that
+                    // was descheduled: probe with one burst from what it acknowledged rather
+                    // than stream the window again (a follower that lacks more reports the
+                    // gap with a NACK as soon as a later prepare reaches it, and that streams).
                     self.links[follower].repairing = false;
-                    self.start_repair(follower, link.acked);
+                    self.retransmit_prepares(
+                        follower,
+                        link.acked,
+                        self.next_pseq,
+                        RETRANSMIT_BURST,
+                        outbox,
+                        limits,
+                    );
                 } else if let Some(buffer) = outbox.buffer() {
                     let words = self.broadcast_words(self.commit_msgs_sent);
                     wire::put_header(
