@@ -147,12 +147,12 @@ fn incompatible_configurations_are_refused_clearly() {
             "--nodes".into(),
             "3".into(),
             "--value-size".into(),
-            "5000".into(),
+            "2000000".into(),
         ],
     )
     .finish();
     assert!(!bad.success);
-    assert!(bad.stderr.contains("--value-size 5000"), "{}", bad.stderr);
+    assert!(bad.stderr.contains("--value-size 2000000"), "{}", bad.stderr);
 }
 
 #[test]
