@@ -152,7 +152,11 @@ fn incompatible_configurations_are_refused_clearly() {
     )
     .finish();
     assert!(!bad.success);
-    assert!(bad.stderr.contains("--value-size 2000000"), "{}", bad.stderr);
+    assert!(
+        bad.stderr.contains("--value-size 2000000"),
+        "{}",
+        bad.stderr
+    );
 }
 
 #[test]
