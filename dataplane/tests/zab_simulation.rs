@@ -982,9 +982,12 @@ fn a_follower_restarted_among_large_transactions_installs_a_chunked_snapshot() {
     assert!(total(&outcome, |stats| stats.snapshot_entries_installed) >= crash.keys);
 }
 
+/// For investigating one size by hand (it dumps every pipeline when a run stalls):
+/// `SIZE=1048576 OPS=40 LOSS=10 cargo test -p rzab-dataplane --features testing --test
+/// zab_simulation -- --ignored one_size_from_the_environment --nocapture`.
 #[test]
-#[ignore]
-fn debug_one_size() {
+#[ignore = "run by hand with SIZE, OPS and LOSS set"]
+fn one_size_from_the_environment() {
     let value_len: usize = std::env::var("SIZE").unwrap().parse().unwrap();
     let ops: u64 = std::env::var("OPS").unwrap().parse().unwrap();
     let loss: u32 = std::env::var("LOSS").map_or(0, |loss| loss.parse().unwrap());

@@ -140,7 +140,7 @@ impl MemoryPlan {
                 what: if options.node == LEADER_NODE {
                     "the leader's rings, with its committed-transaction ring"
                 } else {
-                    "the follower's rings"
+                    "the follower's rings, with its committed-transaction ring"
                 },
                 options: format!(
                     "--window {}, --committed-ring-bytes {}, --value-size {}, --sessions {}, --nodes {}, times --workers {}",
@@ -284,8 +284,8 @@ pub fn pipeline_bytes(options: &Options) -> u64 {
             .saturating_add(words(MAX_NODES as u64 * sessions))
             .saturating_add(assemblies)
     } else {
-        // The window of prepares, the sessions' outgoing writes, their queue and timers.
-        ring_bytes(window, slot)
+        // The committed-transaction ring, the sessions' outgoing writes, their queue and timers.
+        ring_bytes((shape.retained as u64).max(window), slot)
             .saturating_add(ring_bytes(sessions.saturating_mul(fragments), slot))
             .saturating_add(words(sessions.next_power_of_two()))
             .saturating_add(words(2 * sessions))
@@ -458,9 +458,9 @@ mod tests {
         );
         assert!(leader.total() > retained && leader.total() < retained + (512 << 20));
         let rings = |plan: &MemoryPlan| plan.items[1].bytes;
-        // A follower keeps one window, the leader a ring of 32 of them.
-        assert!(rings(&follower) * 28 < rings(&leader), "{follower:?}");
-        assert!(rings(&follower) * 36 > rings(&leader), "{follower:?}");
+        // Every node keeps the committed-transaction ring; the leader also queues writes.
+        assert!(rings(&follower) > retained && rings(&follower) <= rings(&leader));
+        assert!(rings(&leader) - rings(&follower) < 64 << 20, "{follower:?}");
         let two = MemoryPlan::of(&options(&["--node", "0", "--workers", "2"])).unwrap();
         let one = MemoryPlan::of(&options(&["--node", "0"])).unwrap();
         // The committed-transaction ring is split among the workers; the rest is per worker.

@@ -44,7 +44,11 @@ pub struct Follower {
     leader: Option<LeaderIdentity>,
     /// When a message of the leader was last taken.
     leader_heard_ns: Option<u64>,
-    /// Prepares by pseq; `present` marks the ones held.
+    /// Prepares by pseq; `present` marks the ones held and not applied yet. It is this node's
+    /// committed-transaction ring, [`PipelineConfig::retained`] deep like the leader's: applied
+    /// transactions stay in it until a later pseq reuses their slot, so that a follower that
+    /// becomes leader (the election issue) can bring laggards back by DIFF. Prepares are taken
+    /// only a window ahead of the applied point, so a slot is never reused under one not applied.
     pending: EntryRing,
     /// Every prepare below this pseq is held.
     received: u64,
@@ -97,7 +101,7 @@ impl Follower {
             phase: Phase::Joining,
             leader: None,
             leader_heard_ns: None,
-            pending: EntryRing::new(config.window, config.slot_len()),
+            pending: EntryRing::new(config.retained.max(config.window), config.slot_len()),
             received: 0,
             committed: 0,
             applied: 0,
