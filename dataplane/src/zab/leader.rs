@@ -451,15 +451,12 @@ impl Leader {
                 break;
             }
             *ordered = entry.session_seq;
-            let meta = EntryMeta {
-                zxid: 0,
-                session_seq: entry.session_seq,
-                fragment: 0,
-                session: entry.session,
-                origin_node: message.header.from_node,
-                present: true,
-                ends_message: false,
-            };
+            let meta = EntryMeta::local_write(
+                message.header.from_node,
+                entry.session,
+                entry.session_seq,
+                0,
+            );
             self.incoming.put(self.incoming_tail, meta, entry.slot);
             last_queued = Some(self.incoming_tail);
             self.incoming_tail += 1;
@@ -525,15 +522,12 @@ impl Leader {
             return;
         }
         self.ordered[from * sessions + session] = entry.session_seq;
-        let meta = EntryMeta {
-            zxid: 0,
-            session_seq: entry.session_seq,
-            fragment: 0,
-            session: entry.session,
-            origin_node: message.header.from_node,
-            present: true,
-            ends_message: false,
-        };
+        let meta = EntryMeta::local_write(
+            message.header.from_node,
+            entry.session,
+            entry.session_seq,
+            0,
+        );
         let taken = self
             .incoming
             .put_txn(self.incoming_tail, meta, &assembly.bytes);

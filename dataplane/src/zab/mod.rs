@@ -689,7 +689,7 @@ pub struct EntryMeta {
 }
 
 impl EntryMeta {
-    /// Fragment `fragment` of a write of one of this node's sessions, not yet ordered.
+    /// Fragment `fragment` of a write of session `session` of node `node`, not yet ordered.
     pub fn local_write(node: u8, session: u16, session_seq: u64, fragment: u32) -> Self {
         EntryMeta {
             zxid: 0,
