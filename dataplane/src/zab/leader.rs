@@ -9,9 +9,9 @@ use rzab_shared::limits::{MAX_NODES, MAX_WRITES_PER_MSG};
 
 use super::wire::{self, FLAG_RETRANSMIT, Kind, Message};
 use super::{
-    CatchupBoard, Completions, EntryMeta, EntryRing, FollowerWords, Limits, MAX_WRITE_CREDITS,
-    Outbox, PipelineConfig, PipelineStats, RETRANSMIT_BURST, SNAPSHOT_MESSAGES_IN_FLIGHT,
-    StateMachine, Target, ZxidSource, half, hello_words, leader_words,
+    CatchupBoard, Completions, EntryMeta, EntryRing, FollowerWords, Limits, MAX_PREPARE_CREDITS,
+    MAX_WRITE_CREDITS, Outbox, PipelineConfig, PipelineStats, RETRANSMIT_BURST,
+    SNAPSHOT_MESSAGES_IN_FLIGHT, StateMachine, Target, ZxidSource, half, hello_words, leader_words,
 };
 
 /// Snapshot transfer towards one follower.
@@ -324,6 +324,16 @@ impl Leader {
         };
         let sessions = self.config.sessions.max(1);
         self.ordered[index * sessions..(index + 1) * sessions].fill(0);
+        // What the old process had partly sent must not mix with the new one's writes (which
+        // may reuse its session sequences).
+        if let Some(assemblies) = self
+            .assemblies
+            .get_mut(index * sessions..(index + 1) * sessions)
+        {
+            for assembly in assemblies {
+                assembly.restart(0, 0);
+            }
+        }
         if catch_up {
             board.register(index, instance, self.config.pipeline, replica);
         }
@@ -705,7 +715,11 @@ impl Leader {
     /// prepares a bounded distance ahead of the follower's acknowledgements, so a follower
     /// that lost many catches up as fast as the network allows.
     fn retransmit(&mut self, now_ns: u64, outbox: &mut impl Outbox, limits: &Limits) {
-        let in_flight_limit = (self.config.window as u64 / 2).max(1);
+        // Half a window, and never more repair datagrams than a follower's prepare credits
+        // allow (a fragment is a datagram of its own).
+        let in_flight_limit = (self.config.window as u64 / 2)
+            .min(MAX_PREPARE_CREDITS as u64 * self.config.prepares_fitting() as u64)
+            .max(1);
         for follower in self.follower_ids() {
             if let Some((first, _end)) = self.links[follower].nack.take() {
                 self.start_repair(follower, first);
@@ -1132,4 +1146,91 @@ impl Leader {
 
 fn follower_target(follower: usize) -> Target {
     Target::Follower(u8::try_from(follower).unwrap_or(u8::MAX))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, reason = "a test fails by panicking")]
+mod tests {
+    use super::*;
+    use crate::replica::NodeReplica;
+    use crate::store::StoreConfig;
+    use crate::zab::LEADER_EPOCH;
+
+    const TXN_LEN: usize = 10_000;
+
+    fn config() -> PipelineConfig {
+        PipelineConfig {
+            node: 0,
+            nodes: 3,
+            pipeline: 0,
+            pipelines: 1,
+            txn_len: TXN_LEN,
+            item_len: TXN_LEN - 8,
+            cluster_tag: 1,
+            run: 2,
+            epoch: LEADER_EPOCH,
+            integrity: wire::Integrity::Crc32c,
+            sessions: 2,
+            window: 64,
+            retained: 128,
+            mtu: 4096,
+            keys: 4,
+            instance: 1,
+            fingerprint: 0,
+        }
+    }
+
+    /// Fragment `fragment` of session 0's write `seq` from node 1's process `instance`.
+    fn fragment(instance: u64, seq: u64, fragment: u32, fill: u8) -> Vec<u8> {
+        let config = config();
+        let slot = config.slot_len();
+        let mut datagram = vec![0u8; wire::write_len(1, slot)];
+        let mut header = config.header(Kind::Write, 1, 0, [0; wire::WORDS]);
+        header.from_node = 1;
+        header.instance = instance;
+        wire::put_header(&mut datagram, &header);
+        wire::put_write_prefix(&mut datagram, u64::from(fragment) + 1);
+        let at = wire::HEADER_BYTES + wire::WRITE_PREFIX;
+        wire::put_entry_fixed(&mut datagram[at..], 1, 0, fragment, seq);
+        datagram[at + wire::ENTRY_FIXED..].fill(fill);
+        wire::seal(&mut datagram, &config.integrity);
+        datagram
+    }
+
+    #[test]
+    fn a_restarted_follower_never_completes_its_predecessors_partial_write() {
+        let config = config();
+        assert_eq!(config.fragments(), 3);
+        let replica = NodeReplica::new(&StoreConfig {
+            keys: 4,
+            value_size: TXN_LEN - 8,
+            hugepages: false,
+        })
+        .unwrap();
+        let board = CatchupBoard::new(1);
+        let mut leader = Leader::new(config);
+        let context = config.wire_context();
+        let deliver = |leader: &mut Leader, datagram: &[u8]| {
+            leader.handle(&context.decode(datagram).unwrap(), 1_000);
+        };
+        leader.accept_hello(1, 7, 0, false, &board, &replica);
+        // The old process sent the first two fragments of its write 5, then died.
+        deliver(&mut leader, &fragment(7, 5, 0, 0xaa));
+        deliver(&mut leader, &fragment(7, 5, 1, 0xaa));
+        // Its successor reuses sequence 5 (a restart within the same second).
+        leader.accept_hello(1, 8, 0, false, &board, &replica);
+        for index in 0..3 {
+            deliver(&mut leader, &fragment(8, 5, index, 0xbb));
+        }
+        assert_eq!(leader.incoming_len(), 3, "the new write is queued whole");
+        let mut bytes = vec![0u8; TXN_LEN];
+        leader
+            .incoming
+            .txn(leader.incoming_head, TXN_LEN)
+            .copy_to(&mut bytes);
+        assert!(
+            bytes.iter().all(|byte| *byte == 0xbb),
+            "the old process's fragments leaked into its successor's write"
+        );
+    }
 }
