@@ -434,8 +434,10 @@ impl Leader {
         let sessions = self.config.sessions.max(1);
         let link = &mut self.links[from];
         link.write_seen = link.write_seen.max(message.write_seq());
-        if message.header.is_retransmit() {
-            // The follower may be waiting for a CREDIT that was lost.
+        // The follower may be waiting for a CREDIT that was lost. A repeated fragmented write
+        // is many WRITEs: one CREDIT for its first fragment, not one per fragment, keeps the
+        // CREDITs in flight within their budget.
+        if message.header.is_retransmit() && message.entry(0).fragment == 0 {
             link.credit_due = true;
         }
         if self.config.fragments() > 1 {
