@@ -746,27 +746,11 @@ impl Leader {
             };
             if now_ns >= link.progress_ns.saturating_add(timeout) {
                 if behind_prepares {
-                    // Lost prepares, lost repairs or a lost last ACK, or only a follower that
-                    // was descheduled.
+                    // Lost prepares, lost repairs or a lost last ACK: go back to what it
+                    // acknowledged and stream from there (bounded by its prepare credits, so a
+                    // fragmented stream is a few dozen datagrams, not half a window).
                     self.links[follower].repairing = false;
-                    if link.heard_ns > link.progress_ns {
-                        // It spoke since, without acknowledging more: it is up, and lacks
-                        // prepares (a lost tail, which no later prepare will reveal while the
-                        // window is full): stream them again from what it acknowledged.
-                        self.start_repair(follower, link.acked);
-                    } else {
-                        // Silent: lost, or only descheduled. Probe with one burst rather than
-                        // stream the window again; a follower that lacks more and hears a later
-                        // prepare reports the gap with a NACK, which streams.
-                        self.retransmit_prepares(
-                            follower,
-                            link.acked,
-                            self.next_pseq,
-                            RETRANSMIT_BURST,
-                            outbox,
-                            limits,
-                        );
-                    }
+                    self.start_repair(follower, link.acked);
                 } else if let Some(buffer) = outbox.buffer() {
                     let words = self.broadcast_words(self.commit_msgs_sent);
                     wire::put_header(
