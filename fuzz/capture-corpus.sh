@@ -10,7 +10,8 @@
 #
 # The cluster runs in the capture configuration the harnesses decode with
 # (rzab_dataplane::fuzzing::CAPTURE): cluster fuzzcap, run id fuzzcap, 3 nodes, 2 workers,
-# 32-byte values, 1024 keys, window 1024, 32 sessions, and over udp the published test secret
+# values of 32 and 4096 bytes in turn (--value-size 4096 --value-mix 32,4096, so the capture holds
+# batched small transactions and fragmented large ones), 1024 keys, window 1024, 32 sessions, and over udp the published test secret
 # CAPTURE.secret (so that the harnesses can check the MACs). Change both together.
 #
 #   fuzz/capture-corpus.sh [--seconds 2] [--transports "shm udp"] [--no-restart]
@@ -55,7 +56,7 @@ for transport in $transports; do
   [ "$transport" = udp ] && sealing=(--cluster-secret-file "$secret")
   for node in 0 1 2; do
     "$bin" --cluster fuzzcap --run-id fuzzcap --node "$node" --nodes 3 --workers 2 \
-      --value-size 32 --keys 1024 "${sealing[@]}" \
+      --value-size 4096 --value-mix 32,4096 --keys 1024 "${sealing[@]}" \
       --window 1024 --sessions 32 --write-ratio 300 --transport "$transport" \
       --duration "$seconds" --join-timeout 30 --shm-dir "$work" \
       --control-block "$work/block-$transport-$node" \
@@ -81,7 +82,7 @@ if [ "$restart" = yes ]; then
   echo "==> 3-node cluster over shm with 2% loss, follower 2 killed and restarted, capturing"
   pids=()
   node_args() {
-    echo --cluster fuzzcap --run-id fuzzcap --node "$1" --nodes 3 --workers 2 --value-size 32 --keys 1024 \
+    echo --cluster fuzzcap --run-id fuzzcap --node "$1" --nodes 3 --workers 2 --value-size 4096 --value-mix 32,4096 --keys 1024 \
       --window 1024 --sessions 32 --write-ratio 300 --transport shm --duration "$2" \
       --join-timeout 30 --shm-dir "$work" --control-block "$work/block-restart-$1" \
       --inject-loss 2 --inject-duplicate 1 --inject-reorder 1 \

@@ -336,6 +336,10 @@ pub struct Options {
     #[arg(long, default_value_t = 32, value_parser = ranges::VALUE_SIZE.parser::<usize>(),
           help = ranges::VALUE_SIZE.help("Bytes per value (at most --max-txn-bytes)"))]
     pub value_size: usize,
+    #[arg(long, value_delimiter = ',', value_name = "BYTES,...",
+          value_parser = ranges::VALUE_SIZE.parser::<usize>(),
+          help = ranges::VALUE_SIZE.help("Value lengths of the writes, comma-separated (say 32,65536,1048576): the sessions' writes take them in turn, so one run mixes transaction sizes; each at most --value-size, the store's item size (default: every value --value-size long)"))]
+    pub value_mix: Vec<usize>,
     #[arg(long, default_value_t = 50, value_parser = ranges::WRITE_RATIO.parser::<u64>(),
           help = ranges::WRITE_RATIO.help("Share of writes, per-mille (a live knob; this is its start value)"))]
     pub write_ratio: u64,
@@ -423,6 +427,9 @@ pub struct Options {
 
 /// Shortest cluster secret accepted, in bytes.
 pub const MIN_SECRET_BYTES: usize = 16;
+
+/// Lengths `--value-mix` may name.
+pub const MAX_VALUE_MIX: usize = 16;
 
 /// The knobs and the values they take, for `--help`.
 fn knob_table() -> String {
@@ -772,13 +779,20 @@ impl Options {
 
     /// Every integer option with its value and range. The parsers already hold the command
     /// line and the file to these ranges; this holds options built or changed in code to them.
-    fn integer_options(&self) -> [(&'static str, i128, IntRange); 19] {
+    fn integer_options(&self) -> [(&'static str, i128, IntRange); 20] {
         let max_memory = self.max_memory_mib.unwrap_or(ranges::MAX_MEMORY_MIB.min);
         let datagram = self
             .datagram_bytes
             .map_or(ranges::DATAGRAM_BYTES.min.into(), wide);
+        let longest_mixed = self
+            .value_mix
+            .iter()
+            .copied()
+            .max()
+            .map_or(ranges::VALUE_SIZE.min.into(), wide);
         [
             ("--node", self.node.into(), ranges::NODE),
+            ("--value-mix", longest_mixed, ranges::VALUE_SIZE),
             ("--nodes", self.nodes.into(), ranges::NODES),
             ("--workers", self.workers.into(), ranges::WORKERS),
             ("--sessions", wide(self.sessions), ranges::SESSIONS),
@@ -852,6 +866,22 @@ impl Options {
             return invalid(format!(
                 "--node {} must be below --nodes {}",
                 self.node, self.nodes
+            ));
+        }
+        if self.value_mix.len() > MAX_VALUE_MIX {
+            return invalid(format!(
+                "--value-mix has {} lengths: at most {MAX_VALUE_MIX}",
+                self.value_mix.len()
+            ));
+        }
+        if let Some(bad) = self
+            .value_mix
+            .iter()
+            .find(|len| **len < 8 || **len > self.value_size)
+        {
+            return invalid(format!(
+                "--value-mix length {bad}: expected 8..={} (--value-size, the store's item size, bounds it; a value carries its 8-byte write id)",
+                self.value_size
             ));
         }
         if self.value_size > self.max_txn_bytes {
@@ -932,6 +962,26 @@ impl Options {
         }
     }
 
+    /// The shortest and longest value the sessions write.
+    pub fn value_lengths(&self) -> (usize, usize) {
+        let shortest = self.value_mix.iter().copied().min();
+        let longest = self.value_mix.iter().copied().max();
+        (
+            shortest.unwrap_or(self.value_size),
+            longest.unwrap_or(self.value_size),
+        )
+    }
+
+    /// The value size as the fingerprint names it: with the mix, if there is one (a run
+    /// without one fingerprints as before).
+    fn value_size_fingerprint(&self) -> String {
+        if self.value_mix.is_empty() {
+            return self.value_size.to_string();
+        }
+        let mix: Vec<String> = self.value_mix.iter().map(usize::to_string).collect();
+        format!("{}/{}", self.value_size, mix.join(","))
+    }
+
     /// A hash of everything that must be equal on every node.
     pub fn fingerprint(&self) -> u64 {
         // Sessions size the leader's exactly-once table and snapshot ranges follow the keys.
@@ -939,7 +989,7 @@ impl Options {
             &self.cluster,
             &self.nodes.to_string(),
             &self.workers.to_string(),
-            &self.value_size.to_string(),
+            &self.value_size_fingerprint(),
             &self.keys.to_string(),
             &self.window.to_string(),
             &self.sessions.to_string(),

@@ -29,7 +29,7 @@ use std::cell::RefCell;
 
 use arbitrary::Unstructured;
 use rzab_shared::knobs::{KNOBS, KnobKind, KnobSpec};
-use rzab_shared::limits::{ENDPOINT_BYTES, MAX_NODES, MAX_PREPARES_PER_MSG, MAX_WRITES_PER_MSG};
+use rzab_shared::limits::{ENDPOINT_BYTES, MAX_NODES};
 use rzab_shared::{EndpointAddress, EndpointDecodeError, EndpointRecord, Knob};
 
 use crate::replica::NodeReplica;
@@ -67,7 +67,11 @@ pub struct CaptureConfig {
     pub secret: &'static [u8],
     pub nodes: u8,
     pub pipelines: u8,
+    /// `--value-size`: the store's item size, and the longest value.
     pub value_len: usize,
+    /// `--value-mix`: the value lengths writes take in turn, so the capture holds small
+    /// transactions batched many to a datagram and large ones in fragments.
+    pub value_mix: &'static [usize],
     pub keys: u64,
     pub window: usize,
     pub sessions: usize,
@@ -80,7 +84,8 @@ pub const CAPTURE: CaptureConfig = CaptureConfig {
     secret: b"fuzzcap: a published test secret",
     nodes: 3,
     pipelines: 2,
-    value_len: 32,
+    value_len: 4096,
+    value_mix: &[32, 4096],
     keys: 1024,
     window: 1024,
     sessions: 32,
@@ -96,8 +101,8 @@ pub fn capture_params() -> WireParams {
     wire::WireContext {
         cluster_tag: wire::cluster_tag(CAPTURE.cluster),
         run: wire::run_tag(CAPTURE.run_id),
-        slot_len: capture_config().slot_len(),
-        fragmented: false,
+        slot_len: capture_config().slot_len,
+        max_txn_len: capture_config().max_txn_len,
         snapshot_slot_len: capture_config().snapshot_slot_len(),
         nodes: usize::from(CAPTURE.nodes),
         pipelines: usize::from(CAPTURE.pipelines),
@@ -203,7 +208,7 @@ pub fn wire_decode(data: &[u8]) -> Result<WireOutcome, Violation> {
         Ok(WireParams {
             cluster_tag: tag,
             slot_len: input.int_in_range(0..=140usize)? * 8,
-            fragmented: input.arbitrary::<bool>()?,
+            max_txn_len: input.int_in_range(0..=1usize << 21)?,
             snapshot_slot_len: input.int_in_range(0..=140usize)? * 8,
             nodes: input.int_in_range(0..=256usize)?,
             pipelines: input.int_in_range(0..=256usize)?,
@@ -222,7 +227,7 @@ pub fn wire_decode(data: &[u8]) -> Result<WireOutcome, Violation> {
             cluster_tag: u32::from_le_bytes([data[8], data[9], data[10], data[11]]),
             run: wire::u64_at(data, 16),
             slot_len: usize::from(u16::from_le_bytes([data[12], data[13]])) * 8,
-            fragmented: data[1] & 1 == 1,
+            max_txn_len: usize::from(u16::from_le_bytes([data[12], data[13]])) * 8 * 64,
             snapshot_slot_len: usize::from(u16::from_le_bytes([data[12], data[13]])) * 8,
             nodes: 256,
             pipelines: 256,
@@ -255,9 +260,7 @@ fn contents<'a>(message: &Message<'a>) -> Contents<'a> {
             .then(|| message.range()),
         write_seq: (kind == Kind::Write).then(|| message.write_seq()),
         entries: if has_entries {
-            (0..usize::from(message.header.count))
-                .map(|index| message.entry(index))
-                .collect()
+            message.entries().collect()
         } else {
             Vec::new()
         },
@@ -271,14 +274,19 @@ fn reencode(contents: &Contents<'_>, slot_len: usize) -> Option<Vec<u8>> {
     let count = usize::from(header.count);
     // Not a `match`: kinds added later are checked by decoding alone until they are taught here.
     let kind = header.kind;
+    let entries_len: usize = contents
+        .entries
+        .iter()
+        .map(|entry| wire::entry_wire_len(entry.bytes.len()))
+        .sum();
     let (len, entries_at) = if kind == Kind::Prepare {
         (
-            wire::prepare_len(count, slot_len),
+            wire::prepare_len(0, 0) + entries_len,
             wire::HEADER_BYTES + wire::PREPARE_PREFIX,
         )
     } else if kind == Kind::Write {
         (
-            wire::write_len(count, slot_len),
+            wire::write_len(0, 0) + entries_len,
             wire::HEADER_BYTES + wire::WRITE_PREFIX,
         )
     } else if kind == Kind::Ack || kind == Kind::Commit || kind == Kind::Nack {
@@ -299,17 +307,18 @@ fn reencode(contents: &Contents<'_>, slot_len: usize) -> Option<Vec<u8>> {
     if let Some(seq) = contents.write_seq {
         wire::put_write_prefix(&mut out, seq);
     }
-    for (index, entry) in contents.entries.iter().enumerate() {
-        let at = entries_at + index * (wire::ENTRY_FIXED + slot_len);
-        wire::put_entry_fixed(
+    let _ = (count, slot_len);
+    let mut at = entries_at;
+    for entry in &contents.entries {
+        at += wire::put_entry(
             &mut out[at..],
             entry.origin_node,
             entry.session,
             entry.fragment,
+            entry.txn_len,
             entry.session_seq,
+            entry.bytes,
         );
-        let slot_at = at + wire::ENTRY_FIXED;
-        out[slot_at..slot_at + entry.slot.len()].copy_from_slice(entry.slot);
     }
     wire::seal(&mut out, &wire::Integrity::Unchecked);
     Some(out)
@@ -352,29 +361,44 @@ fn check_datagram(datagram: &[u8], params: &WireParams) -> Result<Option<Kind>, 
             params.slot_len
         );
         ensure!(
-            !params.fragmented || header.count == 1,
-            "{} fragments in one message decoded",
+            contents.entries.len() == usize::from(header.count),
+            "{} entries of {} decoded",
+            contents.entries.len(),
             header.count
         );
         for (index, entry) in contents.entries.iter().enumerate() {
+            let txn_len = entry.txn_len as usize;
             ensure!(
-                entry.slot.len() == params.slot_len,
-                "entry {index} has a {}-byte slot",
-                entry.slot.len()
+                (1..=params.max_txn_len).contains(&txn_len),
+                "entry {index} of a {txn_len}-byte transaction decoded (at most {})",
+                params.max_txn_len
+            );
+            ensure!(
+                entry.fragment < entry.fragments(params.slot_len),
+                "entry {index}: fragment {} of a {txn_len}-byte transaction in {}-byte slots",
+                entry.fragment,
+                params.slot_len
+            );
+            ensure!(
+                entry.bytes.len() == wire::piece_len(txn_len, entry.fragment, params.slot_len),
+                "entry {index} has {} bytes",
+                entry.bytes.len()
             );
         }
         if let Some((_, first_zxid)) = contents.prepare_start {
+            let starts = contents
+                .entries
+                .iter()
+                .skip(1)
+                .filter(|entry| entry.fragment == 0);
             ensure!(
-                first_zxid.checked_add(u64::from(header.count)).is_some(),
-                "a prepare of {} zxids from {first_zxid:#x} decoded",
-                header.count
+                first_zxid.checked_add(starts.count() as u64).is_some(),
+                "a prepare of zxids past 2^64 from {first_zxid:#x} decoded"
             );
         }
-        // Out-of-range indices are clamped to the last entry, never read past the body.
-        let last = message.entry(usize::MAX);
         ensure!(
-            contents.entries.last() == Some(&last),
-            "entry(usize::MAX) is not the last entry"
+            message.first_entry() == contents.entries[0],
+            "first_entry() is not the first entry"
         );
     }
     if let Some(again) = reencode(&contents, params.slot_len) {
@@ -539,7 +563,7 @@ impl StateMachine for CheckingReplica {
                 "zxid {zxid:#x} applied after {before:#x} (applied zxids must go up by one)"
             ));
         }
-        if value.len() != self.value_len {
+        if value.len() > self.value_len {
             self.flag(format!("a {}-byte value applied", value.len()));
         }
         self.log.borrow_mut().push(Applied {
@@ -548,10 +572,13 @@ impl StateMachine for CheckingReplica {
             value_hash: fnv(value),
         });
         let slot = usize::try_from(key).ok().filter(|_| key < self.keys);
-        if let (Some(slot), true) = (slot, value.len() == self.value_len) {
+        if let (Some(slot), true) = (slot, value.len() <= self.value_len) {
+            // A shorter value is the store's zero-padded to the item size.
             self.shadow_zxids.borrow_mut()[slot] = zxid;
-            self.shadow_values.borrow_mut()[slot * self.value_len..(slot + 1) * self.value_len]
-                .copy_from_slice(value);
+            let mut values = self.shadow_values.borrow_mut();
+            let item = &mut values[slot * self.value_len..(slot + 1) * self.value_len];
+            item[..value.len()].copy_from_slice(value);
+            item[value.len()..].fill(0);
         }
         true
     }
@@ -793,18 +820,44 @@ fn capture_fingerprint() -> u64 {
         CAPTURE.cluster,
         &CAPTURE.nodes.to_string(),
         &CAPTURE.pipelines.to_string(),
-        &CAPTURE.value_len.to_string(),
+        &capture_value_fingerprint(),
         &CAPTURE.keys.to_string(),
         &CAPTURE.window.to_string(),
         &CAPTURE.sessions.to_string(),
     ])
 }
 
-/// The MTU a node of the capture configuration runs with (as `node::needed_mtu`).
+/// The value part of the capture runs' fingerprint (as `Options::fingerprint` names a mix).
+fn capture_value_fingerprint() -> String {
+    let mix: Vec<String> = CAPTURE.value_mix.iter().map(usize::to_string).collect();
+    format!("{}/{}", CAPTURE.value_len, mix.join(","))
+}
+
+/// The shortest and longest transaction of the capture runs.
+fn capture_txn_lengths() -> (usize, usize) {
+    let shortest = CAPTURE
+        .value_mix
+        .iter()
+        .copied()
+        .min()
+        .unwrap_or(CAPTURE.value_len);
+    let longest = CAPTURE
+        .value_mix
+        .iter()
+        .copied()
+        .max()
+        .unwrap_or(CAPTURE.value_len);
+    (kv_txn_len(shortest), kv_txn_len(longest))
+}
+
+/// The MTU a node of the capture configuration runs with (as `node::needed_mtu`: room for 16
+/// of the shortest transactions and for one entry of the longest's default slot).
 fn capture_mtu() -> usize {
-    let slot = kv_txn_len(CAPTURE.value_len).next_multiple_of(8);
-    wire::prepare_len(MAX_PREPARES_PER_MSG, slot)
-        .max(wire::write_len(MAX_WRITES_PER_MSG, slot))
+    let (shortest, longest) = capture_txn_lengths();
+    let share = longest.div_ceil(crate::zab::DEFAULT_MAX_FRAGMENTS);
+    wire::prepare_len(16, shortest)
+        .max(wire::write_len(16, shortest))
+        .max(wire::prepare_len(1, share))
         .next_multiple_of(64)
 }
 
@@ -815,7 +868,12 @@ pub fn capture_pipeline(node: u8, pipeline: u8, instance: u64) -> PipelineConfig
         nodes: CAPTURE.nodes,
         pipeline,
         pipelines: CAPTURE.pipelines,
-        txn_len: kv_txn_len(CAPTURE.value_len),
+        max_txn_len: capture_txn_lengths().1,
+        slot_len: PipelineConfig::default_slot_len(
+            capture_txn_lengths().0,
+            capture_txn_lengths().1,
+            capture_mtu(),
+        ),
         item_len: CAPTURE.value_len,
         cluster_tag: wire::cluster_tag(CAPTURE.cluster),
         run: wire::run_tag(CAPTURE.run_id),
@@ -1020,14 +1078,17 @@ impl NodeHarness {
     }
 
     fn local_write(&mut self, pipeline: usize, session: u16, seq: u64, key: u64) {
+        let mix = CAPTURE.value_mix;
+        let value_len = mix[usize::try_from(seq).unwrap_or(0) % mix.len()];
         let mut value = [0u8; CAPTURE.value_len];
         value[..8].copy_from_slice(&seq.to_le_bytes());
         value[8..16].copy_from_slice(&key.to_le_bytes());
         let mut txn = [0u8; kv_txn_len(CAPTURE.value_len)];
-        encode_kv_txn(&mut txn, key, &value);
+        let txn = &mut txn[..kv_txn_len(value_len)];
+        encode_kv_txn(txn, key, &value[..value_len]);
         let session = session % u16::try_from(CAPTURE.sessions).unwrap_or(u16::MAX);
         if let Some(machine) = self.machines.get_mut(pipeline) {
-            let _ = machine.submit_write(session, seq, &txn);
+            let _ = machine.submit_write(session, seq, txn);
         }
     }
 
@@ -1165,16 +1226,16 @@ fn synthesize(input: &mut Unstructured<'_>, out: &mut [u8]) -> arbitrary::Result
     wire::put_header(out, &header);
     let slot_len = params.slot_len;
     // Not a `match`, as in `reencode`: a kind added later gets a bare header here.
-    let (len, entries_at) = if kind == Kind::Prepare {
+    let (mut len, entries_at) = if kind == Kind::Prepare {
         wire::put_prepare_prefix(out, field(input)?, field(input)?);
         (
-            wire::prepare_len(usize::from(count), slot_len),
+            wire::prepare_len(0, 0),
             wire::HEADER_BYTES + wire::PREPARE_PREFIX,
         )
     } else if kind == Kind::Write {
         wire::put_write_prefix(out, field(input)?);
         (
-            wire::write_len(usize::from(count), slot_len),
+            wire::write_len(0, 0),
             wire::HEADER_BYTES + wire::WRITE_PREFIX,
         )
     } else if kind == Kind::Ack || kind == Kind::Commit || kind == Kind::Nack {
@@ -1184,23 +1245,41 @@ fn synthesize(input: &mut Unstructured<'_>, out: &mut [u8]) -> arbitrary::Result
         (wire::HEADER_BYTES, 0)
     };
     if entries_at > 0 {
-        for index in 0..usize::from(count) {
+        // Transactions of the capture's lengths (or any up to the maximum), and any fragment
+        // of them: the follower must gather and check them, and drop torn ones.
+        let mut piece = vec![0u8; slot_len];
+        for _ in 0..usize::from(count) {
             let fill = input.arbitrary::<u8>()?;
-            let at = entries_at + index * (wire::ENTRY_FIXED + slot_len);
-            wire::put_entry_fixed(
-                &mut out[at..],
+            let txn_len = if input.arbitrary::<bool>()? {
+                let (shortest, longest) = capture_txn_lengths();
+                if input.arbitrary::<bool>()? {
+                    shortest
+                } else {
+                    longest
+                }
+            } else {
+                input.int_in_range(1..=params.max_txn_len.max(1))?
+            };
+            let fragments = wire::fragments_of(txn_len, slot_len);
+            let fragment = if input.arbitrary::<bool>()? {
+                0
+            } else {
+                input.int_in_range(0..=fragments - 1)?
+            };
+            let bytes = &mut piece[..wire::piece_len(txn_len, fragment, slot_len)];
+            bytes.fill(fill);
+            let key = (field(input)? % (CAPTURE.keys + 1)).to_le_bytes();
+            let head = bytes.len().min(8);
+            bytes[..head].copy_from_slice(&key[..head]);
+            len += wire::put_entry(
+                &mut out[len..],
                 input.arbitrary::<u8>()?,
                 input.arbitrary::<u16>()?,
-                if input.arbitrary::<bool>()? {
-                    0
-                } else {
-                    input.arbitrary::<u32>()?
-                },
+                fragment,
+                u32::try_from(txn_len).unwrap_or(u32::MAX),
                 field(input)?,
+                bytes,
             );
-            let slot = &mut out[at + wire::ENTRY_FIXED..at + wire::ENTRY_FIXED + slot_len];
-            slot.fill(fill);
-            slot[..8].copy_from_slice(&(field(input)? % (CAPTURE.keys + 1)).to_le_bytes());
         }
     }
     wire::seal(&mut out[..len], &params.integrity);

@@ -80,32 +80,43 @@ fn datagram_cap(options: &Options) -> usize {
 }
 
 /// The datagram size the protocol needs for the transactions of `options`: room for 16 of
-/// them, capped at [`datagram_cap`] (larger ones just mean fewer per message, and one too
-/// large for a datagram travels as fragments).
+/// the shortest, and for an entry of the longest's default slot, capped at [`datagram_cap`]
+/// (larger ones just mean fewer per message, and one too large for a datagram travels as
+/// fragments).
 fn needed_mtu(options: &Options) -> usize {
-    let slot = txn_len(options).max(1).next_multiple_of(8);
-    let largest = wire::prepare_len(16, slot).max(wire::write_len(16, slot));
+    let (shortest, longest) = txn_lengths(options);
+    let share = longest.div_ceil(crate::zab::DEFAULT_MAX_FRAGMENTS);
+    let largest = wire::prepare_len(16, shortest)
+        .max(wire::write_len(16, shortest))
+        .max(wire::prepare_len(1, share));
     largest.next_multiple_of(64).clamp(
         wire::prepare_len(1, 8).next_multiple_of(64),
         datagram_cap(options).max(wire::prepare_len(1, 8).next_multiple_of(64)),
     )
 }
 
-/// The transaction length of a run of `options`: the key-value store's "set K to V".
-fn txn_len(options: &Options) -> usize {
-    crate::replica::kv_txn_len(options.value_size)
+/// The shortest and longest transaction of a run of `options`: the key-value store's "set K
+/// to V", for the shortest and longest value its sessions write.
+fn txn_lengths(options: &Options) -> (usize, usize) {
+    let (shortest, longest) = options.value_lengths();
+    (
+        crate::replica::kv_txn_len(shortest),
+        crate::replica::kv_txn_len(longest),
+    )
 }
 
 /// The pipeline configuration every worker of a node of `options` shares but for the fields
 /// that name the worker, its process and its transport (`pipeline`, `instance`, `mtu`, `run`,
 /// `integrity`), which the caller sets: the memory plan sizes the rings from it.
 fn pipeline_shape(options: &Options, mtu: usize) -> PipelineConfig {
+    let (shortest, longest) = txn_lengths(options);
     PipelineConfig {
         node: options.node,
         nodes: options.nodes,
         pipeline: 0,
         pipelines: options.workers,
-        txn_len: txn_len(options),
+        max_txn_len: longest,
+        slot_len: PipelineConfig::default_slot_len(shortest, longest, mtu),
         item_len: options.value_size.next_multiple_of(8),
         cluster_tag: cluster_tag(&options.cluster),
         run: run_tag(&options.run_id),
@@ -457,6 +468,7 @@ where
         let seed = options.seed ^ (u64::from(node) << 16) ^ (u64::from(worker) << 8);
         let trace = Trace::build(options.keys, options.key_distribution(), TRACE_LEN, seed)?;
         let sessions = Sessions::new(node, worker, options.sessions, trace, options.value_size)
+            .with_value_mix(&options.value_mix)
             .with_first_sequence(first_sequence);
         let mut worker = Worker::new(config, LEADER_NODE, transport, sessions, peers);
         worker.set_peers_generation(peers_generation);

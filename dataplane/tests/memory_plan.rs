@@ -99,7 +99,12 @@ fn the_plan_covers_what_a_pipeline_allocates() {
             nodes,
             pipeline: 0,
             pipelines: 1,
-            txn_len: rzab_dataplane::replica::kv_txn_len(value_size),
+            max_txn_len: rzab_dataplane::replica::kv_txn_len(value_size),
+            slot_len: PipelineConfig::default_slot_len(
+                rzab_dataplane::replica::kv_txn_len(value_size),
+                rzab_dataplane::replica::kv_txn_len(value_size),
+                4096,
+            ),
             item_len: value_size,
             cluster_tag: 1,
             run: 1,

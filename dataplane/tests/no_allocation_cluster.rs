@@ -3,7 +3,8 @@
 //! histories (`--history-dir`: workers fill recycled buffers, a flusher thread per node writes
 //! them), and a counting global allocator sees no allocation in any thread during a
 //! steady-state window. It does so for small transactions, and for transactions of 64 KiB and
-//! 1 MiB that travel as fragments, under injected loss (so repairs and repeats run too).
+//! 1 MiB that travel as fragments, and for a run that mixes 32 B, 64 KiB and 1 MiB
+//! transactions, under injected loss (so repairs and repeats run too).
 
 #![allow(clippy::unwrap_used, reason = "a test fails by panicking")]
 
@@ -20,18 +21,25 @@ use common::allocations;
 #[test]
 fn running_cluster_allocates_nothing() {
     // One after another: the allocator's count is global to the process.
-    for (value_size, keys, loss_percent, min_writes) in [
-        ("32", "20000", "0", 1000),
-        ("32", "20000", "1", 1000),
-        ("65536", "256", "1", 20),
-        ("1048576", "64", "0.2", 5),
+    for (value_size, mix, keys, loss_percent, min_writes) in [
+        ("32", None, "20000", "0", 1000),
+        ("32", None, "20000", "1", 1000),
+        ("65536", None, "256", "1", 20),
+        ("1048576", None, "64", "0.2", 5),
+        ("1048576", Some("32,65536,1048576"), "64", "0.5", 10),
     ] {
-        allocates_nothing(value_size, keys, loss_percent, min_writes);
+        allocates_nothing(value_size, mix, keys, loss_percent, min_writes);
     }
 }
 
-fn allocates_nothing(value_size: &str, keys: &str, loss_percent: &str, min_writes: u64) {
-    let case = format!("{value_size}-byte values, {loss_percent}% loss");
+fn allocates_nothing(
+    value_size: &str,
+    mix: Option<&str>,
+    keys: &str,
+    loss_percent: &str,
+    min_writes: u64,
+) {
+    let case = format!("{value_size}-byte values (mix {mix:?}), {loss_percent}% loss");
     let dir = tempfile::tempdir().unwrap();
     let cluster = format!("alloc{}", std::process::id() % 100_000);
     let history = dir.path().join("history");
@@ -68,6 +76,10 @@ fn allocates_nothing(value_size: &str, keys: &str, loss_percent: &str, min_write
             ]
             .iter()
             .map(|arg| (*arg).to_owned())
+            .chain(
+                mix.into_iter()
+                    .flat_map(|mix| ["--value-mix".to_owned(), mix.to_owned()]),
+            )
             .collect();
             let options = Options::load(args).unwrap();
             std::thread::spawn(move || rzab_dataplane::node::run(&options).unwrap())

@@ -170,6 +170,9 @@ struct Scenario {
     limits: Limits,
     /// Bytes per value (a transaction is the value and its 8-byte key), keys, and the MTU.
     value_len: usize,
+    /// Value lengths the writes take in turn (each at most `value_len`); empty: all
+    /// `value_len` long.
+    value_mix: &'static [usize],
     keys: u64,
     mtu: usize,
 }
@@ -195,12 +198,23 @@ fn pipeline_config(
     pipeline: usize,
     instance: u64,
 ) -> PipelineConfig {
+    let shortest = scenario.value_mix.iter().copied().min();
+    let longest = scenario.value_mix.iter().copied().max();
+    let (shortest, longest) = (
+        shortest.unwrap_or(scenario.value_len),
+        longest.unwrap_or(scenario.value_len),
+    );
     let config = PipelineConfig {
         node: node as u8,
         nodes: scenario.nodes as u8,
         pipeline: pipeline as u8,
         pipelines: scenario.pipelines as u8,
-        txn_len: kv_txn_len(scenario.value_len),
+        max_txn_len: kv_txn_len(longest),
+        slot_len: PipelineConfig::default_slot_len(
+            kv_txn_len(shortest),
+            kv_txn_len(longest),
+            scenario.mtu,
+        ),
         item_len: scenario.value_len,
         cluster_tag: TAG,
         run: RUN,
@@ -243,6 +257,7 @@ fn new_pipeline(
             trace,
             scenario.value_len,
         )
+        .with_value_mix(scenario.value_mix)
         .with_first_sequence((instance << 20) | 1),
         own_writes: vec![HashMap::new(); scenario.sessions],
         in_flight: vec![HashMap::new(); scenario.sessions],
@@ -681,6 +696,7 @@ fn scenario(nodes: usize, operations: u64) -> Scenario {
         window: 256,
         limits: Limits::default(),
         value_len: 16,
+        value_mix: &[],
         keys: KEYS,
         mtu: 1024,
     }
@@ -980,6 +996,56 @@ fn a_follower_restarted_among_large_transactions_installs_a_chunked_snapshot() {
         outcome.applied_while_down
     );
     assert!(total(&outcome, |stats| stats.snapshot_entries_installed) >= crash.keys);
+}
+
+/// The sizes of one mixed run: from a few bytes (many to a datagram) to 1 MiB (hundreds of
+/// fragments), taken in turn by every session.
+const MIXED: &[usize] = &[8, 100, 4096, 65_536, 1 << 20];
+
+fn mixed(operations: u64) -> Scenario {
+    Scenario {
+        value_mix: MIXED,
+        ..sized(1 << 20, operations)
+    }
+}
+
+#[test]
+fn mixed_transaction_sizes_stay_within_the_posted_receives() {
+    // Lossless, on 4 KiB and on 64 KiB datagrams: the network asserts that no datagram ever
+    // finds no receive posted, and the run that every replica applied the same zxids to the
+    // same store.
+    for (seed, mtu) in [(101, 4096), (102, 65_536)] {
+        let scenario = Scenario { mtu, ..mixed(300) };
+        let outcome = run(&scenario, seed);
+        assert!(
+            outcome.applied >= 60,
+            "{mtu}-byte datagrams: only {} transactions",
+            outcome.applied
+        );
+    }
+}
+
+#[test]
+fn mixed_transaction_sizes_survive_loss_duplication_and_reordering() {
+    for (seed, mtu) in [(111, 4096), (112, 65_536)] {
+        let scenario = Scenario {
+            mtu,
+            loss_permille: 10,
+            duplicate_permille: 10,
+            ..mixed(300)
+        };
+        let outcome = run(&scenario, seed);
+        assert!(outcome.dropped > 0, "{mtu}: nothing was lost");
+        assert!(
+            outcome.applied >= 60,
+            "{mtu}-byte datagrams: only {} transactions",
+            outcome.applied
+        );
+        assert!(
+            total(&outcome, |stats| stats.duplicates_dropped) > 0,
+            "{mtu}: no duplicate was dropped"
+        );
+    }
 }
 
 /// For investigating one size by hand (it dumps every pipeline when a run stalls):

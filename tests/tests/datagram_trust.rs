@@ -305,10 +305,17 @@ fn forged_prepares_without_the_secret_are_dropped_and_counted() {
             let pseq = (committed & 0xffff_ffff) + index;
             wire::put_prepare_prefix(&mut datagram, pseq, committed + index + 1);
             let body = wire::HEADER_BYTES + wire::PREPARE_PREFIX;
-            wire::put_entry_fixed(&mut datagram[body..], 1, 0, 0, 1 << 40);
-            datagram[body + wire::ENTRY_FIXED..body + wire::ENTRY_FIXED + 8]
-                .copy_from_slice(&7u64.to_le_bytes());
-            datagram[body + wire::ENTRY_FIXED + 8..].fill(0xee);
+            let mut txn = vec![0xee; slot];
+            txn[..8].copy_from_slice(&7u64.to_le_bytes());
+            wire::put_entry(
+                &mut datagram[body..],
+                1,
+                0,
+                0,
+                u32::try_from(slot).unwrap(),
+                1 << 40,
+                &txn,
+            );
             let integrity = if index % 2 == 0 {
                 guessed
             } else {

@@ -148,7 +148,7 @@ fn seal_bench(options: &SealBenchOptions) -> anyhow::Result<()> {
                 cluster_tag: 1,
                 run,
                 slot_len: 0,
-                fragmented: false,
+                max_txn_len: 0,
                 snapshot_slot_len: 0,
                 nodes: 1,
                 pipelines: 1,

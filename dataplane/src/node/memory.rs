@@ -240,9 +240,9 @@ fn ring_bytes(capacity: u64, value_size: u64) -> u64 {
 /// `Leader::new` / `Follower::new` and `Sessions::new` do.
 pub fn pipeline_bytes(options: &Options) -> u64 {
     let shape = super::pipeline_shape(options, super::needed_mtu(options));
-    let slot = shape.slot_len() as u64;
-    let fragments = shape.fragments() as u64;
-    let txn = shape.txn_len as u64;
+    let slot = shape.slot_len as u64;
+    let fragments = shape.max_fragments() as u64;
+    let txn = shape.max_txn_len as u64;
     let item = if shape.snapshot_chunks() > 1 {
         shape.item_len as u64
     } else {
@@ -253,18 +253,17 @@ pub fn pipeline_bytes(options: &Options) -> u64 {
     let nodes = u64::from(options.nodes);
     let words = |count: u64| count.saturating_mul(8);
     let machine = if options.node == LEADER_NODE {
-        // Writes waiting for a zxid: every node's sessions, or what the followers' write
-        // credits allow, whichever is more (whole transactions only, when fragmented); then
-        // the retained prepares, the exactly-once table, and the fragment assemblies.
-        let incoming = if fragments > 1 {
-            nodes.saturating_mul(sessions).saturating_mul(fragments)
-        } else {
-            let credit_bound = nodes
-                .saturating_sub(1)
-                .saturating_mul(MAX_WRITE_CREDITS as u64 * MAX_WRITES_PER_MSG as u64)
-                .saturating_add(sessions);
-            nodes.saturating_mul(sessions).max(credit_bound)
-        };
+        // Writes waiting for a zxid: every node's sessions' longest transactions, or what the
+        // followers' write credits allow, whichever is more; then the retained prepares, the
+        // exactly-once table, and the fragment assemblies.
+        let credit_bound = nodes
+            .saturating_sub(1)
+            .saturating_mul(MAX_WRITE_CREDITS as u64 * MAX_WRITES_PER_MSG as u64)
+            .saturating_add(sessions);
+        let incoming = nodes
+            .saturating_mul(sessions)
+            .saturating_mul(fragments)
+            .max(credit_bound);
         // One assembly per node and session (with buffers for the followers' sessions).
         let assemblies = if fragments > 1 {
             let per_assembly = txn + fragments.div_ceil(64) * 8;
@@ -290,9 +289,12 @@ pub fn pipeline_bytes(options: &Options) -> u64 {
             .saturating_add(words(sessions.next_power_of_two()))
             .saturating_add(words(2 * sessions))
     };
-    // Per session a state and a sequence; one transaction to write and a batch of values read.
+    // Per session a state and a sequence; one transaction to write, a batch of values read,
+    // and the value lengths writes take.
     let value = options.value_size as u64;
-    let clients = sessions * 32 + txn + value * BATCH_MAX as u64;
+    let mix = options.value_mix.len().max(1) as u64;
+    let session_txn = crate::replica::kv_txn_len(options.value_size) as u64;
+    let clients = sessions * 32 + session_txn + value * BATCH_MAX as u64 + words(mix);
     machine.saturating_add(item).saturating_add(clients)
 }
 

@@ -138,6 +138,8 @@ pub struct Sessions {
     trace: Trace,
     cursor: usize,
     value_len: usize,
+    /// The value lengths writes take in turn, by session sequence (one: `value_len`).
+    value_mix: Vec<usize>,
     /// The transaction being issued: "set key K to V" ([`crate::replica::encode_kv_txn`]).
     txn: Vec<u8>,
     read_keys: [u64; BATCH_MAX],
@@ -156,12 +158,24 @@ impl Sessions {
             trace,
             cursor: 0,
             value_len,
+            value_mix: vec![value_len],
             txn: vec![0; crate::replica::kv_txn_len(value_len)],
             read_keys: [0; BATCH_MAX],
             read_sessions: [0; BATCH_MAX],
             read_results: [None; BATCH_MAX],
             read_values: vec![0; BATCH_MAX * value_len],
         }
+    }
+
+    /// Lets writes take the value lengths of `mix` in turn, by session sequence (each at most
+    /// the `value_len` the sessions were made with; an empty mix leaves them all that long).
+    pub fn with_value_mix(mut self, mix: &[usize]) -> Self {
+        let longest = self.value_len;
+        let mix: Vec<usize> = mix.iter().map(|len| (*len).clamp(1, longest)).collect();
+        if !mix.is_empty() {
+            self.value_mix = mix;
+        }
+        self
     }
 
     /// Starts every session's sequence at `first` (at least 1): a restarted process picks a
@@ -211,7 +225,12 @@ impl Sessions {
                 let seq = self.next_seq[session];
                 let id = write_id(self.node, self.pipeline, session_id, seq).to_le_bytes();
                 self.txn[..KEY_BYTES].copy_from_slice(&key.to_le_bytes());
-                let value = &mut self.txn[KEY_BYTES..];
+                // Every mix length is at most `value_len`, the buffer's; the index is reduced
+                // modulo the mix's length, so it never runs past it.
+                #[allow(clippy::cast_possible_truncation)]
+                let turn = (seq % self.value_mix.len() as u64) as usize;
+                let txn_len = KEY_BYTES + self.value_mix[turn];
+                let value = &mut self.txn[KEY_BYTES..txn_len];
                 if value.len() <= FULL_PATTERN_BYTES {
                     for (index, byte) in value.iter_mut().enumerate() {
                         *byte = id[index % 8];
@@ -223,7 +242,7 @@ impl Sessions {
                     value[..8].copy_from_slice(&id);
                     value[len - 8..].copy_from_slice(&id);
                 }
-                if submit(session_id, seq, key, &self.txn) {
+                if submit(session_id, seq, key, &self.txn[..txn_len]) {
                     self.states[session] = SessionState::Writing {
                         seq,
                         issued_at_ns: now_ns,

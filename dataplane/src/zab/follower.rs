@@ -78,9 +78,9 @@ pub struct Follower {
     write_msgs_sent: u64,
     write_seen_by_leader: u64,
     write_stalled_since: Option<u64>,
-    /// Transactions too large for a datagram go one write at a time, a fragment per WRITE:
-    /// (session, next fragment) of the one going, and whether it is a repeat.
-    fragment_cursor: Option<(u16, u32, bool)>,
+    /// The write being sent, when a WRITE filled up inside it (a transaction of several
+    /// entries may span WRITEs): (session, next fragment, whether it is a repeat).
+    write_cursor: Option<(u16, u32, bool)>,
     /// Catch-up: a snapshot item too large for a datagram is gathered chunk by chunk here,
     /// with its (item, zxid) and whether every chunk so far carried that zxid.
     snapshot_item: Vec<u8>,
@@ -101,7 +101,7 @@ impl Follower {
             phase: Phase::Joining,
             leader: None,
             leader_heard_ns: None,
-            pending: EntryRing::new(config.retained.max(config.window), config.slot_len()),
+            pending: EntryRing::new(config.retained.max(config.window), config.slot_len),
             received: 0,
             committed: 0,
             applied: 0,
@@ -115,7 +115,7 @@ impl Follower {
             report_due: false,
             gap: None,
             nack_not_before_ns: 0,
-            outgoing: EntryRing::new(sessions * config.fragments(), config.slot_len()),
+            outgoing: EntryRing::new(sessions * config.max_fragments(), config.slot_len),
             queue: vec![0; sessions.next_power_of_two()],
             queue_head: 0,
             queue_tail: 0,
@@ -125,7 +125,7 @@ impl Follower {
             write_msgs_sent: 0,
             write_seen_by_leader: 0,
             write_stalled_since: None,
-            fragment_cursor: None,
+            write_cursor: None,
             snapshot_item: if config.snapshot_chunks() > 1 {
                 vec![0; config.item_len]
             } else {
@@ -189,19 +189,20 @@ impl Follower {
         }
     }
 
-    /// Queues a transaction of one of this node's sessions for the leader (exactly
-    /// [`PipelineConfig::txn_len`] bytes); false if the session already has one outstanding,
-    /// is out of range, or the transaction has another length.
+    /// Queues a transaction of one of this node's sessions for the leader (1 to
+    /// [`PipelineConfig::max_txn_len`] bytes); false if the session already has one
+    /// outstanding, is out of range, or the transaction is empty or too long.
     pub fn submit_write(&mut self, session: u16, session_seq: u64, txn: &[u8]) -> bool {
         let index = usize::from(session);
         if index >= self.unconfirmed.len()
             || self.unconfirmed[index] != 0
             || session_seq == 0
-            || txn.len() != self.config.txn_len
+            || txn.is_empty()
+            || txn.len() > self.config.max_txn_len
         {
             return false;
         }
-        let meta = EntryMeta::local_write(self.config.node, session, session_seq, 0);
+        let meta = EntryMeta::local_write(self.config.node, session, session_seq);
         self.outgoing
             .put_txn(self.outgoing_position(session, 0), meta, txn);
         self.unconfirmed[index] = session_seq;
@@ -215,7 +216,7 @@ impl Follower {
 
     /// Where fragment `fragment` of `session`'s outgoing write lies.
     fn outgoing_position(&self, session: u16, fragment: u32) -> u64 {
-        u64::from(session) * self.config.fragments() as u64 + u64::from(fragment)
+        u64::from(session) * self.config.max_fragments() as u64 + u64::from(fragment)
     }
 
     /// Whether a message comes from the leader this follower follows: the node and process
@@ -296,10 +297,15 @@ impl Follower {
         let (first_pseq, first_zxid) = message.prepare_start();
         let limit = self.applied + self.config.window as u64;
         let count = u64::from(message.header.count);
-        let fragments = self.config.fragments() as u64;
         let mut stored = 0;
-        for index in 0..count {
-            let pseq = first_pseq.saturating_add(index);
+        // A PREPARE's transactions have consecutive zxids from its first; the fragments of
+        // one share its zxid (and a PREPARE may go on with one begun in an earlier PREPARE).
+        let mut zxid = first_zxid;
+        for (index, entry) in message.entries().enumerate() {
+            let pseq = first_pseq.saturating_add(index as u64);
+            if index > 0 && entry.fragment == 0 {
+                zxid = zxid.saturating_add(1);
+            }
             if pseq >= limit {
                 // Beyond the window this follower can hold: the leader went on without it,
                 // and will send these again.
@@ -309,28 +315,11 @@ impl Follower {
             if pseq < self.received || pseq < self.applied || self.pending.meta(pseq).present {
                 continue;
             }
-            let entry = message.entry(usize::try_from(index).unwrap_or(0));
-            // Every transaction takes `fragments` pseqs from a multiple of `fragments` on (the
-            // leader starts at 0 and prepares whole transactions): a fragment elsewhere is
-            // corrupt, and would make the follower apply torn bytes.
-            if u64::from(entry.fragment) != pseq % fragments {
-                self.stats.dropped_unexpected += 1;
-                continue;
-            }
             let meta = EntryMeta {
-                zxid: if fragments > 1 {
-                    first_zxid
-                } else {
-                    first_zxid.saturating_add(index)
-                },
-                fragment: entry.fragment,
-                session_seq: entry.session_seq,
-                session: entry.session,
-                origin_node: entry.origin_node,
-                present: true,
-                ends_message: false,
+                zxid,
+                ..EntryMeta::received(&entry)
             };
-            self.pending.put(pseq, meta, entry.slot);
+            self.pending.put(pseq, meta, entry.bytes);
             stored += 1;
             if entry.origin_node == self.config.node {
                 // Our forwarded write is ordered: no need to send it again.
@@ -352,8 +341,7 @@ impl Follower {
             self.gap = Some((self.received, first_pseq.min(limit)));
         }
         if count > 0 {
-            let last = if fragments > 1 { 0 } else { count - 1 };
-            self.stats.leader_zxid = self.stats.leader_zxid.max(first_zxid.saturating_add(last));
+            self.stats.leader_zxid = self.stats.leader_zxid.max(zxid);
         }
     }
 
@@ -476,12 +464,7 @@ impl Follower {
         }
         let mut sent = self.send_nack(now_ns, outbox, limits);
         sent |= self.send_ack(now_ns, outbox, limits);
-        if self.config.fragments() > 1 {
-            sent |= self.send_fragments(now_ns, outbox, limits);
-        } else {
-            sent |= self.send_writes(now_ns, outbox, limits);
-            sent |= self.repeat_unconfirmed_writes(now_ns, outbox, limits);
-        }
+        sent |= self.send_writes(now_ns, outbox, limits);
         if !sent {
             self.send_credit_if_due(now_ns, outbox, limits);
         }
@@ -492,11 +475,26 @@ impl Follower {
             return;
         };
         // A transaction is applied once all its fragments are held and committed.
-        let fragments = self.config.fragments() as u64;
-        while self.applied + fragments <= self.committed.min(self.received) {
+        let ready = self.committed.min(self.received);
+        while self.applied < ready {
             let meta = *self.pending.meta(self.applied);
+            let fragments = u64::from(self.config.fragments_of(meta.txn_len as usize));
+            if self.applied + fragments > ready {
+                break;
+            }
+            if !self.whole_at_applied(&meta, fragments) {
+                // Entries that do not make one transaction (the leader prepares whole ones
+                // from fragment 0 on): applying them would apply torn bytes. Drop them; they
+                // come again from the leader.
+                for position in self.applied..self.applied + fragments {
+                    self.pending.meta_mut(position).present = false;
+                }
+                self.received = self.applied;
+                self.stats.dropped_unexpected += 1;
+                break;
+            }
             if meta.zxid > base_zxid {
-                let txn = self.pending.txn(self.applied, self.config.txn_len);
+                let txn = self.pending.txn(self.applied);
                 if !replica.try_apply(meta.zxid, txn) {
                     self.stats.ordering_stalls += 1;
                     break;
@@ -512,6 +510,22 @@ impl Follower {
             }
             self.applied += fragments;
         }
+    }
+
+    /// Whether the `fragments` entries from the applied point are one transaction's, in order:
+    /// the first is its fragment 0 and each next one its next fragment, with its zxid, origin
+    /// and length.
+    fn whole_at_applied(&self, first: &EntryMeta, fragments: u64) -> bool {
+        first.fragment == 0
+            && (1..fragments).all(|offset| {
+                let meta = self.pending.meta(self.applied + offset);
+                u64::from(meta.fragment) == offset
+                    && meta.zxid == first.zxid
+                    && meta.txn_len == first.txn_len
+                    && meta.origin_node == first.origin_node
+                    && meta.session == first.session
+                    && meta.session_seq == first.session_seq
+            })
     }
 
     fn send_nack(&mut self, now_ns: u64, outbox: &mut impl Outbox, limits: &Limits) -> bool {
@@ -568,40 +582,6 @@ impl Follower {
         true
     }
 
-    /// Encodes the outgoing entries of `sessions` (fragment `fragment` of each) into one
-    /// WRITE message.
-    fn send_write_message(
-        &mut self,
-        sessions: &[u16],
-        fragment: u32,
-        seq: u64,
-        flags: u16,
-        now_ns: u64,
-        outbox: &mut impl Outbox,
-    ) -> bool {
-        let Some(buffer) = outbox.buffer() else {
-            return false;
-        };
-        // Only now that the message will go are its words taken as reported.
-        let header = self.header(Kind::Write, sessions.len(), flags, now_ns);
-        wire::put_header(buffer, &header);
-        wire::put_write_prefix(buffer, seq);
-        let mut len = wire::HEADER_BYTES + wire::WRITE_PREFIX;
-        for session in sessions {
-            let position = self.outgoing_position(*session, fragment);
-            len += self
-                .outgoing
-                .encode_entries(position, 1, &mut buffer[len..]);
-            self.sent_ns[usize::from(*session)] = now_ns;
-        }
-        if flags & FLAG_RETRANSMIT == 0 || seq != 0 {
-            outbox.send(Target::Leader, Kind::Write, len, sessions.len() as u64);
-        } else {
-            outbox.resend(Target::Leader, Kind::Write, len);
-        }
-        true
-    }
-
     /// Whether the leader has consumed enough WRITE messages for one more to go; a CREDIT
     /// missing for a whole timeout is taken as lost.
     fn write_credit(&mut self, now_ns: u64, limits: &Limits) -> bool {
@@ -620,48 +600,98 @@ impl Follower {
         true
     }
 
-    /// Transactions too large for one datagram: one write at a time, a fragment per WRITE,
-    /// every one within the credits (a repeat too, as it is as many datagrams); new writes
-    /// first, then repeats of those not ordered within the timeout.
-    fn send_fragments(&mut self, now_ns: u64, outbox: &mut impl Outbox, limits: &Limits) -> bool {
-        let fragments = u32::try_from(self.config.fragments()).unwrap_or(u32::MAX);
+    /// The next write to send when none is under way: a new one first, then a repeat of one
+    /// not ordered within the timeout. Sets the cursor; false when there is none.
+    fn next_write(&mut self, now_ns: u64, limits: &Limits) -> bool {
+        while self.write_cursor.is_none() {
+            if self.queue_tail > self.queue_head {
+                let mask = self.queue.len() - 1;
+                let slot = usize::try_from(self.queue_head).unwrap_or(0) & mask;
+                self.queue_head += 1;
+                self.write_cursor = Some((self.queue[slot], 0, false));
+            } else if let Some(session) = self.repeat_due(now_ns, limits) {
+                self.stats.retransmitted_writes += 1;
+                self.write_cursor = Some((session, 0, true));
+            } else {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Forwards writes to the leader: new ones first, then repeats of those not ordered within
+    /// the timeout, as many entries to a WRITE as the batch knob and the datagram allow (a
+    /// transaction of several entries may span WRITEs), every WRITE within the credits (a
+    /// repeat too: it is as many datagrams). A WRITE holds new writes or repeats, not both.
+    fn send_writes(&mut self, now_ns: u64, outbox: &mut impl Outbox, limits: &Limits) -> bool {
         let mut sent = false;
-        loop {
-            let (session, fragment, repeat) = match self.fragment_cursor {
-                Some(cursor) => cursor,
-                None => {
-                    if self.queue_tail > self.queue_head {
-                        let mask = self.queue.len() - 1;
-                        let slot = usize::try_from(self.queue_head).unwrap_or(0) & mask;
-                        self.queue_head += 1;
-                        (self.queue[slot], 0, false)
-                    } else if let Some(session) = self.repeat_due(now_ns, limits) {
-                        self.stats.retransmitted_writes += 1;
-                        (session, 0, true)
-                    } else {
-                        return sent;
-                    }
-                }
-            };
-            self.fragment_cursor = Some((session, fragment, repeat));
-            if repeat && self.unconfirmed[usize::from(session)] == 0 {
-                // Ordered meanwhile: the rest need not go.
-                self.fragment_cursor = None;
-                continue;
-            }
+        let mut repeats = 0;
+        let room = self.config.mtu - wire::HEADER_BYTES - wire::WRITE_PREFIX;
+        let batch = limits
+            .write_batch
+            .clamp(1, rzab_shared::limits::MAX_WRITES_PER_MSG);
+        while repeats < RETRANSMIT_BURST && self.next_write(now_ns, limits) {
             if !self.write_credit(now_ns, limits) {
-                return sent;
+                break;
             }
+            let Some(buffer) = outbox.buffer() else {
+                break;
+            };
+            let mut len = wire::HEADER_BYTES + wire::WRITE_PREFIX;
+            let mut count = 0usize;
+            let mut message_repeats = None;
+            while count < batch {
+                let Some((session, fragment, repeat)) = self.write_cursor else {
+                    if self.next_write(now_ns, limits) {
+                        continue;
+                    }
+                    break;
+                };
+                if repeat && self.unconfirmed[usize::from(session)] == 0 {
+                    // Ordered meanwhile: the rest need not go.
+                    self.write_cursor = None;
+                    continue;
+                }
+                if *message_repeats.get_or_insert(repeat) != repeat {
+                    break;
+                }
+                let position = self.outgoing_position(session, fragment);
+                if len + self.outgoing.wire_len(position)
+                    > wire::HEADER_BYTES + wire::WRITE_PREFIX + room
+                {
+                    break;
+                }
+                len += self
+                    .outgoing
+                    .encode_entries(position, 1, &mut buffer[len..]);
+                count += 1;
+                self.sent_ns[usize::from(session)] = now_ns;
+                let fragments = self
+                    .config
+                    .fragments_of(self.outgoing.meta(position).txn_len as usize);
+                self.write_cursor =
+                    (fragment + 1 < fragments).then_some((session, fragment + 1, repeat));
+            }
+            if count == 0 {
+                break;
+            }
+            let repeat = message_repeats.unwrap_or(false);
             let seq = self.write_msgs_sent + 1;
             let flags = if repeat { FLAG_RETRANSMIT } else { 0 };
-            if !self.send_write_message(&[session], fragment, seq, flags, now_ns, outbox) {
-                return sent;
+            // Only now that the message will go are its words taken as reported.
+            let header = self.header(Kind::Write, count, flags, now_ns);
+            wire::put_header(buffer, &header);
+            wire::put_write_prefix(buffer, seq);
+            if repeat {
+                outbox.resend(Target::Leader, Kind::Write, len);
+                repeats += 1;
+            } else {
+                outbox.send(Target::Leader, Kind::Write, len, count as u64);
             }
             self.write_msgs_sent = seq;
             sent = true;
-            self.fragment_cursor =
-                (fragment + 1 < fragments).then_some((session, fragment + 1, repeat));
         }
+        sent
     }
 
     /// A session whose write has waited a whole timeout since it was last sent (looked for at
@@ -679,85 +709,6 @@ impl Follower {
             self.next_write_scan_ns = now_ns + (limits.retransmit_timeout_ns / 2).max(1);
         }
         due.and_then(|session| u16::try_from(session).ok())
-    }
-
-    fn send_writes(&mut self, now_ns: u64, outbox: &mut impl Outbox, limits: &Limits) -> bool {
-        let mut sent = false;
-        let mut batch = [0u16; rzab_shared::limits::MAX_WRITES_PER_MSG];
-        while self.queue_tail > self.queue_head {
-            if !self.write_credit(now_ns, limits) {
-                break;
-            }
-            let fitting = limits
-                .write_batch
-                .max(1)
-                .min(self.config.writes_fitting())
-                .min(batch.len());
-            let mut count = 0;
-            let mask = self.queue.len() - 1;
-            while count < fitting && self.queue_tail > self.queue_head {
-                let slot = usize::try_from(self.queue_head).unwrap_or(0) & mask;
-                batch[count] = self.queue[slot];
-                self.queue_head += 1;
-                count += 1;
-            }
-            let seq = self.write_msgs_sent + 1;
-            if !self.send_write_message(&batch[..count], 0, seq, 0, now_ns, outbox) {
-                // Put them back at the head; they go next time.
-                self.queue_head -= count as u64;
-                break;
-            }
-            self.write_msgs_sent = seq;
-            sent = true;
-        }
-        sent
-    }
-
-    fn repeat_unconfirmed_writes(
-        &mut self,
-        now_ns: u64,
-        outbox: &mut impl Outbox,
-        limits: &Limits,
-    ) -> bool {
-        if now_ns < self.next_write_scan_ns {
-            return false;
-        }
-        self.next_write_scan_ns = now_ns + (limits.retransmit_timeout_ns / 2).max(1);
-        let fitting = limits.write_batch.max(1).min(self.config.writes_fitting());
-        let mut batch = [0u16; rzab_shared::limits::MAX_WRITES_PER_MSG];
-        let mut count = 0;
-        let mut messages = 0;
-        let mut sent = false;
-        for session in 0..self.unconfirmed.len() {
-            let due = self.unconfirmed[session] != 0
-                && self.sent_ns[session] != 0
-                && now_ns.saturating_sub(self.sent_ns[session]) >= limits.retransmit_timeout_ns;
-            if !due {
-                continue;
-            }
-            batch[count] = u16::try_from(session).unwrap_or(u16::MAX);
-            count += 1;
-            if count == fitting.min(batch.len()) {
-                if !self.send_write_message(&batch[..count], 0, 0, FLAG_RETRANSMIT, now_ns, outbox)
-                {
-                    return sent;
-                }
-                self.stats.retransmitted_writes += 1;
-                sent = true;
-                count = 0;
-                messages += 1;
-                if messages >= RETRANSMIT_BURST {
-                    return sent;
-                }
-            }
-        }
-        if count > 0
-            && self.send_write_message(&batch[..count], 0, 0, FLAG_RETRANSMIT, now_ns, outbox)
-        {
-            self.stats.retransmitted_writes += 1;
-            sent = true;
-        }
-        sent
     }
 
     fn send_credit_if_due(&mut self, now_ns: u64, outbox: &mut impl Outbox, limits: &Limits) {
@@ -844,7 +795,8 @@ mod tests {
             nodes: 3,
             pipeline: 0,
             pipelines: 1,
-            txn_len: 24,
+            max_txn_len: 24,
+            slot_len: 24,
             item_len: 16,
             cluster_tag: 1,
             run: 2,

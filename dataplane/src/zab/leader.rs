@@ -5,7 +5,7 @@
 //! lets a quorum go on without a slow follower, and streams a snapshot to a restarted one.
 //! Pure state machine; see the parent module.
 
-use rzab_shared::limits::{MAX_NODES, MAX_WRITES_PER_MSG};
+use rzab_shared::limits::{MAX_NODES, MAX_PREPARES_PER_MSG, MAX_WRITES_PER_MSG};
 
 use super::wire::{self, FLAG_RETRANSMIT, Kind, Message};
 use super::{
@@ -40,19 +40,19 @@ enum SnapshotSend {
 /// per follower would throw away the progress of each whenever another's fragment came.
 #[derive(Debug, Default)]
 struct WriteAssembly {
-    session: u16,
-    /// The write being gathered (0: none).
+    /// The write being gathered (0: none), and its length.
     session_seq: u64,
+    txn_len: u32,
     /// Fragments in, and which.
-    received: usize,
+    received: u32,
     have: Vec<u64>,
     bytes: Vec<u8>,
 }
 
 impl WriteAssembly {
-    fn restart(&mut self, session: u16, session_seq: u64) {
-        self.session = session;
+    fn restart(&mut self, session_seq: u64, txn_len: u32) {
         self.session_seq = session_seq;
+        self.txn_len = txn_len;
         self.received = 0;
         self.have.fill(0);
     }
@@ -131,14 +131,10 @@ impl Leader {
     pub fn new(config: PipelineConfig) -> Self {
         // Each session has at most one write outstanding and repeats are dropped before they
         // are queued, so every node's sessions fit; the credit bound is kept as well.
-        // A fragmented write is queued only once whole, so there the sessions bound it alone.
-        let fragments = config.fragments();
-        let incoming_capacity = if fragments > 1 {
-            (usize::from(config.nodes) * config.sessions.max(1)) * fragments
-        } else {
-            (usize::from(config.nodes) * config.sessions)
-                .max(config.followers() * MAX_WRITE_CREDITS * MAX_WRITES_PER_MSG + config.sessions)
-        };
+        // A fragmented write is queued only once whole, so the sessions bound it too.
+        let fragments = config.max_fragments();
+        let incoming_capacity = (usize::from(config.nodes) * config.sessions.max(1) * fragments)
+            .max(config.followers() * MAX_WRITE_CREDITS * MAX_WRITES_PER_MSG + config.sessions);
         let (assemblies, snapshot_item) = if fragments > 1 || config.snapshot_chunks() > 1 {
             let sessions = config.sessions.max(1);
             let assemblies = (0..usize::from(config.nodes) * sessions)
@@ -149,7 +145,7 @@ impl Leader {
                         && node != usize::from(config.node);
                     WriteAssembly {
                         bytes: if follower {
-                            vec![0; config.txn_len]
+                            vec![0; config.max_txn_len]
                         } else {
                             Vec::new()
                         },
@@ -172,10 +168,10 @@ impl Leader {
             (Vec::new(), Vec::new())
         };
         Leader {
-            incoming: EntryRing::new(incoming_capacity.max(1), config.slot_len()),
+            incoming: EntryRing::new(incoming_capacity.max(1), config.slot_len),
             incoming_head: 0,
             incoming_tail: 0,
-            pending: EntryRing::new(config.retained, config.slot_len()),
+            pending: EntryRing::new(config.retained, config.slot_len),
             next_pseq: 0,
             committed: 0,
             applied: 0,
@@ -265,16 +261,18 @@ impl Leader {
         self.incoming_tail - self.incoming_head
     }
 
-    /// Queues a transaction of one of this node's own sessions (exactly
-    /// [`PipelineConfig::txn_len`] bytes); false when there is no room or it has another length.
+    /// Queues a transaction of one of this node's own sessions (1 to
+    /// [`PipelineConfig::max_txn_len`] bytes); false when there is no room or it is empty or
+    /// too long.
     pub fn submit_write(&mut self, session: u16, session_seq: u64, txn: &[u8]) -> bool {
-        let fragments = self.config.fragments() as u64;
-        if txn.len() != self.config.txn_len
+        let fragments = u64::from(self.config.fragments_of(txn.len()));
+        if txn.is_empty()
+            || txn.len() > self.config.max_txn_len
             || self.incoming_len() + fragments > self.incoming.capacity() as u64
         {
             return false;
         }
-        let meta = EntryMeta::local_write(self.config.node, session, session_seq, 0);
+        let meta = EntryMeta::local_write(self.config.node, session, session_seq);
         self.incoming_tail += self.incoming.put_txn(self.incoming_tail, meta, txn);
         true
     }
@@ -435,22 +433,23 @@ impl Leader {
         let link = &mut self.links[from];
         link.write_seen = link.write_seen.max(message.write_seq());
         // The follower may be waiting for a CREDIT that was lost. A repeated fragmented write
-        // is many WRITEs: one CREDIT for its first fragment, not one per fragment, keeps the
-        // CREDITs in flight within their budget.
-        if message.header.is_retransmit() && message.entry(0).fragment == 0 {
+        // may be many WRITEs: one CREDIT for the one that starts it, not one per WRITE, keeps
+        // the CREDITs in flight within their budget.
+        if message.header.is_retransmit() && message.first_entry().fragment == 0 {
             link.credit_due = true;
         }
-        if self.config.fragments() > 1 {
-            self.accept_fragment(message, from);
-            return;
-        }
-        let count = usize::from(message.header.count);
+        let slot_len = self.config.slot_len;
         let mut last_queued = None;
-        for index in 0..count {
-            let entry = message.entry(index);
+        for entry in message.entries() {
             let session = usize::from(entry.session);
-            if session >= sessions || entry.fragment != 0 {
+            if session >= sessions {
                 self.stats.dropped_unexpected += 1;
+                continue;
+            }
+            if entry.fragments(slot_len) > 1 {
+                if let Some(position) = self.accept_fragment(&entry, from) {
+                    last_queued = Some(position);
+                }
                 continue;
             }
             let ordered = &mut self.ordered[from * sessions + session];
@@ -463,13 +462,8 @@ impl Leader {
                 break;
             }
             *ordered = entry.session_seq;
-            let meta = EntryMeta::local_write(
-                message.header.from_node,
-                entry.session,
-                entry.session_seq,
-                0,
-            );
-            self.incoming.put(self.incoming_tail, meta, entry.slot);
+            self.incoming
+                .put(self.incoming_tail, EntryMeta::received(&entry), entry.bytes);
             last_queued = Some(self.incoming_tail);
             self.incoming_tail += 1;
         }
@@ -478,74 +472,66 @@ impl Leader {
         }
     }
 
-    /// One fragment of a forwarded write (a WRITE carries one): gathered in order; the write
-    /// is queued for ordering once its last fragment is in.
-    fn accept_fragment(&mut self, message: &Message<'_>, from: usize) {
+    /// One fragment of a forwarded write too long for one entry, gathered in any order; the
+    /// write is queued for ordering once its last fragment is in. Returns the position of the
+    /// write's last entry if it was queued.
+    fn accept_fragment(&mut self, entry: &wire::EntryView<'_>, from: usize) -> Option<u64> {
         let sessions = self.config.sessions.max(1);
-        let fragments = self.config.fragments();
-        let slot_len = self.config.slot_len();
-        let txn_len = self.config.txn_len;
-        let entry = message.entry(0);
+        let slot_len = self.config.slot_len;
         let session = usize::from(entry.session);
+        let fragments = entry.fragments(slot_len);
         let fragment = entry.fragment;
-        if session >= sessions || fragment as usize >= fragments {
-            self.stats.dropped_unexpected += 1;
-            return;
-        }
         if entry.session_seq <= self.ordered[from * sessions + session] {
             self.stats.duplicates_dropped += 1;
-            return;
+            return None;
         }
         let Some(assembly) = self
             .assemblies
             .get_mut(from * sessions + session)
-            .filter(|assembly| !assembly.bytes.is_empty())
+            .filter(|assembly| assembly.bytes.len() >= entry.txn_len as usize)
         else {
             self.stats.dropped_unexpected += 1;
-            return;
+            return None;
         };
         if entry.session_seq < assembly.session_seq {
             // A late copy of a write the session has gone past.
             self.stats.duplicates_dropped += 1;
-            return;
+            return None;
         }
-        if entry.session_seq != assembly.session_seq {
-            assembly.restart(entry.session, entry.session_seq);
+        if entry.session_seq != assembly.session_seq || entry.txn_len != assembly.txn_len {
+            // A new write (or, with another length under the same sequence, a new process's:
+            // its hello restarted the assemblies, so the last one wins).
+            assembly.restart(entry.session_seq, entry.txn_len);
         }
         let (word, bit) = (fragment as usize / 64, 1u64 << (fragment % 64));
         if assembly.have[word] & bit != 0 {
             self.stats.duplicates_dropped += 1;
-            return;
+            return None;
         }
         let at = fragment as usize * slot_len;
-        let len = slot_len.min(txn_len.saturating_sub(at));
-        assembly.bytes[at..at + len].copy_from_slice(&entry.slot[..len]);
+        assembly.bytes[at..at + entry.bytes.len()].copy_from_slice(entry.bytes);
         assembly.have[word] |= bit;
         assembly.received += 1;
         if assembly.received != fragments {
-            return;
+            return None;
         }
         let incoming_len = self.incoming_tail - self.incoming_head;
-        if incoming_len + fragments as u64 > self.incoming.capacity() as u64 {
+        if incoming_len + u64::from(fragments) > self.incoming.capacity() as u64 {
             // No room to queue it: keep it whole but for this fragment, which comes again.
             assembly.have[word] &= !bit;
             assembly.received -= 1;
             self.stats.dropped_unexpected += 1;
-            return;
+            return None;
         }
         self.ordered[from * sessions + session] = entry.session_seq;
-        let meta = EntryMeta::local_write(
-            message.header.from_node,
-            entry.session,
-            entry.session_seq,
-            0,
-        );
+        let meta = EntryMeta::local_write(entry.origin_node, entry.session, entry.session_seq);
+        let txn_len = assembly.txn_len as usize;
         let taken = self
             .incoming
-            .put_txn(self.incoming_tail, meta, &assembly.bytes);
+            .put_txn(self.incoming_tail, meta, &assembly.bytes[..txn_len]);
         assembly.session_seq = 0;
         self.incoming_tail += taken;
-        self.incoming.meta_mut(self.incoming_tail - 1).ends_message = true;
+        Some(self.incoming_tail - 1)
     }
 
     fn follower_ids(&self) -> impl Iterator<Item = usize> + use<> {
@@ -601,10 +587,13 @@ impl Leader {
 
     fn apply(&mut self, replica: &impl StateMachine, completions: &mut impl Completions) {
         // A transaction is applied once all its fragments are committed.
-        let fragments = self.config.fragments() as u64;
-        while self.applied + fragments <= self.committed {
+        while self.applied < self.committed {
             let meta = *self.pending.meta(self.applied);
-            let txn = self.pending.txn(self.applied, self.config.txn_len);
+            let fragments = u64::from(self.config.fragments_of(meta.txn_len as usize));
+            if self.applied + fragments > self.committed {
+                break;
+            }
+            let txn = self.pending.txn(self.applied);
             if !replica.try_apply(meta.zxid, txn) {
                 self.stats.ordering_stalls += 1;
                 break;
@@ -665,20 +654,27 @@ impl Leader {
     ) -> u64 {
         let mut pseq = from.max(self.retained_from());
         let to = to.min(self.next_pseq);
-        let fitting =
-            (self.config.prepares_fitting() as u64).min(limits.prepare_batch.max(1) as u64);
+        let fitting = (MAX_PREPARES_PER_MSG as u64).min(limits.prepare_batch.max(1) as u64);
+        let room = self.config.mtu - wire::HEADER_BYTES - wire::PREPARE_PREFIX;
         for _ in 0..max_messages {
             if pseq >= to {
                 break;
             }
-            // One PREPARE carries consecutive zxids: stop where a batch of zxids ended (a
-            // fragment fills a PREPARE by itself).
+            // One PREPARE carries consecutive zxids (the fragments of one transaction share
+            // one): stop where a batch of zxids ended, or the datagram is full.
             let first_zxid = self.pending.meta(pseq).zxid;
+            let mut zxid = first_zxid;
+            let mut bytes = self.pending.wire_len(pseq);
             let mut count = 1;
-            while count < fitting
-                && pseq + count < to
-                && self.pending.meta(pseq + count).zxid == first_zxid + count
-            {
+            while count < fitting && pseq + count < to {
+                let next = self.pending.meta(pseq + count);
+                let next_zxid = if next.fragment == 0 { zxid + 1 } else { zxid };
+                let next_bytes = self.pending.wire_len(pseq + count);
+                if next.zxid != next_zxid || bytes + next_bytes > room {
+                    break;
+                }
+                zxid = next_zxid;
+                bytes += next_bytes;
                 count += 1;
             }
             let words = self.broadcast_words(self.prepare_msgs_sent);
@@ -923,11 +919,7 @@ impl Leader {
                 self.stats.credit_stalls += 1;
                 return;
             }
-            let batch = self
-                .incoming_len()
-                .min(limits.prepare_batch.max(1) as u64)
-                .min(self.config.prepares_fitting() as u64)
-                .min(space);
+            let (batch, starts) = self.next_prepare_batch(space, limits);
             let words = self.broadcast_words(self.prepare_msgs_sent + 1);
             // Secure the buffer before taking zxids: zxids once taken cannot be given back.
             let buffer = match has_followers.then(|| outbox.buffer()) {
@@ -935,14 +927,15 @@ impl Leader {
                 Some(Some(buffer)) => Some(buffer),
                 None => None,
             };
-            // The fragments of one transaction share its zxid, taken with the first.
+            // The fragments of one transaction share its zxid, taken with the first. A batch
+            // that goes on with a transaction holds nothing else (see `next_prepare_batch`),
+            // so its zxids need no new ones.
             let continues_txn = self.incoming.meta(self.incoming_head).fragment != 0;
             let first_zxid = if continues_txn && self.next_pseq > 0 {
                 self.pending.meta(self.next_pseq - 1).zxid
             } else {
-                zxids.take(batch)
+                zxids.take(starts)
             };
-            let fragmented = self.config.fragments() > 1;
             let first_pseq = self.next_pseq;
             let mut len = 0;
             if let Some(buffer) = buffer {
@@ -954,15 +947,15 @@ impl Leader {
                     .incoming
                     .encode_entries(self.incoming_head, batch, &mut buffer[len..]);
             }
+            let mut zxid = first_zxid;
             for offset in 0..batch {
                 let from = self.incoming_head + offset;
                 let meta = *self.incoming.meta(from);
+                if offset > 0 && meta.fragment == 0 {
+                    zxid += 1;
+                }
                 let prepared = EntryMeta {
-                    zxid: if fragmented {
-                        first_zxid
-                    } else {
-                        first_zxid + offset
-                    },
+                    zxid,
                     present: true,
                     ends_message: false,
                     ..meta
@@ -980,6 +973,37 @@ impl Leader {
                 self.committed = self.next_pseq;
             }
         }
+    }
+
+    /// The next PREPARE's entries from the head of the incoming queue: as many as the batch
+    /// knob, the window `space` and the datagram allow (at least one). A batch that goes on
+    /// with a transaction whose first fragments went before ends with that transaction, so a
+    /// PREPARE's zxids are always one run of consecutive ones. Returns (entries, transactions
+    /// they start).
+    fn next_prepare_batch(&self, space: u64, limits: &Limits) -> (u64, u64) {
+        let limit = self
+            .incoming_len()
+            .min(limits.prepare_batch.max(1) as u64)
+            .min(MAX_PREPARES_PER_MSG as u64)
+            .min(space)
+            .max(1);
+        let room = self.config.mtu - wire::HEADER_BYTES - wire::PREPARE_PREFIX;
+        let head = self.incoming_head;
+        let continues_txn = self.incoming.meta(head).fragment != 0;
+        let mut bytes = self.incoming.wire_len(head);
+        let mut starts = u64::from(!continues_txn);
+        let mut count = 1;
+        while count < limit {
+            let meta = self.incoming.meta(head + count);
+            let next_bytes = self.incoming.wire_len(head + count);
+            if bytes + next_bytes > room || (continues_txn && meta.fragment == 0) {
+                break;
+            }
+            starts += u64::from(meta.fragment == 0);
+            bytes += next_bytes;
+            count += 1;
+        }
+        (count, starts)
     }
 
     fn send_credits(&mut self, now_ns: u64, outbox: &mut impl Outbox, limits: &Limits) {
@@ -1150,7 +1174,8 @@ mod tests {
             nodes: 3,
             pipeline: 0,
             pipelines: 1,
-            txn_len: TXN_LEN,
+            max_txn_len: TXN_LEN,
+            slot_len: PipelineConfig::default_slot_len(TXN_LEN, TXN_LEN, 4096),
             item_len: TXN_LEN - 8,
             cluster_tag: 1,
             run: 2,
@@ -1169,16 +1194,25 @@ mod tests {
     /// Fragment `fragment` of session 0's write `seq` from node 1's process `instance`.
     fn fragment(instance: u64, seq: u64, fragment: u32, fill: u8) -> Vec<u8> {
         let config = config();
-        let slot = config.slot_len();
-        let mut datagram = vec![0u8; wire::write_len(1, slot)];
+        let slot = config.slot_len;
+        let piece = wire::piece_len(TXN_LEN, fragment, slot);
+        let mut datagram = vec![0u8; wire::write_len(1, piece)];
         let mut header = config.header(Kind::Write, 1, 0, [0; wire::WORDS]);
         header.from_node = 1;
         header.instance = instance;
         wire::put_header(&mut datagram, &header);
         wire::put_write_prefix(&mut datagram, u64::from(fragment) + 1);
         let at = wire::HEADER_BYTES + wire::WRITE_PREFIX;
-        wire::put_entry_fixed(&mut datagram[at..], 1, 0, fragment, seq);
-        datagram[at + wire::ENTRY_FIXED..].fill(fill);
+        let bytes = vec![fill; piece];
+        wire::put_entry(
+            &mut datagram[at..],
+            1,
+            0,
+            fragment,
+            u32::try_from(TXN_LEN).unwrap(),
+            seq,
+            &bytes,
+        );
         wire::seal(&mut datagram, &config.integrity);
         datagram
     }
@@ -1186,7 +1220,7 @@ mod tests {
     #[test]
     fn a_restarted_follower_never_completes_its_predecessors_partial_write() {
         let config = config();
-        assert_eq!(config.fragments(), 3);
+        assert_eq!(config.max_fragments(), 3);
         let replica = NodeReplica::new(&StoreConfig {
             keys: 4,
             value_size: TXN_LEN - 8,
@@ -1212,7 +1246,7 @@ mod tests {
         let mut bytes = vec![0u8; TXN_LEN];
         leader
             .incoming
-            .txn(leader.incoming_head, TXN_LEN)
+            .txn(leader.incoming_head)
             .copy_to(&mut bytes);
         assert!(
             bytes.iter().all(|byte| *byte == 0xbb),

@@ -63,6 +63,9 @@ pub const ZXID_START: u64 = 1 << 32;
 /// The epoch node 0 leads in: the only one until leader election lands.
 pub const LEADER_EPOCH: u32 = 1;
 
+/// The most entries [`PipelineConfig::default_slot_len`] lets the longest transaction take.
+pub const DEFAULT_MAX_FRAGMENTS: usize = 64;
+
 /// Credit maxima (the knob ranges' upper ends), which size the receive rings.
 pub const MAX_PREPARE_CREDITS: usize = 64;
 pub const MAX_WRITE_CREDITS: usize = 64;
@@ -280,8 +283,12 @@ pub enum PipelineConfigError {
     Retained { retained: usize, least: usize },
     #[error("the transport MTU of {mtu} bytes is below the {least} one entry needs")]
     Mtu { mtu: usize, least: usize },
-    #[error("transactions of {0} bytes cannot be carried")]
+    #[error("transactions of up to {0} bytes cannot be carried")]
     TxnLength(usize),
+    #[error(
+        "entry slots of {slot} bytes: need a multiple of 8 in 8..={most} (what one datagram's entry can carry)"
+    )]
+    SlotLength { slot: usize, most: usize },
     #[error("{0} sessions: at most 65535")]
     Sessions(usize),
 }
@@ -293,8 +300,12 @@ pub struct PipelineConfig {
     pub nodes: u8,
     pub pipeline: u8,
     pub pipelines: u8,
-    /// Bytes of every transaction of this run (fixed at start).
-    pub txn_len: usize,
+    /// Bytes of the longest transaction of this run (fixed at start; any length from 1 up to
+    /// it may be submitted).
+    pub max_txn_len: usize,
+    /// Bytes of transaction one ring slot, and so one entry, holds: a longer transaction takes
+    /// several consecutive entries (its fragments). See [`PipelineConfig::default_slot_len`].
+    pub slot_len: usize,
     /// Bytes of every snapshot item (fixed at start; a multiple of 8).
     pub item_len: usize,
     pub cluster_tag: u32,
@@ -331,50 +342,47 @@ impl PipelineConfig {
         usize::from(self.nodes) / 2
     }
 
-    /// The most transaction bytes one PREPARE or WRITE entry can carry within the MTU.
-    fn fragment_capacity(&self) -> usize {
+    /// The most transaction bytes one PREPARE or WRITE entry can carry within `mtu` (a
+    /// multiple of 8 the header's slot field can name).
+    pub fn slot_capacity(mtu: usize) -> usize {
         let prefix = wire::PREPARE_PREFIX.max(wire::WRITE_PREFIX);
-        (self
-            .mtu
-            .saturating_sub(wire::HEADER_BYTES + prefix + wire::ENTRY_FIXED)
-            / 8)
-            * 8
+        let room = mtu.saturating_sub(wire::HEADER_BYTES + prefix + wire::ENTRY_FIXED);
+        (room.min(usize::from(u16::MAX) * 8) / 8) * 8
     }
 
-    /// Bytes of transaction per entry: the whole transaction rounded up to 8, or, for one too
-    /// large for a datagram, a fragment that fills the datagram.
-    pub fn slot_len(&self) -> usize {
-        let whole = self.txn_len.max(1).next_multiple_of(8);
-        if whole <= self.fragment_capacity() {
-            whole
-        } else {
-            self.fragment_capacity().max(8)
-        }
+    /// The slot length for transactions of `shortest..=longest` bytes within `mtu`: the
+    /// shortest whole (so the common small transaction takes one slot and batches many to a
+    /// datagram), but no shorter than a [`DEFAULT_MAX_FRAGMENTS`]th of the longest (so the
+    /// longest takes few entries, and the window and gathering bitmaps stay small), and no
+    /// longer than a datagram's entry. A run of one transaction length gets slots of exactly
+    /// that length, rounded up to 8.
+    pub fn default_slot_len(shortest: usize, longest: usize, mtu: usize) -> usize {
+        let shortest = shortest.clamp(1, longest.max(1)).next_multiple_of(8);
+        let share = longest
+            .max(1)
+            .div_ceil(DEFAULT_MAX_FRAGMENTS)
+            .next_multiple_of(8);
+        shortest.max(share).min(Self::slot_capacity(mtu)).max(8)
     }
 
-    /// Entries (consecutive pseqs) one transaction takes: 1, or its fragments.
-    pub fn fragments(&self) -> usize {
-        self.txn_len.max(1).div_ceil(self.slot_len())
+    /// Entries (consecutive pseqs) a transaction of `txn_len` bytes takes: 1, or its fragments.
+    pub fn fragments_of(&self, txn_len: usize) -> u32 {
+        wire::fragments_of(txn_len, self.slot_len)
     }
 
-    /// Entries one PREPARE can carry within the MTU.
+    /// Entries the longest transaction takes.
+    pub fn max_fragments(&self) -> usize {
+        self.fragments_of(self.max_txn_len) as usize
+    }
+
+    /// Entries of full slots one PREPARE can carry within the MTU (at least 1): a PREPARE
+    /// carries at least this many whenever it has them to send, as no entry is longer.
     pub fn prepares_fitting(&self) -> usize {
-        if self.fragments() > 1 {
-            return 1;
-        }
-        ((self.mtu - wire::HEADER_BYTES - wire::PREPARE_PREFIX)
-            / (wire::ENTRY_FIXED + self.slot_len()))
-        .min(MAX_PREPARES_PER_MSG)
-    }
-
-    /// Entries one WRITE can carry within the MTU.
-    pub fn writes_fitting(&self) -> usize {
-        if self.fragments() > 1 {
-            return 1;
-        }
-        ((self.mtu - wire::HEADER_BYTES - wire::WRITE_PREFIX)
-            / (wire::ENTRY_FIXED + self.slot_len()))
-        .min(MAX_WRITES_PER_MSG)
+        ((self
+            .mtu
+            .saturating_sub(wire::HEADER_BYTES + wire::PREPARE_PREFIX))
+            / wire::entry_wire_len(self.slot_len))
+        .clamp(1, MAX_PREPARES_PER_MSG)
     }
 
     /// Bytes of snapshot item per SNAPSHOT entry: the whole item, or a chunk that fills the
@@ -431,12 +439,22 @@ impl PipelineConfig {
                 nodes: self.nodes,
             });
         }
-        let least_window = (2 * MAX_PREPARES_PER_MSG).max(2 * self.fragments());
+        let most_slot = Self::slot_capacity(self.mtu);
+        if self.slot_len == 0 || self.slot_len % 8 != 0 || self.slot_len > most_slot {
+            return Err(PipelineConfigError::SlotLength {
+                slot: self.slot_len,
+                most: most_slot,
+            });
+        }
+        if self.max_txn_len == 0 || self.max_txn_len > u32::MAX as usize {
+            return Err(PipelineConfigError::TxnLength(self.max_txn_len));
+        }
+        let least_window = (2 * MAX_PREPARES_PER_MSG).max(2 * self.max_fragments());
         if !self.window.is_power_of_two() || self.window < least_window {
             return Err(PipelineConfigError::Window {
                 window: self.window,
                 least: least_window.next_power_of_two(),
-                fragments: self.fragments(),
+                fragments: self.max_fragments(),
             });
         }
         if !self.retained.is_power_of_two() || self.retained < 2 * self.window {
@@ -452,9 +470,6 @@ impl PipelineConfig {
                 least: least_mtu,
             });
         }
-        if self.txn_len == 0 || self.fragments() > u32::MAX as usize {
-            return Err(PipelineConfigError::TxnLength(self.txn_len));
-        }
         if self.sessions > usize::from(u16::MAX) {
             return Err(PipelineConfigError::Sessions(self.sessions));
         }
@@ -468,7 +483,7 @@ impl PipelineConfig {
             retained: retained_for_bytes(
                 bytes,
                 usize::from(self.pipelines),
-                self.slot_len(),
+                self.slot_len,
                 self.window,
             ),
             ..self
@@ -490,7 +505,7 @@ impl PipelineConfig {
             count: u16::try_from(count).unwrap_or(u16::MAX),
             cluster_tag: self.cluster_tag,
             slot_words: match kind {
-                Kind::Prepare | Kind::Write => wire::slot_words(self.slot_len()),
+                Kind::Prepare | Kind::Write => wire::slot_words(self.slot_len),
                 Kind::Snapshot => wire::slot_words(self.snapshot_slot_len()),
                 _ => 0,
             },
@@ -507,8 +522,8 @@ impl PipelineConfig {
         wire::WireContext {
             cluster_tag: self.cluster_tag,
             run: self.run,
-            slot_len: self.slot_len(),
-            fragmented: self.fragments() > 1,
+            slot_len: self.slot_len,
+            max_txn_len: self.max_txn_len,
             snapshot_slot_len: self.snapshot_slot_len(),
             nodes: usize::from(self.nodes),
             pipelines: usize::from(self.pipelines),
@@ -681,6 +696,8 @@ pub struct EntryMeta {
     pub session_seq: u64,
     /// Which fragment of its transaction this entry is (0 for an unfragmented one).
     pub fragment: u32,
+    /// Bytes of the whole transaction.
+    pub txn_len: u32,
     pub session: u16,
     pub origin_node: u8,
     pub present: bool,
@@ -689,14 +706,30 @@ pub struct EntryMeta {
 }
 
 impl EntryMeta {
-    /// Fragment `fragment` of a write of session `session` of node `node`, not yet ordered.
-    pub fn local_write(node: u8, session: u16, session_seq: u64, fragment: u32) -> Self {
+    /// A write of session `session` of node `node`, not yet ordered (its fragment and length
+    /// are set as it is stored: [`EntryRing::put_txn`]).
+    pub fn local_write(node: u8, session: u16, session_seq: u64) -> Self {
         EntryMeta {
             zxid: 0,
             session_seq,
-            fragment,
+            fragment: 0,
+            txn_len: 0,
             session,
             origin_node: node,
+            present: true,
+            ends_message: false,
+        }
+    }
+
+    /// A received entry, not yet ordered (zxid 0).
+    pub fn received(entry: &wire::EntryView<'_>) -> Self {
+        EntryMeta {
+            zxid: 0,
+            session_seq: entry.session_seq,
+            fragment: entry.fragment,
+            txn_len: entry.txn_len,
+            session: entry.session,
+            origin_node: entry.origin_node,
             present: true,
             ends_message: false,
         }
@@ -704,8 +737,9 @@ impl EntryMeta {
 }
 
 /// A fixed ring of entries (metadata plus a slot of transaction bytes each), indexed by a
-/// 64-bit position. A transaction of several fragments takes consecutive positions, so its
-/// bytes lie contiguously but for a wrap at the ring's end ([`EntryRing::txn`]).
+/// 64-bit position. A transaction of several fragments takes consecutive positions, every
+/// slot full but the last's, so its bytes lie contiguously but for a wrap at the ring's end
+/// ([`EntryRing::txn`]).
 #[derive(Debug)]
 pub struct EntryRing {
     metas: Vec<EntryMeta>,
@@ -745,38 +779,54 @@ impl EntryRing {
         &mut self.metas[index]
     }
 
-    pub fn slot(&self, position: u64) -> &[u8] {
-        let at = self.index(position) * self.slot_len;
-        &self.slots[at..at + self.slot_len]
+    /// Bytes of the fragment held at `position`.
+    pub fn piece_len(&self, position: u64) -> usize {
+        let meta = self.meta(position);
+        wire::piece_len(meta.txn_len as usize, meta.fragment, self.slot_len)
     }
 
-    /// The first `len` bytes of the transaction whose first entry is at `position`.
-    pub fn txn(&self, position: u64, len: usize) -> Txn<'_> {
+    /// Bytes the entry at `position` takes on the wire.
+    pub fn wire_len(&self, position: u64) -> usize {
+        wire::entry_wire_len(self.piece_len(position))
+    }
+
+    /// The fragment's bytes held at `position`.
+    pub fn piece(&self, position: u64) -> &[u8] {
         let at = self.index(position) * self.slot_len;
-        let len = len.min(self.slots.len());
+        &self.slots[at..at + self.piece_len(position)]
+    }
+
+    /// The transaction whose first entry is at `position` (its length from that entry).
+    pub fn txn(&self, position: u64) -> Txn<'_> {
+        let at = self.index(position) * self.slot_len;
+        let len = (self.meta(position).txn_len as usize).min(self.slots.len());
         let first = (self.slots.len() - at).min(len);
         Txn::split(&self.slots[at..at + first], &self.slots[..len - first])
     }
 
-    /// Stores one entry at `position`: its metadata, and `bytes` (at most a slot) in its slot.
+    /// Stores one entry at `position`: its metadata, and `bytes` (its fragment's, at most a
+    /// slot) in its slot.
     pub fn put(&mut self, position: u64, meta: EntryMeta, bytes: &[u8]) {
         let index = self.index(position);
         self.metas[index] = meta;
         let at = index * self.slot_len;
         let len = bytes.len().min(self.slot_len);
         self.slots[at..at + len].copy_from_slice(&bytes[..len]);
-        // Padding goes on the wire: never last use's bytes.
-        self.slots[at + len..at + self.slot_len].fill(0);
     }
 
     /// Stores a whole transaction from `position` on, a slot per fragment, each with `meta`
-    /// but for its fragment index; returns the entries it took.
+    /// but for its fragment index and the transaction's length; returns the entries it took.
     pub fn put_txn(&mut self, position: u64, meta: EntryMeta, txn: &[u8]) -> u64 {
+        let txn_len = u32::try_from(txn.len()).unwrap_or(u32::MAX);
         let mut fragment = 0u32;
         for (offset, piece) in txn.chunks(self.slot_len.max(1)).enumerate() {
             self.put(
                 position + offset as u64,
-                EntryMeta { fragment, ..meta },
+                EntryMeta {
+                    fragment,
+                    txn_len,
+                    ..meta
+                },
                 piece,
             );
             fragment = fragment.saturating_add(1);
@@ -790,28 +840,28 @@ impl EntryRing {
         let mut len = 0;
         for position in first..first + count {
             let meta = self.meta(position);
-            wire::put_entry_fixed(
+            len += wire::put_entry(
                 &mut out[len..],
                 meta.origin_node,
                 meta.session,
                 meta.fragment,
+                meta.txn_len,
                 meta.session_seq,
+                self.piece(position),
             );
-            len += wire::ENTRY_FIXED;
-            out[len..len + self.slot_len].copy_from_slice(self.slot(position));
-            len += self.slot_len;
         }
         len
     }
 
-    /// Copies the entry at `from` in `source` to `to` in this ring, with new metadata.
+    /// Copies the entry at `from` in `source` to `to` in this ring, with new metadata (of the
+    /// same fragment of the same transaction).
     pub fn put_from(&mut self, to: u64, meta: EntryMeta, source: &EntryRing, from: u64) {
         let index = self.index(to);
         self.metas[index] = meta;
         let at = index * self.slot_len;
+        let len = source.piece_len(from).min(self.slot_len);
         let from_at = source.index(from) * source.slot_len;
-        self.slots[at..at + self.slot_len]
-            .copy_from_slice(&source.slots[from_at..from_at + self.slot_len]);
+        self.slots[at..at + len].copy_from_slice(&source.slots[from_at..from_at + len]);
     }
 }
 

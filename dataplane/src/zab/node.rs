@@ -144,6 +144,13 @@ impl Node {
             return;
         }
         let header = &message.header;
+        if header.from_node == self.config.node {
+            // A hello in this node's own name (corrupt, or replayed from an earlier process of
+            // it): never answered, as an answer would go to this node itself (found by
+            // fuzzing: a refusal was sent to the leader's own node).
+            self.refused_hellos += 1;
+            return;
+        }
         let theirs = header.words[hello_words::FINGERPRINT];
         if theirs != self.config.fingerprint {
             self.incompatible = Some((header.from_node, theirs));

@@ -9,7 +9,7 @@
 //! | bytes  | field |
 //! |--------|-------|
 //! | 0..2   | magic `ZB` |
-//! | 2      | version (4) |
+//! | 2      | version (5) |
 //! | 3      | kind |
 //! | 4, 5   | sender node, pipeline |
 //! | 6..8   | entry count |
@@ -34,7 +34,7 @@ use std::fmt;
 
 /// "ZB", little-endian.
 pub const MAGIC: u16 = 0x425A;
-pub const VERSION: u8 = 4;
+pub const VERSION: u8 = 5;
 pub const HEADER_BYTES: usize = 96;
 /// Words in the header.
 pub const WORDS: usize = 5;
@@ -47,9 +47,10 @@ pub const PREPARE_PREFIX: usize = 16;
 /// Body prefix of WRITE: the follower's message sequence (0 on a retransmission).
 pub const WRITE_PREFIX: usize = 8;
 /// Fixed part of every PREPARE or WRITE entry: origin node (byte 0), session (2..4), fragment
-/// index (4..8), session sequence (8..16). A slot of transaction bytes follows: the whole
-/// transaction (zero-padded to the slot), or one fragment of one too large for a datagram.
-pub const ENTRY_FIXED: usize = 16;
+/// index (4..8), the whole transaction's length (8..12), session sequence (16..24). The
+/// fragment's bytes follow, zero-padded to a multiple of 8: a transaction of `len` bytes takes
+/// `len.div_ceil(slot)` entries, every one a full slot but the last.
+pub const ENTRY_FIXED: usize = 24;
 /// Body of ACK, NACK and COMMIT: a range (first pipeline sequence, count).
 pub const RANGE_BODY: usize = 16;
 /// Body prefix of SNAPSHOT: the zxid the snapshot stands on, the first key position it
@@ -141,8 +142,8 @@ pub enum WireError {
     BadCheck,
     #[error("slot length {found} differs from the configured {expected}")]
     SlotLength { found: usize, expected: usize },
-    #[error("{0} fragment entries in one message (a fragment fills a datagram)")]
-    FragmentCount(usize),
+    #[error("entry {index}: {why}")]
+    BadEntry { index: usize, why: &'static str },
     #[error("body of {found} bytes does not match {count} entries ({expected} bytes)")]
     BodyLength {
         found: usize,
@@ -271,10 +272,10 @@ pub fn seal(datagram: &mut [u8], integrity: &Integrity) {
 pub struct WireContext {
     pub cluster_tag: u32,
     pub run: u64,
-    /// Bytes of transaction per PREPARE or WRITE entry.
+    /// Bytes of transaction per PREPARE or WRITE entry at most (a fragment's).
     pub slot_len: usize,
-    /// Whether transactions travel as fragments (one entry per message).
-    pub fragmented: bool,
+    /// The longest transaction of the run.
+    pub max_txn_len: usize,
     /// Bytes of snapshot item per SNAPSHOT entry.
     pub snapshot_slot_len: usize,
     pub nodes: usize,
@@ -349,14 +350,14 @@ pub fn put_header(out: &mut [u8], header: &Header) {
     }
 }
 
-/// Size of a PREPARE carrying `count` entries of `slot_len`-byte slots.
-pub const fn prepare_len(count: usize, slot_len: usize) -> usize {
-    HEADER_BYTES + PREPARE_PREFIX + count * (ENTRY_FIXED + slot_len)
+/// Size of a PREPARE carrying `count` entries of `piece_len` bytes each.
+pub const fn prepare_len(count: usize, piece_len: usize) -> usize {
+    HEADER_BYTES + PREPARE_PREFIX + count * entry_wire_len(piece_len)
 }
 
-/// Size of a WRITE carrying `count` entries of `slot_len`-byte slots.
-pub const fn write_len(count: usize, slot_len: usize) -> usize {
-    HEADER_BYTES + WRITE_PREFIX + count * (ENTRY_FIXED + slot_len)
+/// Size of a WRITE carrying `count` entries of `piece_len` bytes each.
+pub const fn write_len(count: usize, piece_len: usize) -> usize {
+    HEADER_BYTES + WRITE_PREFIX + count * entry_wire_len(piece_len)
 }
 
 /// Size of a SNAPSHOT carrying `count` entries of `slot_len`-byte slots.
@@ -369,51 +370,179 @@ pub fn slot_words(slot_len: usize) -> u16 {
     u16::try_from(slot_len / 8).unwrap_or(u16::MAX)
 }
 
-/// One entry inside a PREPARE or WRITE body: a whole transaction (its slot, zero-padded), or
-/// fragment `fragment` of one.
+/// One entry inside a PREPARE or WRITE body: fragment `fragment` of a transaction of
+/// `txn_len` bytes (fragment 0 of one, for a transaction that fits a slot), and its bytes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct EntryView<'a> {
     pub origin_node: u8,
     pub session: u16,
     pub fragment: u32,
+    pub txn_len: u32,
     pub session_seq: u64,
-    pub slot: &'a [u8],
+    /// This fragment's bytes, without padding.
+    pub bytes: &'a [u8],
 }
 
 impl EntryView<'_> {
-    /// What [`Message::entry`] returns for a message that carries no entries.
+    /// What [`Message::entries`] yields for a message that carries no entries.
     pub const EMPTY: EntryView<'static> = EntryView {
         origin_node: 0,
         session: 0,
         fragment: 0,
+        txn_len: 0,
         session_seq: 0,
-        slot: &[],
+        bytes: &[],
     };
+
+    /// Entries the transaction takes with `slot_len`-byte slots.
+    pub fn fragments(&self, slot_len: usize) -> u32 {
+        fragments_of(self.txn_len as usize, slot_len)
+    }
 }
 
-/// Writes one entry's fixed part at `out[..ENTRY_FIXED]`; its slot follows.
-pub fn put_entry_fixed(
+/// Entries a transaction of `txn_len` bytes takes with `slot_len`-byte slots (at least one).
+pub fn fragments_of(txn_len: usize, slot_len: usize) -> u32 {
+    u32::try_from(txn_len.max(1).div_ceil(slot_len.max(1))).unwrap_or(u32::MAX)
+}
+
+/// Bytes of fragment `fragment` of a transaction of `txn_len` bytes, with `slot_len`-byte
+/// slots.
+pub fn piece_len(txn_len: usize, fragment: u32, slot_len: usize) -> usize {
+    txn_len
+        .saturating_sub(fragment as usize * slot_len)
+        .min(slot_len)
+}
+
+/// Bytes one entry takes on the wire: its fixed part and its fragment, padded to 8.
+pub const fn entry_wire_len(piece_len: usize) -> usize {
+    ENTRY_FIXED + piece_len.next_multiple_of(8)
+}
+
+/// Writes one entry at `out`: its fixed part, `bytes` and zero padding to 8; returns the
+/// bytes written ([`entry_wire_len`]).
+pub fn put_entry(
     out: &mut [u8],
     origin_node: u8,
     session: u16,
     fragment: u32,
+    txn_len: u32,
     session_seq: u64,
-) {
+    bytes: &[u8],
+) -> usize {
     out[0] = origin_node;
     out[1] = 0;
     out[2..4].copy_from_slice(&session.to_le_bytes());
     out[4..8].copy_from_slice(&fragment.to_le_bytes());
-    out[8..16].copy_from_slice(&session_seq.to_le_bytes());
+    out[8..12].copy_from_slice(&txn_len.to_le_bytes());
+    out[12..16].fill(0);
+    out[16..24].copy_from_slice(&session_seq.to_le_bytes());
+    let len = entry_wire_len(bytes.len());
+    out[ENTRY_FIXED..ENTRY_FIXED + bytes.len()].copy_from_slice(bytes);
+    out[ENTRY_FIXED + bytes.len()..len].fill(0);
+    len
 }
 
-fn entry_at(body: &[u8], index: usize, slot_len: usize) -> EntryView<'_> {
-    let at = index * (ENTRY_FIXED + slot_len);
-    EntryView {
-        origin_node: body[at],
-        session: u16_at(body, at + 2),
-        fragment: u32_at(body, at + 4),
-        session_seq: u64_at(body, at + 8),
-        slot: &body[at + ENTRY_FIXED..at + ENTRY_FIXED + slot_len],
+/// The entry at the start of `body` (already validated by [`Message::decode`]) and the bytes
+/// it takes; `None` when `body` cannot hold one.
+fn entry_at(body: &[u8], slot_len: usize) -> Option<(EntryView<'_>, usize)> {
+    if body.len() < ENTRY_FIXED {
+        return None;
+    }
+    let txn_len = u32_at(body, 8);
+    let fragment = u32_at(body, 4);
+    let piece = piece_len(txn_len as usize, fragment, slot_len);
+    let len = entry_wire_len(piece);
+    if body.len() < len {
+        return None;
+    }
+    Some((
+        EntryView {
+            origin_node: body[0],
+            session: u16_at(body, 2),
+            fragment,
+            txn_len,
+            session_seq: u64_at(body, 16),
+            bytes: &body[ENTRY_FIXED..ENTRY_FIXED + piece],
+        },
+        len,
+    ))
+}
+
+/// Checks the `count` entries of a PREPARE or WRITE body: each names a fragment its
+/// transaction has, of a transaction of 1..=`max_txn_len` bytes, and together they fill the
+/// body exactly. Returns the number of transaction starts (fragment-0 entries) after the
+/// first entry, or why not.
+fn check_entries(
+    body: &[u8],
+    count: usize,
+    slot_len: usize,
+    max_txn_len: usize,
+) -> Result<u64, WireError> {
+    let mut at = 0;
+    let mut starts = 0u64;
+    for index in 0..count {
+        let rest = &body[at.min(body.len())..];
+        if rest.len() < ENTRY_FIXED {
+            return Err(WireError::BadEntry {
+                index,
+                why: "body ends before it",
+            });
+        }
+        let txn_len = u32_at(rest, 8) as usize;
+        if txn_len == 0 || txn_len > max_txn_len {
+            return Err(WireError::BadEntry {
+                index,
+                why: "transaction length out of range",
+            });
+        }
+        let fragment = u32_at(rest, 4);
+        if fragment >= fragments_of(txn_len, slot_len) {
+            return Err(WireError::BadEntry {
+                index,
+                why: "fragment index past the transaction",
+            });
+        }
+        let len = entry_wire_len(piece_len(txn_len, fragment, slot_len));
+        if rest.len() < len {
+            return Err(WireError::BadEntry {
+                index,
+                why: "body ends inside it",
+            });
+        }
+        if index > 0 && fragment == 0 {
+            starts += 1;
+        }
+        at += len;
+    }
+    if at != body.len() {
+        return Err(WireError::BodyLength {
+            found: body.len(),
+            expected: at,
+            count,
+        });
+    }
+    Ok(starts)
+}
+
+/// The entries of a PREPARE or WRITE, in order.
+#[derive(Clone, Debug)]
+pub struct Entries<'a> {
+    body: &'a [u8],
+    left: usize,
+    slot_len: usize,
+}
+
+impl<'a> Iterator for Entries<'a> {
+    type Item = EntryView<'a>;
+
+    fn next(&mut self) -> Option<EntryView<'a>> {
+        if self.left == 0 {
+            return None;
+        }
+        let (entry, len) = entry_at(self.body, self.slot_len)?;
+        self.body = &self.body[len..];
+        self.left -= 1;
+        Some(entry)
     }
 }
 
@@ -494,32 +623,40 @@ impl<'a> Message<'a> {
                 });
             }
         }
-        if context.fragmented && matches!(kind, Kind::Write | Kind::Prepare) && count > 1 {
-            return Err(WireError::FragmentCount(count));
-        }
         let slot_len = slot_len.unwrap_or(0);
+        if matches!(kind, Kind::Write | Kind::Prepare) {
+            let prefix = if kind == Kind::Write {
+                WRITE_PREFIX
+            } else {
+                PREPARE_PREFIX
+            };
+            if body.len() < prefix || count == 0 {
+                return Err(WireError::BodyLength {
+                    found: body.len(),
+                    expected: prefix + entry_wire_len(1),
+                    count,
+                });
+            }
+            let starts = check_entries(&body[prefix..], count, slot_len, context.max_txn_len)?;
+            // Zxids never wrap, and the follower numbers a PREPARE's transactions from its
+            // first zxid: a range past 2^64 is corrupt (found by fuzzing: it overflowed in the
+            // follower).
+            if kind == Kind::Prepare && u64_at(body, 8).checked_add(starts).is_none() {
+                return Err(WireError::ZxidRange);
+            }
+            return Ok(Message { header, body });
+        }
         let expected = match kind {
-            Kind::Write => WRITE_PREFIX + count * (ENTRY_FIXED + slot_len),
-            Kind::Prepare => PREPARE_PREFIX + count * (ENTRY_FIXED + slot_len),
             Kind::Snapshot => SNAPSHOT_PREFIX + count * (SNAPSHOT_ENTRY_FIXED + slot_len),
             Kind::Ack | Kind::Nack | Kind::Commit => RANGE_BODY,
-            Kind::Credit | Kind::Hello => 0,
+            Kind::Credit | Kind::Hello | Kind::Write | Kind::Prepare => 0,
         };
-        if body.len() != expected || (matches!(kind, Kind::Write | Kind::Prepare) && count == 0) {
+        if body.len() != expected {
             return Err(WireError::BodyLength {
                 found: body.len(),
                 expected,
                 count,
             });
-        }
-        // Zxids never wrap, and the follower numbers a PREPARE's entries from its first zxid:
-        // a range past 2^64 is corrupt (found by fuzzing: it overflowed in the follower).
-        if kind == Kind::Prepare
-            && u64_at(body, 8)
-                .checked_add(u64::from(header.count))
-                .is_none()
-        {
-            return Err(WireError::ZxidRange);
         }
         Ok(Message { header, body })
     }
@@ -533,20 +670,28 @@ impl<'a> Message<'a> {
         }
     }
 
-    /// Entry `index` of a PREPARE or WRITE (index below `header.count`).
-    pub fn entry(&self, index: usize) -> EntryView<'a> {
+    /// The entries of a PREPARE or WRITE, in order (none for other kinds).
+    pub fn entries(&self) -> Entries<'a> {
         let slot_len = usize::from(self.header.slot_words) * 8;
         let prefix = match self.header.kind {
             Kind::Prepare => PREPARE_PREFIX,
             Kind::Write => WRITE_PREFIX,
-            _ => return EntryView::EMPTY,
+            _ => self.body.len(),
         };
-        let body = &self.body[prefix..];
-        entry_at(
-            body,
-            index.min(usize::from(self.header.count).saturating_sub(1)),
+        Entries {
+            body: &self.body[prefix.min(self.body.len())..],
+            left: if prefix <= self.body.len() {
+                usize::from(self.header.count)
+            } else {
+                0
+            },
             slot_len,
-        )
+        }
+    }
+
+    /// The first entry of a PREPARE or WRITE ([`EntryView::EMPTY`] for other kinds).
+    pub fn first_entry(&self) -> EntryView<'a> {
+        self.entries().next().unwrap_or(EntryView::EMPTY)
     }
 
     /// WRITE: the follower's message sequence (0 on a retransmission).
@@ -678,7 +823,7 @@ mod tests {
             cluster_tag: 7,
             run: RUN,
             slot_len: 8,
-            fragmented: false,
+            max_txn_len: 64,
             snapshot_slot_len: 8,
             nodes: 3,
             pipelines: 1,
@@ -696,38 +841,58 @@ mod tests {
 
     #[test]
     fn prepare_round_trip() {
-        let mut buffer = vec![0u8; prepare_len(2, 8)];
+        // A whole 5-byte transaction, then fragment 6 (the last, 3 bytes) of a 51-byte one.
+        let len = HEADER_BYTES + PREPARE_PREFIX + entry_wire_len(5) + entry_wire_len(3);
+        let mut buffer = vec![0u8; len];
         put_header(&mut buffer, &header(Kind::Prepare, 2));
         put_prepare_prefix(&mut buffer, 10, 99);
         let body_at = HEADER_BYTES + PREPARE_PREFIX;
-        put_entry_fixed(&mut buffer[body_at..], 1, 3, 0, 44);
-        buffer[body_at + ENTRY_FIXED..body_at + ENTRY_FIXED + 8].fill(9);
-        let second = body_at + ENTRY_FIXED + 8;
-        put_entry_fixed(&mut buffer[second..], 2, 4, 6, 45);
-        buffer[second + ENTRY_FIXED..second + ENTRY_FIXED + 8].fill(8);
+        let second = body_at + put_entry(&mut buffer[body_at..], 1, 3, 0, 5, 44, &[9; 5]);
+        assert_eq!(second, body_at + ENTRY_FIXED + 8);
+        put_entry(&mut buffer[second..], 2, 4, 6, 51, 45, &[8; 3]);
         seal(&mut buffer, &Integrity::Crc32c);
         let message = Message::decode(&buffer, &context(Integrity::Crc32c)).unwrap();
         assert_eq!(message.header, header(Kind::Prepare, 2));
         assert_eq!(message.prepare_start(), (10, 99));
+        let entries: Vec<EntryView<'_>> = message.entries().collect();
+        assert_eq!(entries.len(), 2);
+        assert_eq!(entries[0].bytes, &[9; 5]);
         assert_eq!(
-            message.entry(1),
+            entries[1],
             EntryView {
                 origin_node: 2,
                 session: 4,
                 fragment: 6,
+                txn_len: 51,
                 session_seq: 45,
-                slot: &[8; 8]
+                bytes: &[8; 3]
             }
         );
-        // Fragments fill a datagram each: a fragmenting receiver refuses two in one.
-        let fragmenting = WireContext {
-            fragmented: true,
+        assert_eq!(entries[1].fragments(8), 7);
+        // A transaction longer than the receiver takes, or a fragment it does not have.
+        let shorter = WireContext {
+            max_txn_len: 50,
             ..context(Integrity::Crc32c)
         };
-        assert_eq!(
-            Message::decode(&buffer, &fragmenting).unwrap_err(),
-            WireError::FragmentCount(2)
-        );
+        assert!(matches!(
+            Message::decode(&buffer, &shorter).unwrap_err(),
+            WireError::BadEntry { index: 1, .. }
+        ));
+        let mut past = buffer.clone();
+        put_entry(&mut past[second..], 2, 4, 7, 51, 45, &[]);
+        seal(&mut past, &Integrity::Crc32c);
+        assert!(matches!(
+            Message::decode(&past, &context(Integrity::Crc32c)).unwrap_err(),
+            WireError::BadEntry { index: 1, .. }
+        ));
+        // A body longer than its entries.
+        let mut longer = buffer.clone();
+        longer.extend_from_slice(&[0; 8]);
+        seal(&mut longer, &Integrity::Crc32c);
+        assert!(matches!(
+            Message::decode(&longer, &context(Integrity::Crc32c)).unwrap_err(),
+            WireError::BodyLength { .. }
+        ));
         let mut other_slot = header(Kind::Prepare, 2);
         other_slot.slot_words = 2;
         put_header(&mut buffer, &other_slot);
@@ -863,12 +1028,21 @@ mod tests {
         let mut write = vec![0u8; write_len(1, 8)];
         put_header(&mut write, &header(Kind::Write, 1));
         put_write_prefix(&mut write, 9);
+        put_entry(
+            &mut write[HEADER_BYTES + WRITE_PREFIX..],
+            1,
+            0,
+            0,
+            8,
+            3,
+            &[1; 8],
+        );
         seal(&mut write, &Integrity::Unchecked);
         assert_eq!(Message::decode(&write, &unchecked).unwrap().write_seq(), 9);
         put_header(&mut write, &header(Kind::Write, 3));
         assert!(matches!(
             Message::decode(&write, &unchecked),
-            Err(WireError::BodyLength { .. })
+            Err(WireError::BadEntry { index: 1, .. })
         ));
         // Every prefix of a valid message and random garbage decode without panicking.
         for len in 0..write.len() {
@@ -894,15 +1068,15 @@ mod tests {
                 cluster_tag: u32_at(&garbage, 8),
                 run: u64_at(&garbage, 16),
                 slot_len: usize::from(u16_at(&garbage, 12)) * 8,
-                fragmented: garbage[1] & 1 == 1,
+                max_txn_len: usize::from(garbage[1]) * 8,
                 snapshot_slot_len: usize::from(u16_at(&garbage, 12)) * 8,
                 nodes: 256,
                 pipelines: 256,
                 integrity: Integrity::Unchecked,
             };
             if let Ok(message) = Message::decode(&garbage[..len], &own) {
+                let _ = message.entries().count();
                 for index in 0..usize::from(message.header.count) {
-                    let _ = message.entry(index);
                     let _ = message.snapshot_entry(index);
                 }
                 let _ = (
