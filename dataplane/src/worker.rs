@@ -5,8 +5,10 @@
 //! datagram once, hand the accepted ones to the node, re-post the receives before anything
 //! that could trigger more traffic); issue (idle sessions issue requests: reads served locally
 //! at once, writes handed to the node); advance (the node commits, applies and fills outgoing
-//! messages, posted as doorbell-batched chains); publish (counters every iteration, gauges and
-//! peers every 1024); idle (an adaptive worker yields its core after a run of empty
+//! messages, posted as doorbell-batched chains; only when the spin brought input, the last
+//! advance sent, the knobs changed, the worker drains or the node's [`Node::next_deadline`]
+//! has come, as otherwise it would find nothing to do); publish (counters every iteration,
+//! gauges and peers every 1024); idle (an adaptive worker yields its core after a run of empty
 //! iterations). One clock read per iteration; no allocation, lock or syscall (the udp
 //! transport's own aside) after start-up. Counters go to this worker's block of the control
 //! block with relaxed single-writer stores; knobs are re-read only when the knob epoch changes.
@@ -701,6 +703,10 @@ impl<T: Transport> Worker<T> {
         let mut last_received_ns = 0u64;
         let mut fell_behind = false;
         let mut node_serving = false;
+        // When the node next has something to do without new input (0: at once), and what the
+        // last advance sent.
+        let mut next_deadline = 0u64;
+        let mut last_sent = 0u64;
         loop {
             iteration += 1;
             let now_ns = self.now_ns();
@@ -717,7 +723,8 @@ impl<T: Transport> Worker<T> {
                 }
             }
             let epoch = shared.block.knob_epoch();
-            if epoch != knob_epoch {
+            let knobs_changed = epoch != knob_epoch;
+            if knobs_changed {
                 knob_epoch = epoch;
                 settings = LiveSettings::read(shared.block);
                 counters
@@ -742,7 +749,24 @@ impl<T: Transport> Worker<T> {
                 self.issue(now_ns, &settings, shared)
             };
             counters.add(Counter::ReadsCompleted, issued.reads);
-            let sent = self.advance(now_ns, &settings, shared, counters, max_buffers, fan_out);
+            // Advance only when it can do something: input came (a datagram, a write), the
+            // last advance sent (it may have stopped at a full chain), the limits changed, the
+            // worker drains, or a timer of the node's is due. A spin with none of these would
+            // find nothing to do.
+            let wake = received > 0
+                || issued.writes > 0
+                || last_sent > 0
+                || knobs_changed
+                || drain_started_ns.is_some()
+                || now_ns >= next_deadline;
+            let sent = if wake {
+                let sent = self.advance(now_ns, &settings, shared, counters, max_buffers, fan_out);
+                next_deadline = self.node.next_deadline(now_ns, &settings.limits);
+                sent
+            } else {
+                0
+            };
+            last_sent = sent;
             fell_behind = self.node.fell_behind();
             let stats = self.node.stats();
             publish_stats(counters, &stats);

@@ -9,6 +9,11 @@
 //! has receive slots (credits work). With seeded loss, duplication, a slow follower or a
 //! follower that dies and restarts (catching up by snapshot), the same must hold, and the
 //! restarted node must apply the leader's sequence from its base on and end with the same store.
+//!
+//! Every advance also checks [`Node::next_deadline`]: one after now must mean the advance
+//! sends and applies nothing. Runs driven the worker's way ([`Driving::OnDeadline`]: a node
+//! is advanced only when it received a message or submitted a write, or its deadline came)
+//! must be the very runs of advancing every node every step, step for step.
 
 #![allow(
     clippy::unwrap_used,
@@ -138,6 +143,20 @@ struct Pipeline {
     in_flight: Vec<HashMap<u64, u64>>,
     /// A restarted follower says hello until the leader answers.
     joining: bool,
+    /// [`Driving::OnDeadline`]: when the node said it next has something to do, and whether
+    /// input (a message, a submitted write) came since it was last advanced.
+    deadline: u64,
+    poked: bool,
+}
+
+/// How the simulator decides which pipelines to advance in a step.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Driving {
+    /// Every pipeline, every step.
+    EveryStep,
+    /// As the worker does: a pipeline that received a message or submitted a write, or whose
+    /// [`Node::next_deadline`] has come. Runs must converge all the same.
+    OnDeadline,
 }
 
 /// A follower process that dies and, later, starts again as a new process.
@@ -175,6 +194,7 @@ struct Scenario {
     value_mix: &'static [usize],
     keys: u64,
     mtu: usize,
+    driving: Driving,
 }
 
 struct Outcome {
@@ -187,6 +207,11 @@ struct Outcome {
     steps: u64,
     /// zxids the leader applied while the crashed follower was down.
     applied_while_down: u64,
+    /// Pipeline steps that advanced, and that were skipped as nothing was due.
+    advances: u64,
+    skipped: u64,
+    /// The leader's replica digest at the end.
+    digest: u64,
 }
 
 /// One virtual step is this many nanoseconds.
@@ -262,6 +287,8 @@ fn new_pipeline(
         own_writes: vec![HashMap::new(); scenario.sessions],
         in_flight: vec![HashMap::new(); scenario.sessions],
         joining: false,
+        deadline: 0,
+        poked: false,
     }
 }
 
@@ -438,6 +465,7 @@ fn run(scenario: &Scenario, seed: u64) -> Outcome {
     let mut applied_at_crash = 0u64;
     let mut steps_to_complete = 0u64;
     let mut applied_while_down = 0u64;
+    let (mut advances, mut skipped) = (0u64, 0u64);
 
     loop {
         now += 1;
@@ -511,6 +539,7 @@ fn run(scenario: &Scenario, seed: u64) -> Outcome {
             state
                 .role
                 .handle(&message, now_ns, &replicas[datagram.to_node], &board);
+            state.poked = true;
             if state.joining && state.role.joined(0) {
                 state.joining = false;
                 state.role.set_running();
@@ -521,7 +550,21 @@ fn run(scenario: &Scenario, seed: u64) -> Outcome {
         for (node, node_pipelines) in pipelines.iter_mut().enumerate() {
             for (pipeline, state) in node_pipelines.iter_mut().enumerate() {
                 if state.joining && down != Some(node) {
+                    let deadline = state.role.next_deadline(now_ns, &scenario.limits);
+                    if scenario.driving == Driving::OnDeadline
+                        && !state.poked
+                        && now_ns < state.deadline
+                    {
+                        skipped += 1;
+                        continue;
+                    }
                     state.role.advance_join(now_ns, &mut outbox);
+                    assert!(
+                        deadline <= now_ns || outbox.sent.is_empty(),
+                        "node {node} pipeline {pipeline} joining: deadline {deadline} after now {now_ns}, yet the step sent"
+                    );
+                    state.deadline = state.role.next_deadline(now_ns, &scenario.limits);
+                    state.poked = false;
                     for (target, bytes) in outbox.sent.drain(..) {
                         sends.push((node, pipeline, target, bytes));
                     }
@@ -543,16 +586,42 @@ fn run(scenario: &Scenario, seed: u64) -> Outcome {
             let replica = &replicas[node];
             let state = &mut pipelines[node][pipeline];
             let mut done = Done(Vec::new());
-            state.role.advance(
-                now_ns,
-                &mut outbox,
-                replica,
-                &zxids,
-                &board,
-                &mut done,
-                &scenario.limits,
-            );
-            if state.role.fell_behind() && resumed != Some(node) {
+            // Whatever the driving, every advance checks the node's word: a deadline after
+            // now means this advance has nothing to send and nothing to apply.
+            let deadline = state.role.next_deadline(now_ns, &scenario.limits);
+            let due = match scenario.driving {
+                Driving::EveryStep => true,
+                Driving::OnDeadline => state.poked || now_ns >= state.deadline,
+            };
+            if due {
+                let applied_before = replica.inner.applied_zxid();
+                state.role.advance(
+                    now_ns,
+                    &mut outbox,
+                    replica,
+                    &zxids,
+                    &board,
+                    &mut done,
+                    &scenario.limits,
+                );
+                advances += 1;
+                if deadline > now_ns
+                    && (!outbox.sent.is_empty() || replica.inner.applied_zxid() != applied_before)
+                {
+                    dump(&pipelines, &replicas);
+                    panic!(
+                        "node {node} pipeline {pipeline}: deadline {deadline} after now {now_ns}, yet the advance sent {} messages and applied {} zxids",
+                        outbox.sent.len(),
+                        replica.inner.applied_zxid() - applied_before
+                    );
+                }
+                let state = &mut pipelines[node][pipeline];
+                state.deadline = state.role.next_deadline(now_ns, &scenario.limits);
+                state.poked = false;
+            } else {
+                skipped += 1;
+            }
+            if pipelines[node][pipeline].role.fell_behind() && resumed != Some(node) {
                 dump(&pipelines, &replicas);
                 panic!("node {node} fell behind");
             }
@@ -578,6 +647,7 @@ fn run(scenario: &Scenario, seed: u64) -> Outcome {
                     sessions,
                     own_writes,
                     in_flight,
+                    poked,
                     ..
                 } = state;
                 let mut submissions = Vec::new();
@@ -594,6 +664,7 @@ fn run(scenario: &Scenario, seed: u64) -> Outcome {
                         assert!(read.zxid >= *own, "session {} read its own key {} at zxid {} after writing it at {own}", read.session, read.key, read.zxid);
                     }
                 });
+                *poked |= !submissions.is_empty();
                 for (session, seq, key, id) in submissions {
                     in_flight[usize::from(session)].insert(seq, key);
                     produced.insert(id);
@@ -678,6 +749,9 @@ fn run(scenario: &Scenario, seed: u64) -> Outcome {
         dropped: network.lost,
         steps: steps_to_complete,
         applied_while_down,
+        advances,
+        skipped,
+        digest: replicas[0].inner.digest(),
     }
 }
 
@@ -699,6 +773,7 @@ fn scenario(nodes: usize, operations: u64) -> Scenario {
         value_mix: &[],
         keys: KEYS,
         mtu: 1024,
+        driving: Driving::EveryStep,
     }
 }
 
@@ -1065,4 +1140,138 @@ fn one_size_from_the_environment() {
         },
         84,
     );
+}
+
+/// `scenario` driven as the worker drives its nodes: each advanced only when it received a
+/// message or submitted a write, or when its [`Node::next_deadline`] came.
+fn on_deadline(scenario: Scenario) -> Scenario {
+    Scenario {
+        driving: Driving::OnDeadline,
+        ..scenario
+    }
+}
+
+/// Runs `scenario` both ways: a deadline that is never late changes nothing a node sends, so
+/// the seeded network sees the same traffic and the runs are the same, step for step.
+fn same_either_way(scenario: Scenario, seed: u64) -> Outcome {
+    let every_step = run(&scenario, seed);
+    let on_deadline = run(&on_deadline(scenario), seed);
+    eprintln!(
+        "seed {seed}: {} advances every step, {} on deadline ({} skipped), {} applied, {} steps",
+        every_step.advances,
+        on_deadline.advances,
+        on_deadline.skipped,
+        on_deadline.applied,
+        on_deadline.steps
+    );
+    assert_eq!(
+        (on_deadline.digest, on_deadline.applied, on_deadline.steps),
+        (every_step.digest, every_step.applied, every_step.steps),
+        "seed {seed}: advancing only at deadlines changed the run"
+    );
+    // Under load most steps bring input; the quiet ones in between must be skipped.
+    assert!(
+        on_deadline.skipped * 10 > on_deadline.advances,
+        "seed {seed}: too few steps were found to have nothing due: {} advances, {} skipped",
+        on_deadline.advances,
+        on_deadline.skipped
+    );
+    on_deadline
+}
+
+#[test]
+fn advancing_only_at_deadlines_survives_loss_duplication_and_reordering() {
+    for (scenario, seed) in [
+        (lossy(10, 10), 21),
+        (lossy(100, 50), 31),
+        (
+            Scenario {
+                nodes: 5,
+                ..lossy(30, 10)
+            },
+            41,
+        ),
+    ] {
+        let outcome = same_either_way(scenario, seed);
+        assert!(outcome.dropped > 0);
+        assert!(total(&outcome, |stats| stats.retransmitted_prepares) > 0);
+        assert!(total(&outcome, |stats| stats.gaps_detected) > 0);
+    }
+}
+
+#[test]
+fn advancing_only_at_deadlines_survives_crashes_and_catch_up() {
+    let killed = Scenario {
+        crash: Some(Crash {
+            node: 2,
+            at_step: 10_000,
+            down_steps: 200_000,
+            paused: false,
+        }),
+        loss_permille: 5,
+        ..scenario(3, 600_000)
+    };
+    let stopped = Scenario {
+        crash: Some(Crash {
+            node: 2,
+            at_step: 10_000,
+            down_steps: 1_000_000,
+            paused: true,
+        }),
+        write_permille: 800,
+        ..scenario(3, 600_000)
+    };
+    // 64 KiB values: fragmented writes and a chunked snapshot.
+    let chunked = Scenario {
+        crash: Some(Crash {
+            node: 2,
+            at_step: 5_000,
+            down_steps: 200_000,
+            paused: false,
+        }),
+        loss_permille: 5,
+        ..sized(65_536, 3_000)
+    };
+    for (scenario, seed) in [(killed, 61), (stopped, 63), (chunked, 91)] {
+        let outcome = same_either_way(scenario, seed);
+        assert!(outcome.applied_while_down > 10);
+        assert!(total(&outcome, |stats| stats.snapshot_entries_installed) >= scenario.keys);
+    }
+}
+
+#[test]
+fn advancing_only_at_deadlines_keeps_stalls_grace_periods_and_fragments() {
+    let tight = Scenario {
+        limits: Limits {
+            prepare_batch: 2,
+            write_batch: 1,
+            ack_batch: 16,
+            commit_batch: 1,
+            prepare_credits: 1,
+            write_credits: 1,
+            commit_credits: 1,
+            ..Limits::default()
+        },
+        max_delay: 200,
+        ..scenario(3, 60_000)
+    };
+    let slow = Scenario {
+        slow_node: Some((2, 20)),
+        window: 1024,
+        ..scenario(3, 40_000)
+    };
+    let fragmented = |value_len, operations| Scenario {
+        loss_permille: 10,
+        duplicate_permille: 10,
+        ..sized(value_len, operations)
+    };
+    let outcome = same_either_way(tight, 9);
+    assert!(total(&outcome, |stats| stats.credit_stalls) > 0);
+    for (scenario, seed) in [
+        (slow, 51),
+        (fragmented(65_536, 400), 83),
+        (fragmented(1 << 20, 40), 84),
+    ] {
+        same_either_way(scenario, seed);
+    }
 }

@@ -8,7 +8,7 @@
 use super::wire::{self, FLAG_RETRANSMIT, Kind, Message};
 use super::{
     Completions, EntryMeta, EntryRing, FollowerWords, Limits, Outbox, PipelineConfig,
-    PipelineStats, RETRANSMIT_BURST, StateMachine, Target, half, hello_words, leader_words,
+    PipelineStats, RETRANSMIT_BURST, StateMachine, Target, due_at, half, hello_words, leader_words,
 };
 
 /// The node that leads every pipeline.
@@ -743,6 +743,91 @@ impl Follower {
         words[hello_words::FINGERPRINT] = self.config.fingerprint;
         words
     }
+
+    /// The earliest time at which [`Follower::advance`] could do something it would not do at
+    /// `now_ns` without new input (a message, a submitted write): `now_ns` or earlier when it
+    /// has work at once, `u64::MAX` when only input can give it any. It mirrors every test
+    /// `advance` makes: early only costs an advance that finds nothing, late would leave the
+    /// pipeline standing still until some message happens to come. Reads the state only.
+    pub fn next_deadline(&self, now_ns: u64, limits: &Limits) -> u64 {
+        if matches!(self.phase, Phase::Joining | Phase::FellBehind) {
+            return u64::MAX;
+        }
+        // The first step after the join starts the leader's silence clock; committed entries
+        // wait to be applied (`try_apply` may be waiting for another pipeline's zxid, which
+        // no message to this one announces: it is polled); an installed snapshot or a reached
+        // commit point moves a catching-up follower on; held prepares wait to be acknowledged.
+        if self.leader_heard_ns.is_none()
+            || (self.base_zxid.is_some() && self.applied < self.committed.min(self.received))
+            || (self.phase == Phase::CatchingUp
+                && match self.serve_at {
+                    None => self.snapshot_installed >= self.snapshot_end,
+                    Some(point) => self.applied >= point,
+                })
+            || (self.received > self.acked_sent && self.acks_sent < self.prepare_msgs_consumed)
+        {
+            return now_ns;
+        }
+        let mut deadline = u64::MAX;
+        // A gap goes in a NACK once the last one's pause is over; one filled meanwhile needs
+        // nothing.
+        if let Some((first, end)) = self.gap {
+            if first.max(self.received) < end {
+                deadline = deadline.min(self.nack_not_before_ns);
+            }
+        }
+        // Writes waiting to go (new ones, or the rest of a fragmented one) need a write credit.
+        if self.queue_tail > self.queue_head || self.fragment_cursor.is_some() {
+            deadline = deadline.min(self.write_credit_at(now_ns, limits));
+        }
+        // Unconfirmed writes are looked for from `next_write_scan_ns` on (unless a fragmented
+        // write is still going), and each scan sets the next: kept even with nothing
+        // unconfirmed, as the schedule decides when later repeats go, so a driver that
+        // advances only at deadlines repeats exactly when one advancing every spin would.
+        if self.fragment_cursor.is_none() {
+            deadline = deadline.min(self.next_write_scan_ns);
+        }
+        deadline.min(self.credit_report_at(now_ns, limits))
+    }
+
+    /// When [`Follower::write_credit`] lets the next WRITE go: at once with credit left (or
+    /// when the stall has yet to be timed, which `advance` starts), else when the missing
+    /// CREDIT is taken as lost.
+    fn write_credit_at(&self, now_ns: u64, limits: &Limits) -> u64 {
+        if self.write_msgs_sent - self.write_seen_by_leader < limits.write_credits {
+            return now_ns;
+        }
+        self.write_stalled_since.map_or(now_ns, |since| {
+            due_at(now_ns, since, limits.retransmit_timeout_ns)
+        })
+    }
+
+    /// When `send_credit_if_due` reports: at once when asked to or when enough moved, after a
+    /// quarter timeout for anything unreported, after the heartbeat interval regardless.
+    fn credit_report_at(&self, now_ns: u64, limits: &Limits) -> u64 {
+        let words = self.words();
+        let reported = self.reported;
+        if self.report_due
+            || words.prepare_seen - reported.prepare_seen.min(words.prepare_seen)
+                >= half(limits.prepare_credits)
+            || words.commit_seen - reported.commit_seen.min(words.commit_seen)
+                >= half(limits.commit_credits)
+            || words.applied - reported.applied.min(words.applied)
+                >= (self.config.window as u64 / 4).max(1)
+        {
+            return now_ns;
+        }
+        let heartbeat = due_at(now_ns, self.reported_ns, limits.heartbeat_interval_ns);
+        if words != reported {
+            heartbeat.min(due_at(
+                now_ns,
+                self.reported_ns,
+                limits.retransmit_timeout_ns / 4,
+            ))
+        } else {
+            heartbeat
+        }
+    }
 }
 
 #[cfg(test)]
@@ -838,5 +923,133 @@ mod tests {
         follower.advance(2_000, &mut outbox, &replica, &mut NoCompletions, &limits);
         assert_eq!(outbox.1, [Kind::Credit]);
         assert!(!follower.report_due && follower.reported_ns == 2_000);
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, reason = "a test fails by panicking")]
+mod deadline_tests {
+    use super::*;
+    use crate::replica::NodeReplica;
+    use crate::store::StoreConfig;
+    use crate::zab::LEADER_EPOCH;
+
+    /// Records the kinds sent.
+    struct Recording(Vec<u8>, Vec<Kind>);
+
+    impl Outbox for Recording {
+        fn buffer(&mut self) -> Option<&mut [u8]> {
+            Some(&mut self.0)
+        }
+        fn send(&mut self, _: Target, kind: Kind, _: usize, _: u64) {
+            self.1.push(kind);
+        }
+        fn resend(&mut self, _: Target, kind: Kind, _: usize) {
+            self.1.push(kind);
+        }
+    }
+
+    struct NoCompletions;
+
+    impl Completions for NoCompletions {
+        fn write_applied(&mut self, _: u16, _: u64, _: u64) {}
+    }
+
+    fn started_follower() -> Follower {
+        let config = PipelineConfig {
+            node: 1,
+            nodes: 3,
+            pipeline: 0,
+            pipelines: 1,
+            txn_len: 24,
+            item_len: 16,
+            cluster_tag: 1,
+            run: 2,
+            epoch: LEADER_EPOCH,
+            integrity: wire::Integrity::Crc32c,
+            sessions: 4,
+            window: 64,
+            retained: 128,
+            mtu: 1024,
+            keys: 16,
+            instance: 7,
+            fingerprint: 0,
+        };
+        let mut follower = Follower::new(config);
+        let mut answer = config.header(Kind::Hello, 0, 0, [0; wire::WORDS]);
+        answer.from_node = 0;
+        answer.instance = 1;
+        follower.start(&answer);
+        follower
+    }
+
+    #[test]
+    fn an_idle_follower_waits_for_its_heartbeat_and_a_submitted_write_is_due_at_once() {
+        let replica = NodeReplica::new(&StoreConfig {
+            keys: 16,
+            value_size: 16,
+            hugepages: false,
+        })
+        .unwrap();
+        // Scans for writes to repeat (every half timeout) come later than the heartbeat here.
+        let limits = Limits {
+            retransmit_timeout_ns: 100_000_000,
+            ..Limits::default()
+        };
+        let heartbeat = limits.heartbeat_interval_ns;
+        let mut follower = started_follower();
+        let mut outbox = Recording(vec![0; 1024], Vec::new());
+        let mut advance = |follower: &mut Follower, now_ns: u64| {
+            outbox.1.clear();
+            follower.advance(now_ns, &mut outbox, &replica, &mut NoCompletions, &limits);
+            std::mem::take(&mut outbox.1)
+        };
+        assert_eq!(
+            follower.next_deadline(1_000, &limits),
+            1_000,
+            "the first step after the join starts timing the leader's silence"
+        );
+        assert!(advance(&mut follower, 1_000).is_empty());
+
+        // Nothing to forward, acknowledge or report: the heartbeat CREDIT, an interval after
+        // the last report (none yet).
+        assert_eq!(follower.next_deadline(1_000, &limits), heartbeat);
+        assert!(advance(&mut follower, heartbeat - 1).is_empty());
+        assert_eq!(advance(&mut follower, heartbeat), [Kind::Credit]);
+        assert_eq!(follower.next_deadline(heartbeat, &limits), 2 * heartbeat);
+
+        // A write is forwarded at once; then the next step is the scan for writes to repeat.
+        let now_ns = heartbeat + 5_000;
+        assert!(follower.submit_write(2, 1, &[7; 24]));
+        assert_eq!(follower.next_deadline(now_ns, &limits), now_ns);
+        assert_eq!(advance(&mut follower, now_ns), [Kind::Write]);
+        assert_eq!(
+            follower.next_deadline(now_ns, &limits),
+            (1_000 + limits.retransmit_timeout_ns / 2).min(now_ns + heartbeat)
+        );
+    }
+
+    #[test]
+    fn with_default_limits_an_idle_follower_wakes_for_the_write_scan() {
+        let replica = NodeReplica::new(&StoreConfig {
+            keys: 16,
+            value_size: 16,
+            hugepages: false,
+        })
+        .unwrap();
+        let limits = Limits::default();
+        let mut follower = started_follower();
+        let mut outbox = Recording(vec![0; 1024], Vec::new());
+        follower.advance(1_000, &mut outbox, &replica, &mut NoCompletions, &limits);
+        // The scan's schedule decides when later repeats go, so it is kept even when idle.
+        let scan = 1_000 + limits.retransmit_timeout_ns / 2;
+        assert!(outbox.1.is_empty());
+        assert_eq!(follower.next_deadline(1_000, &limits), scan);
+        follower.advance(scan, &mut outbox, &replica, &mut NoCompletions, &limits);
+        assert!(outbox.1.is_empty());
+        assert_eq!(
+            follower.next_deadline(scan, &limits),
+            scan + limits.retransmit_timeout_ns / 2
+        );
     }
 }

@@ -11,7 +11,8 @@ use super::wire::{self, FLAG_RETRANSMIT, Kind, Message};
 use super::{
     CatchupBoard, Completions, EntryMeta, EntryRing, FollowerWords, Limits, MAX_PREPARE_CREDITS,
     MAX_WRITE_CREDITS, Outbox, PipelineConfig, PipelineStats, RETRANSMIT_BURST,
-    SNAPSHOT_MESSAGES_IN_FLIGHT, StateMachine, Target, ZxidSource, half, hello_words, leader_words,
+    SNAPSHOT_MESSAGES_IN_FLIGHT, StateMachine, Target, ZxidSource, due_at, half, hello_words,
+    leader_words,
 };
 
 /// Snapshot transfer towards one follower.
@@ -1152,6 +1153,204 @@ impl Leader {
             };
         }
     }
+
+    /// The earliest time at which [`Leader::advance`] could do something it would not do at
+    /// `now_ns` without new input (a message, a submitted write): `now_ns` or earlier when it
+    /// has work at once, `u64::MAX` when only input can give it any. It mirrors every test
+    /// `advance` makes: early only costs an advance that finds nothing, late would leave the
+    /// pipeline standing still until some message happens to come. Reads the state only.
+    pub fn next_deadline(&self, now_ns: u64, limits: &Limits) -> u64 {
+        // A quorum acknowledged more, or committed entries wait to be applied (`try_apply`
+        // may be waiting for another pipeline's zxid, which no message to this one announces:
+        // it is polled).
+        if self.quorum_of(|link| link.acked).min(self.next_pseq) > self.committed
+            || self.applied < self.committed
+        {
+            return now_ns;
+        }
+        let has_followers = self.config.followers() > 0;
+        let mut deadline = u64::MAX;
+        if self.commit_sent < self.committed {
+            deadline = if has_followers {
+                self.broadcast_ready_at(
+                    now_ns,
+                    self.commit_msgs_sent,
+                    |link| link.commit_seen,
+                    |link| link.commit_blocked_since,
+                    limits.commit_credits,
+                    limits.slow_follower_grace_ns,
+                )
+            } else {
+                now_ns
+            };
+        }
+        if self.incoming_tail > self.incoming_head {
+            deadline = deadline.min(self.prepares_ready_at(now_ns, limits));
+        }
+        for follower in self.follower_ids() {
+            if deadline <= now_ns {
+                break;
+            }
+            deadline = deadline.min(self.link_deadline(follower, now_ns, limits));
+        }
+        deadline
+    }
+
+    /// When `send_prepares` could send the next PREPARE, given writes waiting.
+    fn prepares_ready_at(&self, now_ns: u64, limits: &Limits) -> u64 {
+        let in_window = self.next_pseq - self.window_base();
+        if (self.config.window as u64).saturating_sub(in_window) == 0 {
+            // The window moves with applies: a quorum's come as messages, ours is polled above.
+            return u64::MAX;
+        }
+        if self.room_before_live_follower_falls_behind(now_ns, limits) == 0 {
+            // Held back for live followers near the end of what is kept: until they
+            // acknowledge more (input) or are silent long enough to count as dead.
+            let keep = (self.pending.capacity() - self.config.window) as u64;
+            let retained_from = self.retained_from();
+            let dead_after = limits.follower_dead_after_ns();
+            return self
+                .follower_ids()
+                .map(|follower| &self.links[follower])
+                .filter(|link| {
+                    link.instance != 0
+                        && link.acked >= retained_from
+                        && now_ns.saturating_sub(link.heard_ns) < dead_after
+                        && link.acked + keep <= self.next_pseq
+                })
+                .map(|link| due_at(now_ns, link.heard_ns, dead_after))
+                .min()
+                .unwrap_or(now_ns);
+        }
+        if self.config.followers() == 0 {
+            return now_ns;
+        }
+        self.broadcast_ready_at(
+            now_ns,
+            self.prepare_msgs_sent,
+            |link| link.prepare_seen,
+            |link| link.prepare_blocked_since,
+            limits.prepare_credits,
+            limits.slow_follower_grace_ns,
+        )
+    }
+
+    /// When `may_broadcast` would let a broadcast go: at once when every follower
+    /// has credit (or a blocked one's grace period has yet to start, which `advance` starts),
+    /// when the last blocked one's grace period ends if a quorum has credit, and only on
+    /// input (credits come back in messages) otherwise.
+    fn broadcast_ready_at(
+        &self,
+        now_ns: u64,
+        sent: u64,
+        seen: fn(&FollowerLink) -> u64,
+        blocked_since: fn(&FollowerLink) -> Option<u64>,
+        budget: u64,
+        grace_ns: u64,
+    ) -> u64 {
+        let mut with_credit = 0;
+        let mut waited_out_at = now_ns;
+        for follower in self.follower_ids() {
+            let link = &self.links[follower];
+            if sent.saturating_sub(seen(link)) < budget {
+                with_credit += 1;
+            } else {
+                let Some(since) = blocked_since(link) else {
+                    return now_ns;
+                };
+                waited_out_at = waited_out_at.max(due_at(now_ns, since, grace_ns));
+            }
+        }
+        if with_credit == self.config.followers() {
+            now_ns
+        } else if with_credit >= self.config.quorum_followers() {
+            waited_out_at
+        } else {
+            u64::MAX
+        }
+    }
+
+    /// The deadline of what `advance` does for one follower: the hello answer, NACKed gaps,
+    /// the retransmission timeout, the repair stream, CREDITs and the snapshot stream.
+    fn link_deadline(&self, follower: usize, now_ns: u64, limits: &Limits) -> u64 {
+        let link = &self.links[follower];
+        let mut deadline = u64::MAX;
+        if link.hello_due || link.nack.is_some() {
+            return now_ns;
+        }
+        if link.instance != 0 {
+            let behind_prepares = link.acked < self.next_pseq;
+            if behind_prepares || link.applied < self.commit_sent {
+                let timeout = if link.retransmit_timeout_ns == 0 {
+                    limits.retransmit_timeout_ns
+                } else {
+                    link.retransmit_timeout_ns
+                };
+                // `retransmit` tests `now >= progress + timeout`.
+                deadline = deadline.min(link.progress_ns.saturating_add(timeout));
+                if link.repairing {
+                    // The bound of `retransmit`'s stream: room means prepares go at once.
+                    let in_flight_limit = (self.config.window as u64 / 2)
+                        .min(MAX_PREPARE_CREDITS as u64 * self.config.prepares_fitting() as u64)
+                        .max(1);
+                    let floor = link.acked.max(self.retained_from());
+                    let from = link.repair_next.max(floor);
+                    if (floor + in_flight_limit).saturating_sub(from) > 0 {
+                        return now_ns;
+                    }
+                }
+            }
+        }
+        // CREDITs: half the budget unreported, or a repeat asked for, go at once; the rest of
+        // the unreported after a quarter timeout; a heartbeat after the interval of silence.
+        let unreported = link.write_seen - link.write_reported.min(link.write_seen);
+        if link.credit_due || unreported >= half(limits.write_credits) {
+            return now_ns;
+        }
+        if unreported > 0 {
+            deadline = deadline.min(due_at(
+                now_ns,
+                link.credit_sent_ns,
+                limits.retransmit_timeout_ns / 4,
+            ));
+        }
+        if link.instance != 0 {
+            deadline = deadline.min(due_at(
+                now_ns,
+                link.credit_sent_ns.max(self.broadcast_ns),
+                limits.heartbeat_interval_ns,
+            ));
+        }
+        match link.snapshot {
+            SnapshotSend::Idle => {}
+            // The base is agreed among this leader's pipelines, not by a message to this one:
+            // polled.
+            SnapshotSend::WaitingForBase => return now_ns,
+            SnapshotSend::Sending {
+                next,
+                installed,
+                end,
+                announced,
+                ..
+            } => {
+                let in_flight_limit =
+                    self.config.snapshot_entries_fitting() as u64 * SNAPSHOT_MESSAGES_IN_FLIGHT;
+                let room =
+                    (next < end || !announced) && next.saturating_sub(installed) < in_flight_limit;
+                if (announced && installed >= end) || room {
+                    return now_ns;
+                }
+                if announced {
+                    deadline = deadline.min(due_at(
+                        now_ns,
+                        link.snapshot_progress_ns,
+                        limits.retransmit_timeout_ns,
+                    ));
+                }
+            }
+        }
+        deadline
+    }
 }
 
 fn follower_target(follower: usize) -> Target {
@@ -1251,6 +1450,114 @@ mod tests {
         assert!(
             bytes.iter().all(|byte| *byte == 0xbb),
             "the old process's fragments leaked into its successor's write"
+        );
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, reason = "a test fails by panicking")]
+mod deadline_tests {
+    use super::*;
+    use crate::replica::NodeReplica;
+    use crate::store::StoreConfig;
+    use crate::zab::LEADER_EPOCH;
+
+    /// Records the kinds sent.
+    struct Recording(Vec<u8>, Vec<Kind>);
+
+    impl Outbox for Recording {
+        fn buffer(&mut self) -> Option<&mut [u8]> {
+            Some(&mut self.0)
+        }
+        fn send(&mut self, _: Target, kind: Kind, _: usize, _: u64) {
+            self.1.push(kind);
+        }
+        fn resend(&mut self, _: Target, kind: Kind, _: usize) {
+            self.1.push(kind);
+        }
+    }
+
+    struct NoCompletions;
+
+    impl Completions for NoCompletions {
+        fn write_applied(&mut self, _: u16, _: u64, _: u64) {}
+    }
+
+    #[test]
+    fn an_idle_leader_waits_for_its_heartbeat_and_a_submitted_write_is_due_at_once() {
+        let config = PipelineConfig {
+            node: 0,
+            nodes: 3,
+            pipeline: 0,
+            pipelines: 1,
+            txn_len: 24,
+            item_len: 16,
+            cluster_tag: 1,
+            run: 2,
+            epoch: LEADER_EPOCH,
+            integrity: wire::Integrity::Crc32c,
+            sessions: 2,
+            window: 64,
+            retained: 128,
+            mtu: 1024,
+            keys: 16,
+            instance: 1,
+            fingerprint: 0,
+        };
+        let replica = NodeReplica::new(&StoreConfig {
+            keys: 16,
+            value_size: 16,
+            hugepages: false,
+        })
+        .unwrap();
+        let board = CatchupBoard::new(1);
+        let zxids = ZxidSource::new();
+        let limits = Limits::default();
+        let mut leader = Leader::new(config);
+        let mut outbox = Recording(vec![0; 1024], Vec::new());
+        let mut advance = |leader: &mut Leader, now_ns: u64| {
+            outbox.1.clear();
+            leader.advance(
+                now_ns,
+                &mut outbox,
+                &replica,
+                &zxids,
+                &board,
+                &mut NoCompletions,
+                &limits,
+            );
+            std::mem::take(&mut outbox.1)
+        };
+        leader.accept_hello(1, 11, 0, false, &board, &replica);
+        leader.accept_hello(2, 12, 0, false, &board, &replica);
+        assert_eq!(
+            leader.next_deadline(1_000, &limits),
+            1_000,
+            "answers are due"
+        );
+        assert_eq!(advance(&mut leader, 1_000), [Kind::Hello, Kind::Hello]);
+
+        // Nothing in flight, nothing to answer: the heartbeat CREDITs, an interval after the
+        // last broadcast (none yet).
+        let heartbeat = limits.heartbeat_interval_ns;
+        assert_eq!(leader.next_deadline(1_000, &limits), heartbeat);
+        assert!(advance(&mut leader, heartbeat - 1).is_empty());
+        assert_eq!(leader.next_deadline(heartbeat - 1, &limits), heartbeat);
+        assert_eq!(
+            advance(&mut leader, heartbeat),
+            [Kind::Credit, Kind::Credit]
+        );
+        assert_eq!(leader.next_deadline(heartbeat, &limits), 2 * heartbeat);
+
+        // A write of its own is work at once; once prepared, the followers' silence is timed.
+        let now_ns = heartbeat + 5_000;
+        assert_eq!(leader.next_deadline(now_ns, &limits), 2 * heartbeat);
+        assert!(leader.submit_write(0, 1, &[7; 24]));
+        assert_eq!(leader.next_deadline(now_ns, &limits), now_ns);
+        assert_eq!(advance(&mut leader, now_ns), [Kind::Prepare]);
+        assert_eq!(
+            leader.next_deadline(now_ns, &limits),
+            now_ns + limits.retransmit_timeout_ns
         );
     }
 }

@@ -920,3 +920,14 @@ impl Default for ZxidSource {
 pub(crate) fn half(budget: u64) -> u64 {
     (budget / 2).max(1)
 }
+
+/// When a timer that `advance` tests as `now_ns - since >= after` fires: `now_ns` if it
+/// already has. The same saturating test as `advance`'s, so a deadline is never later than
+/// the step that would act on it (a `since` in the future counts as fired once `after` is 0).
+pub(crate) fn due_at(now_ns: u64, since: u64, after: u64) -> u64 {
+    if now_ns.saturating_sub(since) >= after {
+        now_ns
+    } else {
+        since.saturating_add(after)
+    }
+}

@@ -3,8 +3,9 @@
 //! configuration fingerprints, refusals), and the routing of every accepted message to the
 //! leader or follower logic. The worker loop, the fuzzing harness and the simulator all drive
 //! this one type, in the style of quinn-proto: [`Node::handle`] a message, [`Node::advance`]
-//! to `now`, and read what it reports. Pure: no I/O, time is an argument, nothing allocates
-//! after construction.
+//! to `now`, read what it reports, and ask [`Node::next_deadline`] when advancing can next do
+//! anything without new input, so a driver need not advance on every spin. Pure: no I/O, time
+//! is an argument, nothing allocates after construction.
 
 use rzab_shared::control_block::SyncState;
 
@@ -357,5 +358,81 @@ impl Node {
             Role::Leader(leader) => leader.summary(),
             Role::Follower(follower) => follower.summary(),
         }
+    }
+
+    /// The earliest time at which [`Node::advance`] (for a joining follower,
+    /// [`Node::advance_join`]) could do something it would not do at `now_ns` without new
+    /// input: a message handled or a write submitted. `now_ns` or earlier means there is work
+    /// at once (refusals or hello answers due, writes to prepare or forward, commits to send,
+    /// entries to apply, acknowledgements, CREDITs, NACKs, repairs, snapshot chunks);
+    /// otherwise it is the first of the timers (retransmission and credit timeouts,
+    /// heartbeats, grace periods, write repeats, hellos), or `u64::MAX` when only input can
+    /// bring work. A driver may skip the advance until then: an early deadline costs an
+    /// advance that finds nothing, never a late one. Pure, and allocates nothing.
+    pub fn next_deadline(&self, now_ns: u64, limits: &Limits) -> u64 {
+        if self.refusals_due != 0 {
+            return now_ns;
+        }
+        match &self.role {
+            Role::Leader(leader) => leader.next_deadline(now_ns, limits),
+            Role::Follower(follower) if follower.phase() == Phase::Joining => {
+                self.last_hello_ns.map_or(now_ns, |sent| {
+                    super::due_at(now_ns, sent, HELLO_INTERVAL_NS)
+                })
+            }
+            Role::Follower(follower) => follower.next_deadline(now_ns, limits),
+        }
+    }
+}
+
+#[cfg(test)]
+mod deadline_tests {
+    use super::*;
+    use crate::zab::{LEADER_EPOCH, wire::Integrity};
+
+    struct Recording(Vec<u8>, Vec<Kind>);
+
+    impl Outbox for Recording {
+        fn buffer(&mut self) -> Option<&mut [u8]> {
+            Some(&mut self.0)
+        }
+        fn send(&mut self, _: Target, kind: Kind, _: usize, _: u64) {
+            self.1.push(kind);
+        }
+        fn resend(&mut self, _: Target, kind: Kind, _: usize) {
+            self.1.push(kind);
+        }
+    }
+
+    #[test]
+    fn a_joining_follower_is_due_at_each_hello_interval() {
+        let config = PipelineConfig {
+            node: 1,
+            nodes: 3,
+            pipeline: 0,
+            pipelines: 1,
+            txn_len: 24,
+            item_len: 16,
+            cluster_tag: 1,
+            run: 2,
+            epoch: LEADER_EPOCH,
+            integrity: Integrity::Crc32c,
+            sessions: 4,
+            window: 64,
+            retained: 128,
+            mtu: 1024,
+            keys: 16,
+            instance: 7,
+            fingerprint: 0,
+        };
+        let limits = Limits::default();
+        let mut node = Node::new(config, 0);
+        let mut outbox = Recording(vec![0; 1024], Vec::new());
+        assert_eq!(node.next_deadline(500, &limits), 500);
+        node.advance_join(500, &mut outbox);
+        assert_eq!(outbox.1, [Kind::Hello]);
+        assert_eq!(node.next_deadline(600, &limits), 500 + HELLO_INTERVAL_NS);
+        node.advance_join(499 + HELLO_INTERVAL_NS, &mut outbox);
+        assert_eq!(outbox.1.len(), 1, "no hello before the interval");
     }
 }
