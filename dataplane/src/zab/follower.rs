@@ -776,15 +776,15 @@ impl Follower {
                 deadline = deadline.min(self.nack_not_before_ns);
             }
         }
-        // Writes waiting to go (new ones, or the rest of a fragmented one) need a write credit.
-        if self.queue_tail > self.queue_head || self.fragment_cursor.is_some() {
+        // Writes waiting to go (new ones, or the rest of one a full WRITE cut short) need a write credit.
+        if self.queue_tail > self.queue_head || self.write_cursor.is_some() {
             deadline = deadline.min(self.write_credit_at(now_ns, limits));
         }
         // Unconfirmed writes are looked for from `next_write_scan_ns` on (unless a fragmented
         // write is still going), and each scan sets the next: kept even with nothing
         // unconfirmed, as the schedule decides when later repeats go, so a driver that
         // advances only at deadlines repeats exactly when one advancing every spin would.
-        if self.fragment_cursor.is_none() {
+        if self.write_cursor.is_none() {
             deadline = deadline.min(self.next_write_scan_ns);
         }
         deadline.min(self.credit_report_at(now_ns, limits))
@@ -961,7 +961,8 @@ mod deadline_tests {
             nodes: 3,
             pipeline: 0,
             pipelines: 1,
-            txn_len: 24,
+            max_txn_len: 24,
+            slot_len: 24,
             item_len: 16,
             cluster_tag: 1,
             run: 2,

@@ -699,6 +699,15 @@ impl Leader {
         pseq
     }
 
+    /// How far a repair stream runs ahead of what its follower acknowledged: half a window,
+    /// and never more datagrams than a follower's prepare credits allow (a datagram holds at
+    /// least [`PipelineConfig::prepares_fitting`] entries, as no entry is longer than a slot).
+    fn repair_in_flight_limit(&self) -> u64 {
+        (self.config.window as u64 / 2)
+            .min(MAX_PREPARE_CREDITS as u64 * self.config.prepares_fitting() as u64)
+            .max(1)
+    }
+
     /// Starts (or restarts from an earlier point) the repair stream towards a follower.
     fn start_repair(&mut self, follower: usize, from: u64) {
         let link = &mut self.links[follower];
@@ -714,11 +723,7 @@ impl Leader {
     /// prepares a bounded distance ahead of the follower's acknowledgements, so a follower
     /// that lost many catches up as fast as the network allows.
     fn retransmit(&mut self, now_ns: u64, outbox: &mut impl Outbox, limits: &Limits) {
-        // Half a window, and never more repair datagrams than a follower's prepare credits
-        // allow (a fragment is a datagram of its own).
-        let in_flight_limit = (self.config.window as u64 / 2)
-            .min(MAX_PREPARE_CREDITS as u64 * self.config.prepares_fitting() as u64)
-            .max(1);
+        let in_flight_limit = self.repair_in_flight_limit();
         for follower in self.follower_ids() {
             if let Some((first, _end)) = self.links[follower].nack.take() {
                 self.start_repair(follower, first);
@@ -1290,9 +1295,7 @@ impl Leader {
                 deadline = deadline.min(link.progress_ns.saturating_add(timeout));
                 if link.repairing {
                     // The bound of `retransmit`'s stream: room means prepares go at once.
-                    let in_flight_limit = (self.config.window as u64 / 2)
-                        .min(MAX_PREPARE_CREDITS as u64 * self.config.prepares_fitting() as u64)
-                        .max(1);
+                    let in_flight_limit = self.repair_in_flight_limit();
                     let floor = link.acked.max(self.retained_from());
                     let from = link.repair_next.max(floor);
                     if (floor + in_flight_limit).saturating_sub(from) > 0 {
@@ -1490,7 +1493,8 @@ mod deadline_tests {
             nodes: 3,
             pipeline: 0,
             pipelines: 1,
-            txn_len: 24,
+            max_txn_len: 24,
+            slot_len: 24,
             item_len: 16,
             cluster_tag: 1,
             run: 2,
