@@ -253,17 +253,21 @@ pub fn pipeline_bytes(options: &Options) -> u64 {
     let nodes = u64::from(options.nodes);
     let words = |count: u64| count.saturating_mul(8);
     let machine = if options.node == LEADER_NODE {
-        // Writes waiting for a zxid: every node's sessions' longest transactions, or what the
-        // followers' write credits allow, whichever is more; then the retained prepares, the
-        // exactly-once table, and the fragment assemblies.
+        // Writes of one entry waiting for a zxid: every node's sessions, or what the
+        // followers' write credits allow, whichever is more; writes of several, apart; then
+        // the retained prepares, the exactly-once and bulk-waiting tables, and the fragment
+        // assemblies.
         let credit_bound = nodes
             .saturating_sub(1)
             .saturating_mul(MAX_WRITE_CREDITS as u64 * MAX_WRITES_PER_MSG as u64)
             .saturating_add(sessions);
-        let incoming = nodes
-            .saturating_mul(sessions)
-            .saturating_mul(fragments)
-            .max(credit_bound);
+        let incoming = nodes.saturating_mul(sessions).max(credit_bound);
+        // Writes of several entries wait apart, whole: every node's sessions' longest.
+        let bulk = if fragments > 1 {
+            nodes.saturating_mul(sessions).saturating_mul(fragments)
+        } else {
+            1
+        };
         // One assembly per node and session (with buffers for the followers' sessions).
         let assemblies = if fragments > 1 {
             let per_assembly = txn + fragments.div_ceil(64) * 8;
@@ -279,8 +283,10 @@ pub fn pipeline_bytes(options: &Options) -> u64 {
             0
         };
         ring_bytes(incoming, slot)
+            .saturating_add(ring_bytes(bulk, slot))
             .saturating_add(ring_bytes(shape.retained as u64, slot))
             .saturating_add(words(MAX_NODES as u64 * sessions))
+            .saturating_add(4 * MAX_NODES as u64 * sessions)
             .saturating_add(assemblies)
     } else {
         // The committed-transaction ring, the sessions' outgoing writes, their queue and timers.

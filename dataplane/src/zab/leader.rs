@@ -96,14 +96,40 @@ struct FollowerLink {
     snapshot_progress_ns: u64,
 }
 
+/// Which queue of writes waiting for a zxid.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Queue {
+    /// Writes of one entry.
+    Small,
+    /// Writes of several entries, and the writes of their sessions behind them.
+    Bulk,
+}
+
 /// The leader's state for one pipeline.
+///
+/// Writes wait for a zxid in two queues, so that a large transaction never holds small ones
+/// behind it for longer than it takes to prepare one large transaction: writes of one entry
+/// go to `incoming`, writes of several (and any later write of a session with one waiting, so
+/// a session's writes keep their order) to `bulk`. Once a bulk transaction's last entry is
+/// prepared, the small writes queued by then go before the next bulk one starts; so a small
+/// write waits for at most the bulk transaction being prepared when it came, and a bulk one
+/// for at most the small writes queued when the one before it ended (at most one per session).
 #[derive(Debug)]
 pub struct Leader {
     config: PipelineConfig,
-    /// Writes waiting for a zxid, in arrival order.
+    /// Writes of one entry waiting for a zxid, in arrival order.
     incoming: EntryRing,
     incoming_head: u64,
     incoming_tail: u64,
+    /// Writes of several entries (and those behind them in their sessions) waiting for a
+    /// zxid, whole, in arrival order.
+    bulk: EntryRing,
+    bulk_head: u64,
+    bulk_tail: u64,
+    /// Writes in `bulk` not yet begun, by origin node and session.
+    bulk_waiting: Vec<u32>,
+    /// Small writes below this position go before the next bulk transaction begins.
+    small_turn_end: u64,
     /// Prepared writes by pseq, [`PipelineConfig::retained`] deep: the committed-transaction
     /// ring that retransmissions and DIFF catch-up are served from.
     pending: EntryRing,
@@ -134,8 +160,13 @@ impl Leader {
         // are queued, so every node's sessions fit; the credit bound is kept as well.
         // A fragmented write is queued only once whole, so the sessions bound it too.
         let fragments = config.max_fragments();
-        let incoming_capacity = (usize::from(config.nodes) * config.sessions.max(1) * fragments)
+        let incoming_capacity = (usize::from(config.nodes) * config.sessions.max(1))
             .max(config.followers() * MAX_WRITE_CREDITS * MAX_WRITES_PER_MSG + config.sessions);
+        let bulk_capacity = if fragments > 1 {
+            usize::from(config.nodes) * config.sessions.max(1) * fragments
+        } else {
+            1
+        };
         let (assemblies, snapshot_item) = if fragments > 1 || config.snapshot_chunks() > 1 {
             let sessions = config.sessions.max(1);
             let assemblies = (0..usize::from(config.nodes) * sessions)
@@ -172,6 +203,11 @@ impl Leader {
             incoming: EntryRing::new(incoming_capacity.max(1), config.slot_len),
             incoming_head: 0,
             incoming_tail: 0,
+            bulk: EntryRing::new(bulk_capacity, config.slot_len),
+            bulk_head: 0,
+            bulk_tail: 0,
+            bulk_waiting: vec![0; MAX_NODES * config.sessions.max(1)],
+            small_turn_end: 0,
             pending: EntryRing::new(config.retained, config.slot_len),
             next_pseq: 0,
             committed: 0,
@@ -258,23 +294,72 @@ impl Leader {
         )
     }
 
+    /// Writes waiting for a zxid (entries, in both queues).
     fn incoming_len(&self) -> u64 {
-        self.incoming_tail - self.incoming_head
+        (self.incoming_tail - self.incoming_head) + (self.bulk_tail - self.bulk_head)
+    }
+
+    /// The queue a write of `fragments` entries from `node`'s `session` goes to.
+    fn queue_for(&self, node: u8, session: u16, fragments: u32) -> Queue {
+        let waiting = self
+            .bulk_waiting
+            .get(usize::from(node) * self.config.sessions.max(1) + usize::from(session))
+            .copied()
+            .unwrap_or(0);
+        if fragments > 1 || waiting > 0 {
+            Queue::Bulk
+        } else {
+            Queue::Small
+        }
+    }
+
+    /// Whether `queue` has room for a write of `fragments` entries.
+    fn has_room(&self, queue: Queue, fragments: u32) -> bool {
+        let (len, capacity) = match queue {
+            Queue::Small => (
+                self.incoming_tail - self.incoming_head,
+                self.incoming.capacity(),
+            ),
+            Queue::Bulk => (self.bulk_tail - self.bulk_head, self.bulk.capacity()),
+        };
+        len + u64::from(fragments) <= capacity as u64
+    }
+
+    /// Queues a whole transaction (room checked by the caller) with `meta`; returns the
+    /// position of its last entry in its queue.
+    fn enqueue(&mut self, queue: Queue, meta: EntryMeta, txn: &[u8]) -> u64 {
+        match queue {
+            Queue::Small => {
+                self.incoming_tail += self.incoming.put_txn(self.incoming_tail, meta, txn);
+                self.incoming_tail - 1
+            }
+            Queue::Bulk => {
+                let index = usize::from(meta.origin_node) * self.config.sessions.max(1)
+                    + usize::from(meta.session);
+                if let Some(waiting) = self.bulk_waiting.get_mut(index) {
+                    *waiting += 1;
+                }
+                self.bulk_tail += self.bulk.put_txn(self.bulk_tail, meta, txn);
+                self.bulk_tail - 1
+            }
+        }
     }
 
     /// Queues a transaction of one of this node's own sessions (1 to
     /// [`PipelineConfig::max_txn_len`] bytes); false when there is no room or it is empty or
     /// too long.
     pub fn submit_write(&mut self, session: u16, session_seq: u64, txn: &[u8]) -> bool {
-        let fragments = u64::from(self.config.fragments_of(txn.len()));
+        let fragments = self.config.fragments_of(txn.len());
+        let queue = self.queue_for(self.config.node, session, fragments);
         if txn.is_empty()
             || txn.len() > self.config.max_txn_len
-            || self.incoming_len() + fragments > self.incoming.capacity() as u64
+            || usize::from(session) >= self.config.sessions.max(1)
+            || !self.has_room(queue, fragments)
         {
             return false;
         }
         let meta = EntryMeta::local_write(self.config.node, session, session_seq);
-        self.incoming_tail += self.incoming.put_txn(self.incoming_tail, meta, txn);
+        self.enqueue(queue, meta, txn);
         true
     }
 
@@ -440,7 +525,6 @@ impl Leader {
             link.credit_due = true;
         }
         let slot_len = self.config.slot_len;
-        let mut last_queued = None;
         for entry in message.entries() {
             let session = usize::from(entry.session);
             if session >= sessions {
@@ -448,35 +532,29 @@ impl Leader {
                 continue;
             }
             if entry.fragments(slot_len) > 1 {
-                if let Some(position) = self.accept_fragment(&entry, from) {
-                    last_queued = Some(position);
-                }
+                self.accept_fragment(&entry, from);
                 continue;
             }
-            let ordered = &mut self.ordered[from * sessions + session];
-            if entry.session_seq <= *ordered {
+            if entry.session_seq <= self.ordered[from * sessions + session] {
                 self.stats.duplicates_dropped += 1;
                 continue;
             }
-            if self.incoming_tail - self.incoming_head >= self.incoming.capacity() as u64 {
+            // The origin is the sender, whatever the entry says: it is whose sessions complete.
+            let origin = message.header.from_node;
+            let queue = self.queue_for(origin, entry.session, 1);
+            if !self.has_room(queue, 1) {
                 self.stats.dropped_unexpected += 1;
                 break;
             }
-            *ordered = entry.session_seq;
-            self.incoming
-                .put(self.incoming_tail, EntryMeta::received(&entry), entry.bytes);
-            last_queued = Some(self.incoming_tail);
-            self.incoming_tail += 1;
-        }
-        if let Some(position) = last_queued {
-            self.incoming.meta_mut(position).ends_message = true;
+            self.ordered[from * sessions + session] = entry.session_seq;
+            let meta = EntryMeta::local_write(origin, entry.session, entry.session_seq);
+            self.enqueue(queue, meta, entry.bytes);
         }
     }
 
     /// One fragment of a forwarded write too long for one entry, gathered in any order; the
-    /// write is queued for ordering once its last fragment is in. Returns the position of the
-    /// write's last entry if it was queued.
-    fn accept_fragment(&mut self, entry: &wire::EntryView<'_>, from: usize) -> Option<u64> {
+    /// write is queued for ordering once its last fragment is in.
+    fn accept_fragment(&mut self, entry: &wire::EntryView<'_>, from: usize) {
         let sessions = self.config.sessions.max(1);
         let slot_len = self.config.slot_len;
         let session = usize::from(entry.session);
@@ -484,7 +562,7 @@ impl Leader {
         let fragment = entry.fragment;
         if entry.session_seq <= self.ordered[from * sessions + session] {
             self.stats.duplicates_dropped += 1;
-            return None;
+            return;
         }
         let Some(assembly) = self
             .assemblies
@@ -492,12 +570,12 @@ impl Leader {
             .filter(|assembly| assembly.bytes.len() >= entry.txn_len as usize)
         else {
             self.stats.dropped_unexpected += 1;
-            return None;
+            return;
         };
         if entry.session_seq < assembly.session_seq {
             // A late copy of a write the session has gone past.
             self.stats.duplicates_dropped += 1;
-            return None;
+            return;
         }
         if entry.session_seq != assembly.session_seq || entry.txn_len != assembly.txn_len {
             // A new write (or, with another length under the same sequence, a new process's:
@@ -507,32 +585,34 @@ impl Leader {
         let (word, bit) = (fragment as usize / 64, 1u64 << (fragment % 64));
         if assembly.have[word] & bit != 0 {
             self.stats.duplicates_dropped += 1;
-            return None;
+            return;
         }
         let at = fragment as usize * slot_len;
         assembly.bytes[at..at + entry.bytes.len()].copy_from_slice(entry.bytes);
         assembly.have[word] |= bit;
         assembly.received += 1;
         if assembly.received != fragments {
-            return None;
+            return;
         }
-        let incoming_len = self.incoming_tail - self.incoming_head;
-        if incoming_len + u64::from(fragments) > self.incoming.capacity() as u64 {
+        if (self.bulk_tail - self.bulk_head) + u64::from(fragments) > self.bulk.capacity() as u64 {
             // No room to queue it: keep it whole but for this fragment, which comes again.
             assembly.have[word] &= !bit;
             assembly.received -= 1;
             self.stats.dropped_unexpected += 1;
-            return None;
+            return;
         }
         self.ordered[from * sessions + session] = entry.session_seq;
-        let meta = EntryMeta::local_write(entry.origin_node, entry.session, entry.session_seq);
+        let origin = u8::try_from(from).unwrap_or(u8::MAX);
+        let meta = EntryMeta::local_write(origin, entry.session, entry.session_seq);
         let txn_len = assembly.txn_len as usize;
-        let taken = self
-            .incoming
-            .put_txn(self.incoming_tail, meta, &assembly.bytes[..txn_len]);
         assembly.session_seq = 0;
-        self.incoming_tail += taken;
-        Some(self.incoming_tail - 1)
+        // Taken out for the copy (the assembly and the queue are both this leader's), then put
+        // back: no allocation, only the two vectors swap places.
+        let bytes = std::mem::take(&mut assembly.bytes);
+        self.enqueue(Queue::Bulk, meta, &bytes[..txn_len]);
+        if let Some(assembly) = self.assemblies.get_mut(from * sessions + session) {
+            assembly.bytes = bytes;
+        }
     }
 
     fn follower_ids(&self) -> impl Iterator<Item = usize> + use<> {
@@ -925,7 +1005,8 @@ impl Leader {
                 self.stats.credit_stalls += 1;
                 return;
             }
-            let (batch, starts) = self.next_prepare_batch(space, limits);
+            let queue = self.next_queue();
+            let (batch, starts) = self.next_prepare_batch(queue, space, limits);
             let words = self.broadcast_words(self.prepare_msgs_sent + 1);
             // Secure the buffer before taking zxids: zxids once taken cannot be given back.
             let buffer = match has_followers.then(|| outbox.buffer()) {
@@ -933,10 +1014,15 @@ impl Leader {
                 Some(Some(buffer)) => Some(buffer),
                 None => None,
             };
+            let (source, head) = match queue {
+                Queue::Small => (&self.incoming, self.incoming_head),
+                Queue::Bulk => (&self.bulk, self.bulk_head),
+            };
             // The fragments of one transaction share its zxid, taken with the first. A batch
             // that goes on with a transaction holds nothing else (see `next_prepare_batch`),
             // so its zxids need no new ones.
-            let continues_txn = self.incoming.meta(self.incoming_head).fragment != 0;
+            let first = *source.meta(head);
+            let continues_txn = first.fragment != 0;
             let first_zxid = if continues_txn && self.next_pseq > 0 {
                 self.pending.meta(self.next_pseq - 1).zxid
             } else {
@@ -949,14 +1035,12 @@ impl Leader {
                 wire::put_header(buffer, &self.config.header(Kind::Prepare, count, 0, words));
                 wire::put_prepare_prefix(buffer, first_pseq, first_zxid);
                 len = wire::HEADER_BYTES + wire::PREPARE_PREFIX;
-                len += self
-                    .incoming
-                    .encode_entries(self.incoming_head, batch, &mut buffer[len..]);
+                len += source.encode_entries(head, batch, &mut buffer[len..]);
             }
             let mut zxid = first_zxid;
             for offset in 0..batch {
-                let from = self.incoming_head + offset;
-                let meta = *self.incoming.meta(from);
+                let from = head + offset;
+                let meta = *source.meta(from);
                 if offset > 0 && meta.fragment == 0 {
                     zxid += 1;
                 }
@@ -967,9 +1051,26 @@ impl Leader {
                     ..meta
                 };
                 self.pending
-                    .put_from(first_pseq + offset, prepared, &self.incoming, from);
+                    .put_from(first_pseq + offset, prepared, source, from);
             }
-            self.incoming_head += batch;
+            let last = *source.meta(head + batch - 1);
+            match queue {
+                Queue::Small => self.incoming_head += batch,
+                Queue::Bulk => {
+                    self.bulk_head += batch;
+                    if !continues_txn {
+                        let index = usize::from(first.origin_node) * self.config.sessions.max(1)
+                            + usize::from(first.session);
+                        if let Some(waiting) = self.bulk_waiting.get_mut(index) {
+                            *waiting = waiting.saturating_sub(1);
+                        }
+                    }
+                    if last.fragment + 1 >= self.config.fragments_of(last.txn_len as usize) {
+                        // A bulk transaction ended: the small writes queued by now go next.
+                        self.small_turn_end = self.incoming_tail;
+                    }
+                }
+            }
             self.next_pseq += batch;
             if has_followers {
                 self.prepare_msgs_sent += 1;
@@ -981,28 +1082,52 @@ impl Leader {
         }
     }
 
-    /// The next PREPARE's entries from the head of the incoming queue: as many as the batch
-    /// knob, the window `space` and the datagram allow (at least one). A batch that goes on
-    /// with a transaction whose first fragments went before ends with that transaction, so a
-    /// PREPARE's zxids are always one run of consecutive ones. Returns (entries, transactions
-    /// they start).
-    fn next_prepare_batch(&self, space: u64, limits: &Limits) -> (u64, u64) {
-        let limit = self
-            .incoming_len()
+    /// The queue the next PREPARE takes from (one is not empty): the bulk transaction under
+    /// way goes on; else the small writes whose turn it is; else the next bulk transaction;
+    /// else small writes.
+    fn next_queue(&self) -> Queue {
+        let bulk = self.bulk_tail > self.bulk_head;
+        let small = self.incoming_tail > self.incoming_head;
+        if bulk && self.bulk.meta(self.bulk_head).fragment != 0 {
+            Queue::Bulk
+        } else if small && (!bulk || self.incoming_head < self.small_turn_end) {
+            Queue::Small
+        } else if bulk {
+            Queue::Bulk
+        } else {
+            Queue::Small
+        }
+    }
+
+    /// The next PREPARE's entries from the head of `queue`: as many as the batch knob, the
+    /// window `space` and the datagram allow (at least one). A bulk batch holds one
+    /// transaction's entries (or the rest of them), so that small writes can go between bulk
+    /// transactions and a PREPARE's zxids are always one run of consecutive ones. Returns
+    /// (entries, transactions they start).
+    fn next_prepare_batch(&self, queue: Queue, space: u64, limits: &Limits) -> (u64, u64) {
+        let (source, head, len) = match queue {
+            Queue::Small => (
+                &self.incoming,
+                self.incoming_head,
+                self.incoming_tail - self.incoming_head,
+            ),
+            Queue::Bulk => (&self.bulk, self.bulk_head, self.bulk_tail - self.bulk_head),
+        };
+        let limit = len
             .min(limits.prepare_batch.max(1) as u64)
             .min(MAX_PREPARES_PER_MSG as u64)
             .min(space)
             .max(1);
         let room = self.config.mtu - wire::HEADER_BYTES - wire::PREPARE_PREFIX;
-        let head = self.incoming_head;
-        let continues_txn = self.incoming.meta(head).fragment != 0;
-        let mut bytes = self.incoming.wire_len(head);
+        let continues_txn = source.meta(head).fragment != 0;
+        let mut bytes = source.wire_len(head);
         let mut starts = u64::from(!continues_txn);
         let mut count = 1;
         while count < limit {
-            let meta = self.incoming.meta(head + count);
-            let next_bytes = self.incoming.wire_len(head + count);
-            if bytes + next_bytes > room || (continues_txn && meta.fragment == 0) {
+            let meta = source.meta(head + count);
+            let next_bytes = source.wire_len(head + count);
+            let ends_batch = meta.fragment == 0 && (continues_txn || queue == Queue::Bulk);
+            if bytes + next_bytes > room || ends_batch {
                 break;
             }
             starts += u64::from(meta.fragment == 0);
@@ -1189,7 +1314,7 @@ impl Leader {
                 now_ns
             };
         }
-        if self.incoming_tail > self.incoming_head {
+        if self.incoming_len() > 0 {
             deadline = deadline.min(self.prepares_ready_at(now_ns, limits));
         }
         for follower in self.follower_ids() {
@@ -1446,14 +1571,97 @@ mod tests {
         }
         assert_eq!(leader.incoming_len(), 3, "the new write is queued whole");
         let mut bytes = vec![0u8; TXN_LEN];
-        leader
-            .incoming
-            .txn(leader.incoming_head)
-            .copy_to(&mut bytes);
+        leader.bulk.txn(leader.bulk_head).copy_to(&mut bytes);
         assert!(
             bytes.iter().all(|byte| *byte == 0xbb),
             "the old process's fragments leaked into its successor's write"
         );
+    }
+
+    struct Silent(Vec<u8>);
+
+    impl Outbox for Silent {
+        fn buffer(&mut self) -> Option<&mut [u8]> {
+            Some(&mut self.0)
+        }
+        fn send(&mut self, _: Target, _: Kind, _: usize, _: u64) {}
+        fn resend(&mut self, _: Target, _: Kind, _: usize) {}
+    }
+
+    struct Ignored;
+
+    impl Completions for Ignored {
+        fn write_applied(&mut self, _: u16, _: u64, _: u64) {}
+    }
+
+    /// The sessions of the transactions the leader prepared, in pseq order.
+    fn prepared_order(leader: &Leader) -> Vec<(u16, usize)> {
+        let mut order = Vec::new();
+        let mut pseq = 0;
+        while pseq < leader.prepared() {
+            let meta = leader.pending.meta(pseq);
+            order.push((meta.session, meta.txn_len as usize));
+            pseq += u64::from(leader.config.fragments_of(meta.txn_len as usize));
+        }
+        order
+    }
+
+    #[test]
+    fn a_small_write_waits_for_at_most_one_large_transaction() {
+        // A single node (it commits alone), 8 sessions, transactions of 3 fragments.
+        let config = PipelineConfig {
+            nodes: 1,
+            sessions: 8,
+            ..config()
+        };
+        let replica = NodeReplica::new(&StoreConfig {
+            keys: 4,
+            value_size: TXN_LEN - 8,
+            hugepages: false,
+        })
+        .unwrap();
+        let mut leader = Leader::new(config);
+        let large = vec![0u8; TXN_LEN];
+        let small = vec![0u8; 100];
+        // Four large writes queued before a small one, then a large one after it, and a small
+        // one of session 0, whose large write is still waiting: it must stay behind it.
+        for session in 0..4 {
+            assert!(leader.submit_write(session, 1, &large));
+        }
+        assert!(leader.submit_write(5, 1, &small));
+        assert!(leader.submit_write(6, 1, &large));
+        assert!(leader.submit_write(0, 2, &small));
+        assert!(leader.submit_write(7, 1, &small));
+        let zxids = ZxidSource::new();
+        // Prepared (and committed, alone) in the first step, applied in the second.
+        for now_ns in [1_000, 2_000] {
+            leader.advance(
+                now_ns,
+                &mut Silent(vec![0; config.mtu]),
+                &replica,
+                &zxids,
+                &CatchupBoard::new(1),
+                &mut Ignored,
+                &Limits::default(),
+            );
+        }
+        assert_eq!(
+            prepared_order(&leader),
+            [
+                (0, TXN_LEN),
+                // The small writes queued by the time the first large one was prepared.
+                (5, 100),
+                (7, 100),
+                (1, TXN_LEN),
+                (2, TXN_LEN),
+                (3, TXN_LEN),
+                (6, TXN_LEN),
+                // Behind its session's large write, in the bulk queue.
+                (0, 100),
+            ]
+        );
+        assert_eq!(leader.incoming_len(), 0);
+        assert_eq!(leader.stats().writes_applied, 8);
     }
 }
 
