@@ -83,15 +83,22 @@ ring=$(./target/release/rzab-transport-tool ring-rate --size 65536 --batch 16 --
 echo "3 nodes, shm, 1 worker each, 100% writes, 8 sessions per node, $seconds s per row; bare shm ring copying 64 KiB datagrams out, batch 16: $(python3 -c "print(f'{$ring/1e9:.2f}')") GB/s"
 echo "| transaction | keys | transactions/s | committed MB/s | vs bare ring | write p50 (us) | write p99 (us) | replicas identical |"
 echo "|---|---|---|---|---|---|---|---|"
-for row in "32 1000000" "1024 100000" "65536 4096" "1048576 256"; do
-  read -r txn keys <<<"$row"
-  run_three --write-ratio 1000 --sessions 8 --keys "$keys" --value-size $((txn - 8))
-  python3 - "$txn" "$keys" "$ring" "$logs" "$summaries_py" <<'PY'
+# The last row mixes transactions of 32 B and 1 MiB in one run (each session takes them in
+# turn), so its byte rate is for their mean size.
+for row in "32 1000000" "1024 100000" "65536 4096" "1048576 256" "1048576 256 32"; do
+  read -r txn keys mixed <<<"$row"
+  mix=()
+  [ -n "${mixed:-}" ] && mix=(--value-mix "$((mixed - 8)),$((txn - 8))")
+  run_three --write-ratio 1000 --sessions 8 --keys "$keys" --value-size $((txn - 8)) "${mix[@]}"
+  python3 - "$txn" "$keys" "$ring" "$logs" "$summaries_py" "${mixed:-0}" <<'PY'
 import sys
 exec(sys.argv[5])
 txn, keys, ring, logs = int(sys.argv[1]), sys.argv[2], float(sys.argv[3]), sys.argv[4]
+mixed = int(sys.argv[6])
 summaries = json_summaries(logs)
-label = f"{txn} B" if txn < 1024 else f"{txn // 1024} KiB" if txn < 1 << 20 else f"{txn >> 20} MiB"
+size = lambda n: f"{n} B" if n < 1024 else f"{n // 1024} KiB" if n < 1 << 20 else f"{n >> 20} MiB"
+label = f"{size(mixed)} and {size(txn)} in turn" if mixed else size(txn)
+txn = (txn + mixed) / 2 if mixed else txn
 if len(summaries) != 3:
     print(f"| {label} | {keys} | failed | | | | | |"); sys.exit(0)
 writes = sum(s["writes"] / s["seconds"] for s in summaries)

@@ -37,8 +37,12 @@ const VERSION: usize = 0;
 const KEY: usize = 1;
 /// Entry word holding the zxid of the write that produced the current value.
 const ZXID: usize = 2;
+/// Entry word holding how many value words may be nonzero (those past it are zero): a
+/// shorter value then zeroes only what the last longer one left, not the whole item, so a
+/// 32-byte write to a store of 1 MiB items costs a 32-byte copy.
+const DIRTY: usize = 3;
 /// First value word of an entry.
-const VALUE: usize = 3;
+const VALUE: usize = 4;
 /// Bits of a slot that hold the entry number (plus one).
 const ENTRY_BITS: u32 = 48;
 const ENTRY_MASK: u64 = (1 << ENTRY_BITS) - 1;
@@ -549,7 +553,13 @@ impl Store {
     /// Fills the value from `parts` in order (zero-padded), 8 bytes at a time; a part whose
     /// length is not a multiple of 8 carries its tail into the next word.
     fn fill_entry_parts(&self, words: &[AtomicU64], parts: [&[u8]; 2], zxid: u64) {
-        let mut targets = words[VALUE..VALUE + self.value_words].iter();
+        let dirty = usize::try_from(words[DIRTY].load(Ordering::Relaxed))
+            .unwrap_or(usize::MAX)
+            .min(self.value_words);
+        let written = (parts[0].len() + parts[1].len())
+            .div_ceil(8)
+            .min(self.value_words);
+        let mut targets = words[VALUE..VALUE + dirty.max(written)].iter();
         let mut carry = [0u8; 8];
         let mut carried = 0;
         for part in parts {
@@ -587,6 +597,7 @@ impl Store {
         for word in targets {
             word.store(0, Ordering::Relaxed);
         }
+        words[DIRTY].store(written as u64, Ordering::Relaxed);
         words[ZXID].store(zxid, Ordering::Relaxed);
     }
 }

@@ -164,7 +164,7 @@ fn value_sizes_from_8_to_1024_bytes() {
         (8, 8, 64),
         (30, 32, 64),
         (32, 32, 64),
-        (40, 40, 64),
+        (40, 40, 128),
         (48, 48, 128),
         (1024, 1024, 1088),
     ] {
@@ -406,4 +406,30 @@ fn size_for_is_what_a_built_store_maps() {
     })
     .unwrap();
     assert!(huge.total_bytes() > 1 << 58);
+}
+
+#[test]
+fn a_shorter_value_leaves_zeros_where_a_longer_one_was() {
+    let s = store(4, 4096);
+    let mut out = vec![0xAAu8; 4096];
+    s.write(1, &[7u8; 4096], 10).unwrap();
+    s.write(1, &[9u8; 20], 11).unwrap();
+    assert_eq!(s.read(1, &mut out), Some(11));
+    assert!(out[..20].iter().all(|&b| b == 9));
+    assert!(out[20..].iter().all(|&b| b == 0), "the longer value's tail stayed");
+    // Short after short, then long again, and in two parts.
+    s.write(1, &[3u8; 12], 12).unwrap();
+    assert!(s.read(1, &mut out).is_some() && out[..12].iter().all(|&b| b == 3));
+    assert!(out[12..].iter().all(|&b| b == 0));
+    s.write_parts_if_newer(1, [&[5u8; 3000], &[6u8; 1000]], 13)
+        .unwrap();
+    assert_eq!(s.read(1, &mut out), Some(13));
+    assert!(out[..3000].iter().all(|&b| b == 5) && out[3000..4000].iter().all(|&b| b == 6));
+    assert!(out[4000..].iter().all(|&b| b == 0));
+    // The digest sees the same store whichever way it came to be.
+    let other = store(4, 4096);
+    other
+        .write_parts_if_newer(1, [&[5u8; 3000], &[6u8; 1000]], 13)
+        .unwrap();
+    assert_eq!(s.digest(), other.digest());
 }
