@@ -40,6 +40,7 @@
 //! (entries with the zxid of their value) in SNAPSHOT messages; the follower installs entries
 //! that are newer than what it holds and applies the pipelines' writes after the base zxid.
 
+pub mod election;
 pub mod follower;
 pub mod leader;
 pub mod node;
