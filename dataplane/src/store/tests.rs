@@ -416,7 +416,10 @@ fn a_shorter_value_leaves_zeros_where_a_longer_one_was() {
     s.write(1, &[9u8; 20], 11).unwrap();
     assert_eq!(s.read(1, &mut out), Some(11));
     assert!(out[..20].iter().all(|&b| b == 9));
-    assert!(out[20..].iter().all(|&b| b == 0), "the longer value's tail stayed");
+    assert!(
+        out[20..].iter().all(|&b| b == 0),
+        "the longer value's tail stayed"
+    );
     // Short after short, then long again, and in two parts.
     s.write(1, &[3u8; 12], 12).unwrap();
     assert!(s.read(1, &mut out).is_some() && out[..12].iter().all(|&b| b == 3));
