@@ -1,8 +1,9 @@
 //! Recorded client histories, for consistency checking (`rzab-check-history` in `rzab-tests`).
 //!
 //! With `--history-dir DIR`, every worker records what its emulated clients did (reads with the
-//! write id and zxid of the value read, write invocations and completions with their zxids) and
-//! every write it applied to the node's replica, to its own file
+//! write id and zxid of the value read, write invocations and completions with their zxids and
+//! value lengths) and every write it applied to the node's replica (with its value's length),
+//! to its own file
 //! `DIR/node{N}-worker{W}.{instance:016x}.hist` (the instance differs for every start of a data
 //! plane, so a restarted node never overwrites its earlier files). [`format`] defines the bytes;
 //! `docs/history-format.md` describes them.
@@ -41,7 +42,9 @@ use crate::config::Options;
 use crate::replica::{KEY_BYTES, NodeReplica, kv_txn_key};
 use crate::workload::ReadObservation;
 use crate::zab::{StateMachine, Txn};
-use format::{CLOCK_MONOTONIC_ID, FileHeader, RECORD_BYTES, Record, value_write_id};
+use format::{
+    CLOCK_MONOTONIC_ID, FileHeader, RECORD_BYTES, Record, VERSION, value_len_field, value_write_id,
+};
 
 /// Records per buffer: a buffer is about 0.9 MiB.
 pub const BUFFER_RECORDS: usize = 16_384;
@@ -123,6 +126,7 @@ struct PendingWrite {
     seq: u64,
     key: u64,
     write_id: u64,
+    value_len: u32,
     invoke_ns: u64,
 }
 
@@ -260,6 +264,7 @@ impl WorkerHistory {
             seq,
             key,
             write_id: value_write_id(value),
+            value_len: value_len_field(value.len()),
             invoke_ns: recorder.issue_started_ns,
         };
         if let Some(slot) = recorder.pending.get_mut(usize::from(session)) {
@@ -271,6 +276,7 @@ impl WorkerHistory {
             invoke_ns: pending.invoke_ns,
             key,
             write_id: pending.write_id,
+            value_len: pending.value_len,
         });
     }
 
@@ -309,17 +315,20 @@ impl WorkerHistory {
                 key: pending.key,
                 write_id: pending.write_id,
                 zxid,
+                value_len: pending.value_len,
             });
         }
     }
 
-    /// This worker applied a write to the node's replica.
-    pub fn applied(&self, zxid: u64, key: u64, value: &[u8]) {
+    /// This worker applied a write to the node's replica: `value_prefix` holds the value's
+    /// first bytes (its write id), `value_len` its whole length.
+    pub fn applied(&self, zxid: u64, key: u64, value_prefix: &[u8], value_len: usize) {
         if let Some(recorder) = &self.recorder {
             recorder.borrow_mut().push(&Record::Apply {
                 zxid,
                 key,
-                write_id: value_write_id(value),
+                write_id: value_write_id(value_prefix),
+                value_len: value_len_field(value_len),
             });
         }
     }
@@ -346,10 +355,12 @@ impl StateMachine for RecordingReplica<'_> {
         let applied = self.replica.try_apply(zxid, txn);
         if applied {
             let value = txn.skip(KEY_BYTES);
+            // Only the write id is copied (the value may be a megabyte); the length is the
+            // transaction's less its key, as the session wrote it, not the store's item size.
             let mut write_id = [0u8; 8];
             let copied = value.copy_to(&mut write_id);
             self.history
-                .applied(zxid, kv_txn_key(txn), &write_id[..copied]);
+                .applied(zxid, kv_txn_key(txn), &write_id[..copied], value.len());
         }
         applied
     }
@@ -584,6 +595,7 @@ fn create_file(
 ) -> Result<HistoryFile, HistoryError> {
     let path = dir.join(file_name(config.node, worker, config.instance));
     let header = FileHeader {
+        version: VERSION,
         node: config.node,
         worker,
         nodes: config.nodes,
@@ -661,12 +673,14 @@ mod tests {
             !history.recorder(0).is_enabled(),
             "a recorder is handed out once"
         );
-        let value = 42u64.to_le_bytes();
+        // Shorter than the store's items: the records carry the length written, 12.
+        let mut value = [0u8; 12];
+        value[..8].copy_from_slice(&42u64.to_le_bytes());
         recorder.begin_issue(&replica);
         recorder.write_issued(3, 1, 7, &value, false);
         recorder.write_issued(3, 1, 7, &value, true);
         let recording = recorder.replica(&replica);
-        let mut txn = [0u8; 16];
+        let mut txn = [0u8; 20];
         encode_kv_txn(&mut txn, 7, &value);
         assert!(recording.try_apply((1 << 32) + 1, Txn::whole(&txn)));
         assert!(
@@ -692,6 +706,7 @@ mod tests {
         );
         let (header, records) = records_of(&dir.path().join(file_name(1, 0, 0xabc)));
         assert_eq!((header.node, header.worker, header.workers), (1, 0, 2));
+        assert_eq!(header.version, VERSION);
         assert!(matches!(
             records[..],
             [
@@ -700,11 +715,13 @@ mod tests {
                     seq: 1,
                     key: 7,
                     write_id: 42,
+                    value_len: 12,
                     ..
                 },
                 Record::Apply {
                     key: 7,
                     write_id: 42,
+                    value_len: 12,
                     ..
                 },
                 Record::WriteComplete {
@@ -712,6 +729,7 @@ mod tests {
                     key: 7,
                     write_id: 42,
                     zxid: 0x1_0000_0001,
+                    value_len: 12,
                     ..
                 },
                 Record::Read {
@@ -753,7 +771,7 @@ mod tests {
         let (full, full_receiver) = crossbeam_channel::bounded(4);
         let recorder = WorkerHistory::new(0, 1, touched_buffer(), empty, full);
         for zxid in 0..(BUFFER_RECORDS + 10) as u64 {
-            recorder.applied(zxid, 1, &[0; 8]);
+            recorder.applied(zxid, 1, &[0; 8], 8);
         }
         drop(recorder);
         let messages: Vec<FlushMessage> = full_receiver.try_iter().collect();
@@ -798,7 +816,7 @@ mod tests {
         let (full, full_receiver) = crossbeam_channel::bounded(4);
         let history = WorkerHistory::new(0, 1, touched_buffer(), empty, full);
         let _ = empty_sender.try_send(touched_buffer());
-        history.applied(1, 1, &[0; 8]);
+        history.applied(1, 1, &[0; 8], 8);
         let recorder = history.recorder.as_ref().unwrap();
         let start = recorder.borrow().handed_over_ns;
         recorder
@@ -818,7 +836,7 @@ mod tests {
             .hand_over_if_due(start + 10 * HAND_OVER_INTERVAL_NS);
         assert!(full_receiver.is_empty());
         // The next record goes into a buffer from the pool.
-        history.applied(2, 1, &[0; 8]);
+        history.applied(2, 1, &[0; 8], 8);
         assert_eq!(
             recorder.borrow().buffer.as_ref().map(Vec::len),
             Some(RECORD_BYTES)
@@ -829,7 +847,7 @@ mod tests {
     #[test]
     fn disabled_history_records_nothing_and_existing_files_are_never_overwritten() {
         let disabled = WorkerHistory::disabled();
-        disabled.applied(1, 1, &[0; 8]);
+        disabled.applied(1, 1, &[0; 8], 8);
         assert!(!disabled.is_enabled());
         let dir = tempfile::tempdir().unwrap();
         let history = NodeHistory::start_with(&config(dir.path(), 1)).unwrap();

@@ -23,7 +23,12 @@
 //!   what the session had seen (its frontier) or than what its node had applied when the read
 //!   was issued;
 //! - writes are linearizable: no write completed before another was invoked yet got a larger
-//!   zxid.
+//!   zxid;
+//! - values arrive whole: where both lengths are known (format version 2 records a write's
+//!   value length on its invocation, completion and applies; 0 is unknown), every apply of a
+//!   write and its completion carry its invocation's length (else the value was torn or
+//!   wrongly sized on the way). Reads carry no length: the store returns a value zero-padded
+//!   to its item size.
 //!
 //! A worker records an apply before anything it does afterwards and every worker file is a
 //! prefix, in time, of what that worker recorded, so a worker's file holds every apply the
@@ -212,6 +217,39 @@ pub enum LostReason {
     NotOnLeader,
 }
 
+/// Which record carries a value length unlike its write's invocation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LengthSite {
+    /// An apply record of `worker` of `process`, at `zxid`.
+    Apply {
+        process: Process,
+        worker: u8,
+        zxid: u64,
+    },
+    /// The completion of write `seq` of `session`, at `zxid`.
+    Completion {
+        session: SessionId,
+        seq: u64,
+        zxid: u64,
+    },
+}
+
+impl fmt::Display for LengthSite {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            LengthSite::Apply {
+                process,
+                worker,
+                zxid,
+            } => write!(f, "{process} worker {worker}: the apply at zxid {zxid:#x}"),
+            LengthSite::Completion { session, seq, zxid } => write!(
+                f,
+                "{session}: the completion of write seq {seq} (zxid {zxid:#x})"
+            ),
+        }
+    }
+}
+
 /// A consistency violation found in a history.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum Violation {
@@ -329,6 +367,16 @@ pub enum Violation {
         later_zxid: u64,
         complete_ns: u64,
     },
+    #[error(
+        "{site} carries a {value_len}-byte value of write {write_id:#x} to key {key}, but the write was invoked with a {invoked_len}-byte value: a torn or wrongly sized value"
+    )]
+    ValueLength {
+        site: LengthSite,
+        key: u64,
+        write_id: u64,
+        value_len: u32,
+        invoked_len: u32,
+    },
 }
 
 impl Violation {
@@ -348,6 +396,7 @@ impl Violation {
             Violation::BadValue { .. } => "bad value",
             Violation::StaleRead { .. } => "stale read",
             Violation::RealTimeOrder { .. } => "real-time order",
+            Violation::ValueLength { .. } => "value length",
         }
     }
 }
@@ -638,7 +687,9 @@ impl WorkerFile {
                 .map_err(io)?;
             let mut last = [0u8; RECORD_BYTES];
             file.read_exact(&mut last).map_err(io)?;
-            if let Ok(Record::Trailer { records, dropped }) = Record::decode(&last) {
+            if let Ok(Record::Trailer { records, dropped }) =
+                Record::decode_version(&last, header.version)
+            {
                 trailer = Some((records, dropped));
             }
         }
@@ -755,10 +806,12 @@ impl WorkerFile {
                 for index in 0..self.records {
                     reader.read_exact(&mut bytes).map_err(io)?;
                     let record =
-                        Record::decode(&bytes).map_err(|source| CheckError::BadRecord {
-                            path: path.clone(),
-                            index,
-                            source,
+                        Record::decode_version(&bytes, self.header.version).map_err(|source| {
+                            CheckError::BadRecord {
+                                path: path.clone(),
+                                index,
+                                source,
+                            }
                         })?;
                     if matches!(record, Record::Trailer { .. }) {
                         return Err(CheckError::EarlyTrailer {
@@ -817,6 +870,17 @@ struct AppliedWrite {
     write_id: u64,
 }
 
+/// One apply record.
+#[derive(Clone, Copy, Debug)]
+struct RecordedApply {
+    zxid: u64,
+    write: AppliedWrite,
+    worker: u8,
+    /// The value's length as recorded (0: unknown). Not part of [`AppliedWrite`]: a version 1
+    /// file's unknown length must not make its process diverge from a version 2 one's.
+    value_len: u32,
+}
+
 /// A write whose completion was recorded.
 #[derive(Clone, Copy, Debug)]
 struct CompletedWrite {
@@ -832,8 +896,8 @@ struct CompletedWrite {
 /// What the first pass gathers about one node process.
 #[derive(Debug, Default)]
 struct ProcessGathered {
-    /// (zxid, write, worker), in file order; taken by [`merge_sequences`].
-    applies: Vec<(u64, AppliedWrite, u8)>,
+    /// In file order; taken by [`merge_sequences`].
+    applies: Vec<RecordedApply>,
     /// Some file has no trailer: the process was killed (or still runs).
     crashed: bool,
     /// The zxid up to which every apply it made is in its files: the least, over its files,
@@ -853,6 +917,9 @@ struct ProcessGathered {
 struct Invocations {
     earliest_ns: u64,
     count: u64,
+    /// The invoked value's length; 0 if unknown (a version 1 file) or if the invocations of a
+    /// repeated id disagree (an apply cannot tell which one it is).
+    value_len: u32,
 }
 
 /// What the first pass over all files gathers.
@@ -1086,17 +1153,22 @@ fn gather(files: &[WorkerFile], report: &mut Report) -> Result<Gathered, CheckEr
                 zxid,
                 key,
                 write_id,
+                value_len,
             } => {
                 report.applies += 1;
                 found.applies_recorded += 1;
-                found
-                    .applies
-                    .push((zxid, AppliedWrite { key, write_id }, worker));
+                found.applies.push(RecordedApply {
+                    zxid,
+                    write: AppliedWrite { key, write_id },
+                    worker,
+                    value_len,
+                });
                 horizon = horizon.max(zxid);
             }
             Record::WriteInvoke {
                 write_id,
                 invoke_ns,
+                value_len,
                 ..
             } => {
                 report.writes_invoked += 1;
@@ -1109,10 +1181,14 @@ fn gather(files: &[WorkerFile], report: &mut Report) -> Result<Gathered, CheckEr
                     .and_modify(|invoked| {
                         invoked.earliest_ns = invoked.earliest_ns.min(invoke_ns);
                         invoked.count += 1;
+                        if invoked.value_len != value_len {
+                            invoked.value_len = 0;
+                        }
                     })
                     .or_insert(Invocations {
                         earliest_ns: invoke_ns,
                         count: 1,
+                        value_len,
                     });
             }
             Record::WriteComplete {
@@ -1123,6 +1199,7 @@ fn gather(files: &[WorkerFile], report: &mut Report) -> Result<Gathered, CheckEr
                 key,
                 write_id,
                 zxid,
+                ..
             } => {
                 report.writes_completed += 1;
                 found.writes_completed += 1;
@@ -1171,12 +1248,23 @@ fn merge_sequences(
         let complete_to = found.complete_to.unwrap_or(0);
         let known_to = if found.crashed { complete_to } else { u64::MAX };
         let mut applies = std::mem::take(&mut found.applies);
-        applies.sort_by_key(|(zxid, _, _)| *zxid);
+        applies.sort_by_key(|apply| apply.zxid);
         let mut zxids: Vec<u64> = Vec::with_capacity(applies.len());
-        let mut previous: Option<(u64, AppliedWrite, u8)> = None;
+        let mut previous: Option<RecordedApply> = None;
         for apply in applies {
-            let (zxid, write, worker) = apply;
-            if let Some((last, _, last_worker)) = previous {
+            let RecordedApply {
+                zxid,
+                write,
+                worker,
+                ..
+            } = apply;
+            check_applied_length(*process, &apply, &gathered.invocations, report);
+            if let Some(RecordedApply {
+                zxid: last,
+                worker: last_worker,
+                ..
+            }) = previous
+            {
                 if last == zxid {
                     report.violation(Violation::AppliedTwice {
                         process: *process,
@@ -1234,6 +1322,37 @@ fn merge_sequences(
     let cluster_last = sequence.range().map(|(_, last)| last);
     check_starts_and_ends(processes, files, &sequence, cluster_last, options, report);
     sequence
+}
+
+/// Where the apply's and its write's invocation's value lengths are both known, they agree:
+/// a replica that applied a torn or wrongly sized value recorded another length.
+fn check_applied_length(
+    process: Process,
+    apply: &RecordedApply,
+    invocations: &HashMap<u64, Invocations>,
+    report: &mut Report,
+) {
+    let Some(invoked) = invocations.get(&apply.write.write_id) else {
+        return;
+    };
+    if let Some((value_len, invoked_len)) = length_mismatch(apply.value_len, invoked.value_len) {
+        report.violation(Violation::ValueLength {
+            site: LengthSite::Apply {
+                process,
+                worker: apply.worker,
+                zxid: apply.zxid,
+            },
+            key: apply.write.key,
+            write_id: apply.write.write_id,
+            value_len,
+            invoked_len,
+        });
+    }
+}
+
+/// `(recorded, invoked)` if both lengths are known (nonzero) and differ.
+fn length_mismatch(recorded: u32, invoked: u32) -> Option<(u32, u32)> {
+    (recorded != 0 && invoked != 0 && recorded != invoked).then_some((recorded, invoked))
 }
 
 /// No write id is at more zxids than it was invoked (once, with unique ids): a write ordered
@@ -1430,6 +1549,7 @@ struct Invoked {
     seq: u64,
     key: u64,
     write_id: u64,
+    value_len: u32,
 }
 
 /// Second pass over one file: session order, values read and staleness.
@@ -1454,6 +1574,7 @@ fn check_sessions(
             seq,
             key,
             write_id,
+            value_len,
             ..
         } => {
             let state = sessions.entry(session).or_default();
@@ -1472,7 +1593,12 @@ fn check_sessions(
                     reason: SessionOrderError::SeqNotIncreasing { previous, seq },
                 });
             }
-            state.waiting = Some(Invoked { seq, key, write_id });
+            state.waiting = Some(Invoked {
+                seq,
+                key,
+                write_id,
+                value_len,
+            });
             state.last_seq = Some(seq);
         }
         Record::WriteComplete {
@@ -1481,10 +1607,29 @@ fn check_sessions(
             key,
             write_id,
             zxid,
+            value_len,
             ..
         } => {
             let state = sessions.entry(session).or_default();
-            let reason = match state.waiting.filter(|invoked| invoked.seq == seq) {
+            let invocation = state.waiting.filter(|invoked| invoked.seq == seq);
+            // The recorder copies the length from the invocation, as it does the key and
+            // write id; a completion that disagrees was paired with the wrong value.
+            if let Some((value_len, invoked_len)) =
+                invocation.and_then(|invoked| length_mismatch(value_len, invoked.value_len))
+            {
+                found.push(Violation::ValueLength {
+                    site: LengthSite::Completion {
+                        session: session_id(session),
+                        seq,
+                        zxid,
+                    },
+                    key,
+                    write_id,
+                    value_len,
+                    invoked_len,
+                });
+            }
+            let reason = match invocation {
                 None => Some(SessionOrderError::CompletionWithoutInvocation { seq }),
                 // The seq alone could match another write's completion (a recorder mixing up
                 // its pending writes).

@@ -1,19 +1,20 @@
 //! Recorded histories of real multi-process clusters pass the consistency checker: three
-//! `rzab-dataplane` processes record with `--history-dir` (shm with two workers, udp with one),
-//! and both the checker library and the `rzab-check-history` binary find no violation in a
-//! history with reads and writes from every node; the binary fails the same history once one
-//! follower's applied write is changed, and refuses what it cannot read.
+//! `rzab-dataplane` processes record with `--history-dir` (shm with two workers and values of
+//! three lengths by `--value-mix`, udp with one worker), and both the checker library and the
+//! `rzab-check-history` binary find no violation in a history with reads and writes from every
+//! node; the binary fails the same history once one follower's applied write is changed, and
+//! refuses what it cannot read.
 //!
 //! A real history, recorded once per test process from a short run in which a follower falls
 //! behind and rejoins as a new process, is edited to hold one violation at a time that an
 //! earlier checker let pass: a write applied at two zxids, a write ordered below a value its
-//! session had read, the earlier process of the rejoined node losing its last applies, and a
-//! completion unlike its invocation. Library and binary must fail each edited copy, naming that
-//! violation and no other.
+//! session had read, the earlier process of the rejoined node losing its last applies, a
+//! completion unlike its invocation, and an apply whose value length is not its invocation's.
+//! Library and binary must fail each edited copy, naming that violation and no other.
 
 #![allow(clippy::unwrap_used, reason = "a test fails by panicking")]
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
@@ -21,7 +22,7 @@ use std::time::Duration;
 
 use rzab_dataplane::history::format::{FileHeader, HEADER_BYTES, RECORD_BYTES, Record};
 use rzab_tests::history::{
-    CheckOptions, Report, SessionId, SessionOrderError, Violation, check_dirs,
+    CheckOptions, LengthSite, Report, SessionId, SessionOrderError, Violation, check_dirs,
 };
 use rzab_tests::{
     NodeOutput, NodeProcess, assert_identical_replicas, check_history, cleanup, cluster_name,
@@ -93,10 +94,46 @@ fn three_node_shm_cluster_history_is_consistent() {
     cleanup(&cluster, 3);
     let history = tempfile::tempdir().unwrap();
     let mut args = common(&cluster, history.path());
-    args.extend(["--workers".into(), "2".into()]);
+    // Values of three lengths in one run: the shortest is the write id alone, the longest
+    // fills the store's items, and one in between is shorter than them but too long for the
+    // sessions to write the id into every byte.
+    args.extend(
+        [
+            "--workers",
+            "2",
+            "--value-size",
+            "4096",
+            "--value-mix",
+            "8,4096,1500",
+        ]
+        .iter()
+        .map(|arg| (*arg).to_owned()),
+    );
     let outputs = run_cluster(3, &args);
     cleanup(&cluster, 3);
     assert_consistent_history(&outputs, history.path(), 2);
+    // Every length was invoked, applied and completed, and recorded as such.
+    let mut lengths: BTreeMap<&str, BTreeSet<u32>> = BTreeMap::new();
+    for entry in std::fs::read_dir(history.path()).unwrap() {
+        for record in decode_file(&entry.unwrap().path()).records {
+            let (kind, value_len) = match record {
+                Record::WriteInvoke { value_len, .. } => ("invoke", value_len),
+                Record::WriteComplete { value_len, .. } => ("complete", value_len),
+                Record::Apply { value_len, .. } => ("apply", value_len),
+                Record::Read { .. } | Record::Trailer { .. } => continue,
+            };
+            lengths.entry(kind).or_default().insert(value_len);
+        }
+    }
+    let mix = BTreeSet::from([8, 1500, 4096]);
+    assert_eq!(
+        lengths,
+        BTreeMap::from([
+            ("apply", mix.clone()),
+            ("complete", mix.clone()),
+            ("invoke", mix)
+        ])
+    );
 
     // The same history with one write changed in one follower's applied sequence fails.
     plant_divergence(history.path());
@@ -350,6 +387,7 @@ fn leader_sequence(files: &[HistoryFile]) -> BTreeMap<u64, (u64, u64)> {
                 zxid,
                 key,
                 write_id,
+                ..
             } => Some((zxid, (key, write_id))),
             _ => None,
         })
@@ -688,6 +726,53 @@ fn a_completion_unlike_its_invocation_fails_a_recorded_history() {
                 reason: SessionOrderError::CompletionMismatch { seq: completed_seq, key, invoked_key, write_id, invoked_write_id },
                 ..
             }] if completed_seq == seq && key == original && invoked_key == original ^ 1 && write_id == invoked_write_id
+        ),
+        "{report}"
+    );
+}
+
+#[test]
+fn an_apply_of_another_length_than_its_invocation_fails_a_recorded_history() {
+    // One apply in the middle of node 1's worker-1 file records one byte more than the write
+    // was invoked with, as if the replica had applied a wrongly sized value (every other
+    // process applied that zxid with the invoked length).
+    let mut files = recorded_run().to_vec();
+    let file = files
+        .iter_mut()
+        .find(|file| (file.header.node, file.header.worker) == (1, 1))
+        .unwrap();
+    let instance = file.header.instance;
+    let applies: Vec<usize> = file
+        .records
+        .iter()
+        .enumerate()
+        .filter(|(_, record)| matches!(record, Record::Apply { .. }))
+        .map(|(index, _)| index)
+        .collect();
+    let Record::Apply {
+        zxid,
+        write_id,
+        value_len,
+        ..
+    } = &mut file.records[applies[applies.len() / 2]]
+    else {
+        unreachable!("an apply");
+    };
+    let (changed_zxid, changed_id, invoked) = (*zxid, *write_id, *value_len);
+    assert!(invoked > 0, "a version 2 history records lengths");
+    *value_len += 1;
+    let report = check_edited(&files, "value length");
+    assert!(
+        matches!(
+            report.violations[..],
+            [Violation::ValueLength {
+                site: LengthSite::Apply { process, worker: 1, zxid },
+                write_id,
+                value_len,
+                invoked_len,
+                ..
+            }] if (process.node, process.instance) == (1, instance) && zxid == changed_zxid
+                && write_id == changed_id && value_len == invoked + 1 && invoked_len == invoked
         ),
         "{report}"
     );

@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
 
 use rzab_dataplane::history::file_name;
-use rzab_dataplane::history::format::CLOCK_MONOTONIC_ID;
+use rzab_dataplane::history::format::{CLOCK_MONOTONIC_ID, VERSION};
 use rzab_dataplane::workload::write_id;
 
 use super::*;
@@ -15,6 +15,8 @@ use super::*;
 const Z: u64 = 1 << 32;
 const NODES: u8 = 3;
 const WORKERS: u8 = 2;
+/// The value length of every write unless a test sets [`Run::value_len`].
+const VALUE_LEN: u32 = 32;
 
 /// A synthetic run of three nodes with two workers each.
 #[derive(Clone)]
@@ -30,6 +32,12 @@ struct Run {
     crashed: BTreeSet<(u8, u64)>,
     time: u64,
     next_zxid: u64,
+    /// The value length of the writes invoked next.
+    value_len: u32,
+    /// By write id: the value length it was invoked with.
+    lengths: HashMap<u64, u32>,
+    /// The format version the headers say.
+    version: u32,
 }
 
 impl Run {
@@ -42,6 +50,9 @@ impl Run {
             crashed: BTreeSet::new(),
             time: 1_000,
             next_zxid: Z + 1,
+            value_len: VALUE_LEN,
+            lengths: HashMap::new(),
+            version: VERSION,
         };
         for node in 0..NODES {
             run.start_process(node, 100 + u64::from(node), Z);
@@ -71,23 +82,33 @@ impl Run {
     fn invoke(&mut self, node: u8, worker: u8, session: u16, seq: u64, key: u64) -> (u64, u64) {
         let id = write_id(node, worker, session, seq);
         let invoke_ns = self.now();
+        let value_len = self.value_len;
+        self.lengths.insert(id, value_len);
         self.log(node, worker).push(Record::WriteInvoke {
             session,
             seq,
             invoke_ns,
             key,
             write_id: id,
+            value_len,
         });
         (id, invoke_ns)
     }
 
+    /// The value length `id` was invoked with (the current one if it was not).
+    fn len_of(&self, id: u64) -> u32 {
+        self.lengths.get(&id).copied().unwrap_or(self.value_len)
+    }
+
     fn apply_everywhere(&mut self, zxid: u64, key: u64, write_id: u64) {
+        let value_len = self.len_of(write_id);
         for node in 0..NODES {
             let worker = u8::try_from(zxid % u64::from(WORKERS)).unwrap();
             self.log(node, worker).push(Record::Apply {
                 zxid,
                 key,
                 write_id,
+                value_len,
             });
         }
     }
@@ -108,6 +129,7 @@ impl Run {
                 _ => None,
             });
         let complete_ns = self.now();
+        let value_len = self.len_of(id);
         self.log(node, worker).push(Record::WriteComplete {
             session,
             seq,
@@ -116,6 +138,7 @@ impl Run {
             key,
             write_id: id,
             zxid,
+            value_len,
         });
     }
 
@@ -194,6 +217,7 @@ impl Run {
     fn header(&self, node: u8, instance: u64, worker: u8) -> FileHeader {
         let (order, initial_zxid) = self.starts[&(node, instance)];
         FileHeader {
+            version: self.version,
             node,
             worker,
             nodes: NODES,
@@ -533,6 +557,7 @@ fn replica_sequences_must_be_contiguous_complete_and_applied_once() {
         zxid: u64::MAX,
         key: 9,
         write_id: 1,
+        value_len: VALUE_LEN,
     });
     assert_found(&run.check(), "gap");
 
@@ -541,6 +566,7 @@ fn replica_sequences_must_be_contiguous_complete_and_applied_once() {
         zxid: Z + 3,
         key: 9,
         write_id: write_id(0, 1, 2, 1),
+        value_len: VALUE_LEN,
     });
     assert_found(&run.check(), "applied twice");
 
@@ -730,6 +756,7 @@ fn a_crashed_process_is_checked_as_far_as_its_files_go() {
         zxid: Z + 5,
         key: 12,
         write_id: id,
+        value_len: VALUE_LEN,
     });
     run.complete(2, 0, 4, 1, 12, Z + 5);
     let report = run.check();
@@ -825,6 +852,7 @@ fn a_restarted_process_must_follow_the_leader_from_wherever_it_starts() {
             zxid: Z + 3,
             key: 9,
             write_id: write_id(0, 1, 0, 1),
+            value_len: VALUE_LEN,
         });
     }
     run.log(0, 1).push(Record::WriteInvoke {
@@ -833,6 +861,7 @@ fn a_restarted_process_must_follow_the_leader_from_wherever_it_starts() {
         invoke_ns: 1,
         key: 9,
         write_id: write_id(0, 1, 0, 1),
+        value_len: VALUE_LEN,
     });
     run.next_zxid += 1;
     run.start_process(2, 202, Z);
@@ -1038,4 +1067,166 @@ fn an_earlier_process_must_keep_the_applies_its_records_show() {
             "crashed {crashed}: {report}"
         );
     }
+}
+
+/// A run whose writes take 32 B, 64 KiB and 1 MiB values in turn, as `--value-mix
+/// 32,65536,1048576` makes them.
+fn mixed_run() -> Run {
+    let mut run = Run::new();
+    for (seq, value_len) in [32, 65_536, 1 << 20, 32].into_iter().enumerate() {
+        run.value_len = value_len;
+        let seq = seq as u64 + 1;
+        let (id, zxid) = run.write(1, 0, 0, seq, 7);
+        run.read(2, 1, 3, 7, (id, zxid));
+    }
+    run
+}
+
+#[test]
+fn a_value_length_unlike_its_invocation_is_found() {
+    let good = mixed_run();
+    let report = good.check();
+    assert!(report.is_clean(), "{report}");
+    let invoked_len = |run: &Run, zxid: u64| {
+        run.logs[&(1, 101, 0)]
+            .iter()
+            .find_map(|record| match *record {
+                Record::WriteComplete {
+                    zxid: completed,
+                    value_len,
+                    ..
+                } if completed == zxid => Some(value_len),
+                _ => None,
+            })
+            .unwrap()
+    };
+    assert_eq!(invoked_len(&good, Z + 2), 65_536);
+
+    // Node 2 applied the 64 KiB write of Z + 2 with 32 bytes of it: a torn value.
+    let mut run = good.clone();
+    for ((node, _, _), records) in &mut run.logs {
+        for record in records.iter_mut() {
+            if let Record::Apply {
+                zxid, value_len, ..
+            } = record
+            {
+                if *node == 2 && *zxid == Z + 2 {
+                    *value_len = 32;
+                }
+            }
+        }
+    }
+    let report = run.check();
+    assert!(
+        matches!(
+            report.violations[..],
+            [Violation::ValueLength {
+                site: LengthSite::Apply { process: Process { node: 2, .. }, zxid, .. },
+                key: 7,
+                value_len: 32,
+                invoked_len: 65_536,
+                ..
+            }] if zxid == Z + 2
+        ),
+        "{report}"
+    );
+    let message = report.violations[0].to_string();
+    assert!(
+        message.contains("32-byte value") && message.contains("65536-byte value"),
+        "{message}"
+    );
+    assert!(message.contains("torn or wrongly sized"), "{message}");
+    assert_eq!(report.violations_by_kind.get("value length"), Some(&1));
+
+    // The completion of the 1 MiB write says 64 KiB.
+    let mut run = good.clone();
+    for record in run.log(1, 0) {
+        if let Record::WriteComplete {
+            zxid, value_len, ..
+        } = record
+        {
+            if *zxid == Z + 3 {
+                *value_len = 65_536;
+            }
+        }
+    }
+    let report = run.check();
+    assert!(
+        matches!(
+            report.violations[..],
+            [Violation::ValueLength {
+                site: LengthSite::Completion {
+                    session: SessionId { node: 1, worker: 0, session: 0, .. },
+                    seq: 3,
+                    zxid,
+                },
+                value_len: 65_536,
+                invoked_len: 1_048_576,
+                ..
+            }] if zxid == Z + 3
+        ),
+        "{report}"
+    );
+
+    // An unknown length (0) is not compared, on either side.
+    let mut run = good.clone();
+    for records in run.logs.values_mut() {
+        for record in records.iter_mut() {
+            match record {
+                Record::Apply {
+                    zxid, value_len, ..
+                } if *zxid == Z + 2 => *value_len = 0,
+                Record::WriteInvoke {
+                    seq: 3, value_len, ..
+                } => *value_len = 0,
+                _ => {}
+            }
+        }
+    }
+    let report = run.check();
+    assert!(report.is_clean(), "{report}");
+}
+
+#[test]
+fn version_1_files_are_read_with_unknown_lengths() {
+    // Version 1 files kept bytes 4..8 of a record reserved: whatever they hold, the checker
+    // reads no length from them, so even planted mismatches pass; the same bytes in a
+    // version 2 file fail.
+    let mut run = mixed_run();
+    for records in run.logs.values_mut() {
+        for record in records.iter_mut() {
+            if let Record::Apply { value_len, .. } = record {
+                *value_len += 1;
+            }
+        }
+    }
+    let as_version = |version| {
+        let mut run = run.clone();
+        run.version = version;
+        let dir = tempfile::tempdir().unwrap();
+        run.write_files(dir.path());
+        let files = open_dirs(&[dir.path().to_owned()]).unwrap();
+        let mut lengths = Vec::new();
+        for file in &files {
+            assert_eq!(file.header().version, version);
+            file.for_each_record(|record| {
+                if let Record::Apply { value_len, .. } = record {
+                    lengths.push(*value_len);
+                }
+            })
+            .unwrap();
+        }
+        (check(&files, &CheckOptions::default()).unwrap(), lengths)
+    };
+    let (report, lengths) = as_version(1);
+    assert!(report.is_clean(), "{report}");
+    assert!(!lengths.is_empty() && lengths.iter().all(|len| *len == 0));
+    let (report, lengths) = as_version(VERSION);
+    assert!(lengths.iter().all(|len| *len != 0));
+    // Every apply of the four writes on every node.
+    assert_eq!(
+        report.violations_by_kind.get("value length"),
+        Some(&12),
+        "{report}"
+    );
 }
