@@ -324,13 +324,11 @@ fn fabric_path(options: &Options) -> PathBuf {
     .path()
 }
 
-/// The shm fabric file: a ring of `slots` slots per port, each a descriptor and an MTU (the
-/// descriptors lie together, padded to a cache line).
+/// The shm fabric file: a ring of `slots` slots per port, each a header and an MTU.
 fn fabric_bytes(options: &Options, mtu: u64, slots: u64) -> u64 {
     let ports = u64::from(options.nodes) * u64::from(options.workers);
-    let slot = mtu.next_multiple_of(64) + SHM_SLOT_HEADER;
-    (ports * (slots * slot + SHM_PORT_CONTROL) + SHM_FABRIC_OVERHEAD + 64)
-        .next_multiple_of(HUGE_PAGE)
+    let slot = (SHM_SLOT_HEADER + mtu).next_multiple_of(64);
+    (ports * (slots * slot + SHM_PORT_CONTROL) + SHM_FABRIC_OVERHEAD).next_multiple_of(HUGE_PAGE)
 }
 
 /// `MemAvailable` of a `/proc/meminfo` text, in bytes.

@@ -5,12 +5,8 @@
 //! A fabric is one file (by default `/dev/shm/rzab-fabric-NAME`) holding a header, a control
 //! record per port, the multicast membership masks and one receive ring per port. A port's ring
 //! is its receive queue: the owner *posts* receives by advancing `posted_limit`; senders reserve
-//! positions below that limit with a compare-and-swap on `tail`, copy the datagram into the
-//! position's payload slot ("DMA") and publish it by storing the position's sequence number in
-//! its descriptor. Descriptors (sequence, length, source: 16 bytes) lie apart from the payload
-//! slots, four to a cache line, as a NIC's completion queue lies apart from its buffers: a
-//! receiver polling a batch reads one line per four datagrams plus their payloads, and a 64-byte
-//! datagram fills exactly one payload line. A datagram that finds no posted
+//! positions below that limit with a compare-and-swap on `tail`, copy the datagram in ("DMA")
+//! and publish it by storing the position's sequence number. A datagram that finds no posted
 //! position is dropped and counted on the receiving port, exactly as a UD NIC drops a message
 //! for which no receive is posted. Sending to a multicast group copies into every member's ring
 //! but the sender's, as a switch replicates.
@@ -39,9 +35,8 @@ use super::{
 };
 
 const FABRIC_MAGIC: u64 = u64::from_le_bytes(*b"RZABFAB\0");
-const FABRIC_VERSION: u32 = 2;
+const FABRIC_VERSION: u32 = 1;
 const CACHE_LINE: usize = 64;
-/// Bytes of a slot's descriptor.
 const SLOT_HEADER: usize = 16;
 /// Most ports of one fabric: multicast membership is a 64-bit mask.
 pub const MAX_FABRIC_PORTS: u32 = 64;
@@ -134,8 +129,6 @@ struct Geometry {
     slot_bytes: usize,
     controls_at: usize,
     groups_at: usize,
-    /// Every port's descriptors, then every port's payload slots.
-    descriptors_at: usize,
     rings_at: usize,
     file_bytes: usize,
 }
@@ -156,12 +149,10 @@ impl Geometry {
             return Err(format!("mtu must be within 1..=1 MiB, got {mtu}"));
         }
         let (ports, ring_slots, mtu) = (ports as usize, ring_slots as usize, mtu as usize);
-        let slot_bytes = mtu.next_multiple_of(CACHE_LINE);
+        let slot_bytes = (SLOT_HEADER + mtu).next_multiple_of(CACHE_LINE);
         let controls_at = std::mem::size_of::<FabricHeader>().next_multiple_of(CACHE_LINE);
         let groups_at = controls_at + ports * std::mem::size_of::<PortControl>();
-        let descriptors_at = (groups_at + FABRIC_GROUPS * 8).next_multiple_of(CACHE_LINE);
-        let rings_at =
-            (descriptors_at + ports * ring_slots * SLOT_HEADER).next_multiple_of(CACHE_LINE);
+        let rings_at = (groups_at + FABRIC_GROUPS * 8).next_multiple_of(CACHE_LINE);
         let file_bytes = (rings_at + ports * ring_slots * slot_bytes).next_multiple_of(HUGE_PAGE);
         Ok(Geometry {
             ports,
@@ -170,7 +161,6 @@ impl Geometry {
             slot_bytes,
             controls_at,
             groups_at,
-            descriptors_at,
             rings_at,
             file_bytes,
         })
@@ -423,13 +413,8 @@ impl ShmTransport {
     }
 
     fn slot_header(&self, port: u32, position: u64) -> &SlotHeader {
-        let ring = self.geometry.ring_slots;
-        let index = usize::try_from(position).unwrap_or(0) & (ring - 1);
-        let at = self.geometry.descriptors_at + (port as usize * ring + index) * SLOT_HEADER;
-        // SAFETY: port < ports and index < ring_slots, so the descriptor lies inside the
-        // mapping, 16-byte aligned (descriptors_at is a multiple of 64 from a page-aligned
-        // base); SlotHeader is atomics only, valid for any bytes.
-        unsafe { &*self.mmap.as_ptr().add(at).cast::<SlotHeader>() }
+        // SAFETY: slot_ptr is in bounds and 64-byte aligned; SlotHeader is atomics only.
+        unsafe { &*self.slot_ptr(port, position).cast::<SlotHeader>() }
     }
 
     /// Delivers `payloads` (all for `port`) into its ring; returns how many found a posted
@@ -461,7 +446,11 @@ impl ShmTransport {
             // which is posted and so not held by the receiver; the payload fits (len <= mtu,
             // checked by validate_chain) and the staging range is inside `self.staging`.
             unsafe {
-                std::ptr::copy_nonoverlapping(self.staging.as_ptr().add(start), slot, len);
+                std::ptr::copy_nonoverlapping(
+                    self.staging.as_ptr().add(start),
+                    slot.add(SLOT_HEADER),
+                    len,
+                );
             }
             let header = self.slot_header(port, position);
             header.len.store(len as u32, Ordering::Relaxed);
@@ -647,7 +636,7 @@ impl Transport for ShmTransport {
         // SAFETY: the slot is in bounds; it was completed and not re-posted, so no sender may
         // reserve it (senders only write posted positions), and its bytes stay unchanged while
         // the caller holds this borrow of `self`.
-        unsafe { std::slice::from_raw_parts(base, len) }
+        unsafe { std::slice::from_raw_parts(base.add(SLOT_HEADER), len) }
     }
 
     fn stats(&self) -> TransportStats {
