@@ -834,73 +834,12 @@ impl Follower {
 #[allow(clippy::unwrap_used, reason = "a test fails by panicking")]
 mod tests {
     use super::*;
-    use crate::replica::NodeReplica;
-    use crate::store::StoreConfig;
-    use crate::zab::LEADER_EPOCH;
-
-    /// An outbox with no send buffer to give, as when a chain is full.
-    struct FullOutbox;
-
-    impl Outbox for FullOutbox {
-        fn buffer(&mut self) -> Option<&mut [u8]> {
-            None
-        }
-        fn send(&mut self, _: Target, _: Kind, _: usize, _: u64) {
-            panic!("nothing can be sent without a buffer")
-        }
-        fn resend(&mut self, _: Target, _: Kind, _: usize) {
-            panic!("nothing can be sent without a buffer")
-        }
-    }
-
-    struct Recording(Vec<u8>, Vec<Kind>);
-
-    impl Outbox for Recording {
-        fn buffer(&mut self) -> Option<&mut [u8]> {
-            Some(&mut self.0)
-        }
-        fn send(&mut self, _: Target, kind: Kind, _: usize, _: u64) {
-            self.1.push(kind);
-        }
-        fn resend(&mut self, _: Target, kind: Kind, _: usize) {
-            self.1.push(kind);
-        }
-    }
-
-    struct NoCompletions;
-
-    impl Completions for NoCompletions {
-        fn write_applied(&mut self, _: u16, _: u64, _: u64) {}
-    }
+    use crate::zab::test_support::*;
 
     #[test]
     fn words_count_as_reported_only_once_a_message_carries_them() {
-        let config = PipelineConfig {
-            node: 1,
-            nodes: 3,
-            pipeline: 0,
-            pipelines: 1,
-            max_txn_len: 24,
-            slot_len: 24,
-            item_len: 16,
-            cluster_tag: 1,
-            run: 2,
-            epoch: LEADER_EPOCH,
-            integrity: wire::Integrity::Crc32c,
-            sessions: 4,
-            window: 64,
-            retained: 128,
-            mtu: 1024,
-            keys: 16,
-            instance: 7,
-            fingerprint: 0,
-        };
-        let replica = NodeReplica::new(&StoreConfig {
-            keys: 16,
-            value_size: 16,
-            hugepages: false,
-        })
-        .unwrap();
+        let config = small_config(1, 4, 7);
+        let replica = small_replica();
         let mut follower = Follower::new(config);
         let mut answer = config.header(Kind::Hello, 0, 0, [0; wire::WORDS]);
         answer.from_node = 0;
@@ -930,52 +869,11 @@ mod tests {
 #[allow(clippy::unwrap_used, reason = "a test fails by panicking")]
 mod deadline_tests {
     use super::*;
-    use crate::replica::NodeReplica;
-    use crate::store::StoreConfig;
-    use crate::zab::LEADER_EPOCH;
+    use crate::zab::test_support::*;
 
     /// Records the kinds sent.
-    struct Recording(Vec<u8>, Vec<Kind>);
-
-    impl Outbox for Recording {
-        fn buffer(&mut self) -> Option<&mut [u8]> {
-            Some(&mut self.0)
-        }
-        fn send(&mut self, _: Target, kind: Kind, _: usize, _: u64) {
-            self.1.push(kind);
-        }
-        fn resend(&mut self, _: Target, kind: Kind, _: usize) {
-            self.1.push(kind);
-        }
-    }
-
-    struct NoCompletions;
-
-    impl Completions for NoCompletions {
-        fn write_applied(&mut self, _: u16, _: u64, _: u64) {}
-    }
-
     fn started_follower() -> Follower {
-        let config = PipelineConfig {
-            node: 1,
-            nodes: 3,
-            pipeline: 0,
-            pipelines: 1,
-            max_txn_len: 24,
-            slot_len: 24,
-            item_len: 16,
-            cluster_tag: 1,
-            run: 2,
-            epoch: LEADER_EPOCH,
-            integrity: wire::Integrity::Crc32c,
-            sessions: 4,
-            window: 64,
-            retained: 128,
-            mtu: 1024,
-            keys: 16,
-            instance: 7,
-            fingerprint: 0,
-        };
+        let config = small_config(1, 4, 7);
         let mut follower = Follower::new(config);
         let mut answer = config.header(Kind::Hello, 0, 0, [0; wire::WORDS]);
         answer.from_node = 0;
@@ -986,12 +884,7 @@ mod deadline_tests {
 
     #[test]
     fn an_idle_follower_waits_for_its_heartbeat_and_a_submitted_write_is_due_at_once() {
-        let replica = NodeReplica::new(&StoreConfig {
-            keys: 16,
-            value_size: 16,
-            hugepages: false,
-        })
-        .unwrap();
+        let replica = small_replica();
         // Scans for writes to repeat (every half timeout) come later than the heartbeat here.
         let limits = Limits {
             retransmit_timeout_ns: 100_000_000,
@@ -1032,12 +925,7 @@ mod deadline_tests {
 
     #[test]
     fn with_default_limits_an_idle_follower_wakes_for_the_write_scan() {
-        let replica = NodeReplica::new(&StoreConfig {
-            keys: 16,
-            value_size: 16,
-            hugepages: false,
-        })
-        .unwrap();
+        let replica = small_replica();
         let limits = Limits::default();
         let mut follower = started_follower();
         let mut outbox = Recording(vec![0; 1024], Vec::new());

@@ -1492,6 +1492,7 @@ mod tests {
     use crate::replica::NodeReplica;
     use crate::store::StoreConfig;
     use crate::zab::LEADER_EPOCH;
+    use crate::zab::test_support::*;
 
     const TXN_LEN: usize = 10_000;
 
@@ -1578,22 +1579,6 @@ mod tests {
         );
     }
 
-    struct Silent(Vec<u8>);
-
-    impl Outbox for Silent {
-        fn buffer(&mut self) -> Option<&mut [u8]> {
-            Some(&mut self.0)
-        }
-        fn send(&mut self, _: Target, _: Kind, _: usize, _: u64) {}
-        fn resend(&mut self, _: Target, _: Kind, _: usize) {}
-    }
-
-    struct Ignored;
-
-    impl Completions for Ignored {
-        fn write_applied(&mut self, _: u16, _: u64, _: u64) {}
-    }
-
     /// The sessions of the transactions the leader prepared, in pseq order.
     fn prepared_order(leader: &Leader) -> Vec<(u16, usize)> {
         let mut order = Vec::new();
@@ -1637,11 +1622,11 @@ mod tests {
         for now_ns in [1_000, 2_000] {
             leader.advance(
                 now_ns,
-                &mut Silent(vec![0; config.mtu]),
+                &mut Recording::new(config.mtu),
                 &replica,
                 &zxids,
                 &CatchupBoard::new(1),
-                &mut Ignored,
+                &mut NoCompletions,
                 &Limits::default(),
             );
         }
@@ -1669,59 +1654,13 @@ mod tests {
 #[allow(clippy::unwrap_used, reason = "a test fails by panicking")]
 mod deadline_tests {
     use super::*;
-    use crate::replica::NodeReplica;
-    use crate::store::StoreConfig;
-    use crate::zab::LEADER_EPOCH;
+    use crate::zab::test_support::*;
 
     /// Records the kinds sent.
-    struct Recording(Vec<u8>, Vec<Kind>);
-
-    impl Outbox for Recording {
-        fn buffer(&mut self) -> Option<&mut [u8]> {
-            Some(&mut self.0)
-        }
-        fn send(&mut self, _: Target, kind: Kind, _: usize, _: u64) {
-            self.1.push(kind);
-        }
-        fn resend(&mut self, _: Target, kind: Kind, _: usize) {
-            self.1.push(kind);
-        }
-    }
-
-    struct NoCompletions;
-
-    impl Completions for NoCompletions {
-        fn write_applied(&mut self, _: u16, _: u64, _: u64) {}
-    }
-
     #[test]
     fn an_idle_leader_waits_for_its_heartbeat_and_a_submitted_write_is_due_at_once() {
-        let config = PipelineConfig {
-            node: 0,
-            nodes: 3,
-            pipeline: 0,
-            pipelines: 1,
-            max_txn_len: 24,
-            slot_len: 24,
-            item_len: 16,
-            cluster_tag: 1,
-            run: 2,
-            epoch: LEADER_EPOCH,
-            integrity: wire::Integrity::Crc32c,
-            sessions: 2,
-            window: 64,
-            retained: 128,
-            mtu: 1024,
-            keys: 16,
-            instance: 1,
-            fingerprint: 0,
-        };
-        let replica = NodeReplica::new(&StoreConfig {
-            keys: 16,
-            value_size: 16,
-            hugepages: false,
-        })
-        .unwrap();
+        let config = small_config(0, 2, 1);
+        let replica = small_replica();
         let board = CatchupBoard::new(1);
         let zxids = ZxidSource::new();
         let limits = Limits::default();

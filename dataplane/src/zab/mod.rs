@@ -44,6 +44,8 @@ pub mod election;
 pub mod follower;
 pub mod leader;
 pub mod node;
+#[cfg(test)]
+pub(crate) mod test_support;
 pub mod wire;
 
 use std::sync::atomic::{AtomicU64, Ordering};

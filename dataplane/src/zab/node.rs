@@ -388,44 +388,11 @@ impl Node {
 #[cfg(test)]
 mod deadline_tests {
     use super::*;
-    use crate::zab::{LEADER_EPOCH, wire::Integrity};
-
-    struct Recording(Vec<u8>, Vec<Kind>);
-
-    impl Outbox for Recording {
-        fn buffer(&mut self) -> Option<&mut [u8]> {
-            Some(&mut self.0)
-        }
-        fn send(&mut self, _: Target, kind: Kind, _: usize, _: u64) {
-            self.1.push(kind);
-        }
-        fn resend(&mut self, _: Target, kind: Kind, _: usize) {
-            self.1.push(kind);
-        }
-    }
+    use crate::zab::test_support::*;
 
     #[test]
     fn a_joining_follower_is_due_at_each_hello_interval() {
-        let config = PipelineConfig {
-            node: 1,
-            nodes: 3,
-            pipeline: 0,
-            pipelines: 1,
-            max_txn_len: 24,
-            slot_len: 24,
-            item_len: 16,
-            cluster_tag: 1,
-            run: 2,
-            epoch: LEADER_EPOCH,
-            integrity: Integrity::Crc32c,
-            sessions: 4,
-            window: 64,
-            retained: 128,
-            mtu: 1024,
-            keys: 16,
-            instance: 7,
-            fingerprint: 0,
-        };
+        let config = small_config(1, 4, 7);
         let limits = Limits::default();
         let mut node = Node::new(config, 0);
         let mut outbox = Recording(vec![0; 1024], Vec::new());
