@@ -712,20 +712,8 @@ impl Follower {
     }
 
     fn send_credit_if_due(&mut self, now_ns: u64, outbox: &mut impl Outbox, limits: &Limits) {
-        let words = self.words();
-        let reported = self.reported;
-        let due = self.report_due
-            || words.prepare_seen - reported.prepare_seen.min(words.prepare_seen)
-                >= half(limits.prepare_credits)
-            || words.commit_seen - reported.commit_seen.min(words.commit_seen)
-                >= half(limits.commit_credits)
-            || words.applied - reported.applied.min(words.applied)
-                >= (self.config.window as u64 / 4).max(1)
-            || (words != reported
-                && now_ns.saturating_sub(self.reported_ns) >= limits.retransmit_timeout_ns / 4)
-            // Silence must mean a dead or cut-off follower, never an idle one.
-            || now_ns.saturating_sub(self.reported_ns) >= limits.heartbeat_interval_ns;
-        if !due {
+        // One rule for when a report is due, shared with `next_deadline`.
+        if self.credit_report_at(now_ns, limits) > now_ns {
             return;
         }
         let Some(buffer) = outbox.buffer() else {
@@ -803,7 +791,8 @@ impl Follower {
     }
 
     /// When `send_credit_if_due` reports: at once when asked to or when enough moved, after a
-    /// quarter timeout for anything unreported, after the heartbeat interval regardless.
+    /// quarter timeout for anything unreported, after the heartbeat interval regardless
+    /// (silence must mean a dead or cut-off follower, never an idle one).
     fn credit_report_at(&self, now_ns: u64, limits: &Limits) -> u64 {
         let words = self.words();
         let reported = self.reported;
