@@ -7,6 +7,9 @@
 //!   `peer --mode sink` child receiving, each pinned to its own core), next to a bare
 //!   single-producer single-consumer shared-memory ring measured in the same run. Prints a table.
 //!
+//! - `ring-pingpong`: round trips between two threads pinned to cores 0 and 1 over two shared
+//!   cache lines, the latency limit a commit (a PREPARE out, an ACK back) is compared against.
+//!
 //! It touches the transports it opens, a temporary ring file for the baseline, and its child.
 
 #![allow(
@@ -54,6 +57,59 @@ enum Command_ {
     /// copying every payload out (median of three runs), printed as one number in bytes per
     /// second: the limit a cluster's replication over shm is compared against.
     RingRate(RingRateOptions),
+    /// Round trips between two threads pinned to cores 0 and 1, each way one store to a cache
+    /// line the other polls: the latency limit of anything that needs a message and its answer
+    /// (a commit: a PREPARE out, an ACK back). Prints the round trip's p50, p99 and p99.9 in
+    /// nanoseconds, as `p50 p99 p999`.
+    RingPingpong(PingpongOptions),
+}
+
+#[derive(Clone, Debug, clap::Args)]
+struct PingpongOptions {
+    /// Round trips to time.
+    #[arg(long, default_value_t = 200_000)]
+    rounds: u64,
+}
+
+/// Two counters on their own cache lines: the ping the first thread writes, the pong the
+/// second answers with.
+#[repr(C, align(64))]
+struct Line(AtomicU64);
+
+fn ring_pingpong(options: &PingpongOptions) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        (1..=100_000_000).contains(&options.rounds),
+        "--rounds must be in 1..=100000000"
+    );
+    let lines = Arc::new([Line(AtomicU64::new(0)), Line(AtomicU64::new(0))]);
+    let rounds = options.rounds;
+    let answering = Arc::clone(&lines);
+    let answerer = std::thread::spawn(move || {
+        pin(Some(1));
+        for round in 1..=rounds {
+            while answering[0].0.load(Ordering::Acquire) != round {
+                std::hint::spin_loop();
+            }
+            answering[1].0.store(round, Ordering::Release);
+        }
+    });
+    pin(Some(0));
+    let mut trips = Vec::with_capacity(usize::try_from(rounds).unwrap_or(0));
+    for round in 1..=rounds {
+        let start = Instant::now();
+        lines[0].0.store(round, Ordering::Release);
+        while lines[1].0.load(Ordering::Acquire) != round {
+            std::hint::spin_loop();
+        }
+        trips.push(start.elapsed().as_nanos() as f64);
+    }
+    answerer
+        .join()
+        .map_err(|_| anyhow::anyhow!("the answering thread panicked"))?;
+    trips.sort_by(f64::total_cmp);
+    let at = |quantile: f64| trips[((trips.len() - 1) as f64 * quantile) as usize];
+    println!("{:.0} {:.0} {:.0}", at(0.5), at(0.99), at(0.999));
+    Ok(())
 }
 
 #[derive(Clone, Debug, clap::Args)]
@@ -737,5 +793,6 @@ fn main() -> anyhow::Result<()> {
         Command_::Bench(bench_options) => bench(bench_options),
         Command_::SealBench(seal_options) => seal_bench(seal_options),
         Command_::RingRate(ring_options) => ring_rate(ring_options),
+        Command_::RingPingpong(pingpong_options) => ring_pingpong(pingpong_options),
     }
 }
