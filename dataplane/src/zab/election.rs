@@ -20,10 +20,16 @@
 //! all that is kept of it (newest by round, then decided over looking, then the better vote,
 //! as a node's vote only gets better within a round; FLE has TCP's order, datagrams do not).
 //!
-//! Two departures from FLE, each for a fault FLE's setting does not have: the round never goes
+//! Departures from FLE, each for a fault FLE's setting does not have: the round never goes
 //! back (FLE sets it to an established leader's when it joins one, which let a node reuse a
-//! round it had voted in with another vote), and a looking peer's notification withdraws the
-//! decision it reported before. Left out: observers, reconfiguration, vote weights, and the
+//! round it had voted in with another vote); a looking peer's notification withdraws the
+//! decision it reported before in that round or an earlier one, and of a peer's decisions
+//! only the latest round's is kept; notifications carry the sender's incarnation, so a peer
+//! restarted into a round it decided in is heard again (and its earlier life's late datagrams
+//! are not); rounds past [`MAX_ROUND`] are refused; and a vote naming this node is taken with
+//! this node's own credentials (one with others is from an earlier life of it). The last four
+//! came from a review that found a connected quorum could otherwise stall for ever after a
+//! restart. Left out: observers, reconfiguration, vote weights, and the
 //! exponential backoff of repeats (a cluster here is small and an election short).
 //!
 //! What an outcome is worth: FLE is not consensus. A node may finalize on a vote a peer has
@@ -90,7 +96,15 @@ pub struct Notification {
     /// joined. Not persisted: a restarted node starts again from round 1 and catches up.
     pub round: u64,
     pub state: PeerState,
+    /// The sender's life: a value that grows with every start of its process (rzab's process
+    /// instance). A restarted node may come back into a round it voted or decided in before;
+    /// what its earlier life said there must not make its new notifications look overtaken.
+    pub incarnation: u64,
 }
+
+/// Rounds above this are refused: a round saturated at `u64::MAX` would be reused by every
+/// later election, which the round rule exists to prevent.
+pub const MAX_ROUND: u64 = 1 << 62;
 
 /// What a node decided.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -196,6 +210,8 @@ pub struct Election {
     answers_due: u64,
     /// The highest epoch in any vote seen since the election started, for the epoch hint.
     highest_epoch: u32,
+    /// This process's life (see [`Notification::incarnation`]).
+    incarnation: u64,
     stats: ElectionStats,
 }
 
@@ -250,8 +266,16 @@ impl Election {
             last_sent_ns: 0,
             answers_due: 0,
             highest_epoch: epoch,
+            incarnation: 0,
             stats: ElectionStats::default(),
         })
+    }
+
+    /// This election with the process life its notifications carry (it must grow with every
+    /// start of the node's process; the default, 0, suits a node that never restarts).
+    pub fn with_incarnation(mut self, incarnation: u64) -> Election {
+        self.incarnation = incarnation;
+        self
     }
 
     /// A majority of the cluster.
@@ -299,6 +323,7 @@ impl Election {
             vote: self.vote,
             round: self.round,
             state: self.peer_state(),
+            incarnation: self.incarnation,
         }
     }
 
@@ -341,12 +366,41 @@ impl Election {
             PeerState::Following => leader == from,
             PeerState::Leading => leader != from,
         };
-        // A notification in this node's own name would count it twice toward a quorum.
-        if from >= self.nodes || from == self.node || leader >= self.nodes || contradictory {
+        // A notification in this node's own name would count it twice toward a quorum; a round
+        // past MAX_ROUND would pin every later election to one round.
+        if from >= self.nodes
+            || from == self.node
+            || leader >= self.nodes
+            || contradictory
+            || notification.round > MAX_ROUND
+        {
             self.stats.dropped += 1;
             return;
         }
         self.stats.handled += 1;
+        let index = usize::from(from);
+        let lives = [self.heard[index], self.out_of_election[index]];
+        let known_life = lives.iter().flatten().map(|heard| heard.incarnation).max();
+        match known_life {
+            Some(life) if life > notification.incarnation => {
+                // From an earlier life of the peer, arriving late.
+                self.stats.ignored += 1;
+                return;
+            }
+            Some(life) if life < notification.incarnation => {
+                // The peer restarted: what its earlier life said is void.
+                self.heard[index] = None;
+                self.out_of_election[index] = None;
+            }
+            _ => {}
+        }
+        // A vote for this node with other credentials than its own is from an earlier life of
+        // this node (or a log since truncated): it is taken as a vote for this node as it is.
+        let mut notification = *notification;
+        if notification.vote.leader == self.node {
+            notification.vote = self.own_vote();
+        }
+        let notification = &notification;
         match (self.status, notification.state) {
             (Status::Idle, _) => self.stats.ignored += 1,
             // FLE's WorkerReceiver: a decided node tells a looking one whom it decided on, so
@@ -374,6 +428,8 @@ impl Election {
                 // proposal of the old round, which may name a node that is gone.
                 self.round = notification.round;
                 self.heard = [None; MAX_NODES];
+                // A quorum of the old round is no quorum of this one, even for the same vote.
+                self.quorum_since = None;
                 self.set_vote(self.own_vote().max(notification.vote));
                 self.send_due = true;
             }
@@ -395,8 +451,11 @@ impl Election {
                 }
             }
         }
-        // It is looking, so it no longer backs the leader it may have reported.
-        self.out_of_election[index] = None;
+        // It is looking, so it no longer backs the leader it reported in this round or an
+        // earlier one (a decision of a later round, arriving first, stands).
+        if self.out_of_election[index].is_some_and(|decided| decided.round <= notification.round) {
+            self.out_of_election[index] = None;
+        }
         self.heard[index] = Some(*notification);
         self.highest_epoch = self.highest_epoch.max(notification.vote.epoch);
         self.check_quorum(now_ns);
@@ -420,7 +479,12 @@ impl Election {
         }
         // Decided peers of any round: a node arriving late, in another round, joins an
         // established leader only when a quorum follows it (this node not counted, as it is
-        // looking) and the leader is among them, leading (FLE's ZOOKEEPER-1732 path).
+        // looking) and the leader is among them, leading (FLE's ZOOKEEPER-1732 path). Only the
+        // peer's latest decision counts: one of an earlier round, arriving late, is not kept.
+        if self.out_of_election[index].is_some_and(|decided| decided.round > notification.round) {
+            self.stats.ignored += 1;
+            return;
+        }
         self.out_of_election[index] = Some(*notification);
         if self.backed(&self.out_of_election, notification, false)
             && self.leader_confirmed(&self.out_of_election, notification)
@@ -977,6 +1041,7 @@ mod tests {
             vote,
             round: 1,
             state: PeerState::Looking,
+            incarnation: 0,
         };
         election.handle(3, &looking, 0);
         election.handle(1, &looking, 0);
@@ -1014,6 +1079,7 @@ mod tests {
             },
             round: 1,
             state: PeerState::Looking,
+            incarnation: 0,
         };
         election.handle(2, &stale, 5);
         assert_eq!(
@@ -1039,6 +1105,7 @@ mod tests {
             },
             round: 1,
             state: PeerState::Looking,
+            incarnation: 0,
         };
         // Node 1 voted for itself, then for node 2; the first datagram arrives last.
         election.handle(1, &looking(2, 50), 1);
@@ -1066,6 +1133,7 @@ mod tests {
             vote,
             round,
             state: PeerState::Looking,
+            incarnation: 0,
         };
         election.handle(1, &looking(two, 1), 1);
         assert_eq!(election.vote(), two);
@@ -1228,6 +1296,7 @@ mod tests {
             vote: three,
             round: 4,
             state: PeerState::Following,
+            incarnation: 0,
         };
         election.handle(1, &following, 1);
         election.handle(2, &following, 2);
@@ -1284,6 +1353,7 @@ mod tests {
             vote: election.vote(),
             round: 1,
             state: PeerState::Looking,
+            incarnation: 0,
         };
         election.handle(1, &backing, sent + 10);
         // A quorum: due at each repeat and then at the end of the wait, whichever is first.
@@ -1350,5 +1420,105 @@ mod tests {
                 lossy.leader(&all(count));
             }
         }
+    }
+
+    /// Delivers each election's notification to the others, `rounds` times, 50 µs apart,
+    /// advancing each; returns the outcomes.
+    fn exchange(elections: &mut [Election], rounds: u64, start_ns: u64) -> Vec<Option<Outcome>> {
+        for step in 0..rounds {
+            let now = start_ns + step * 50_000;
+            let sent: Vec<(u8, Notification)> = elections
+                .iter()
+                .map(|election| (election.node, election.notification()))
+                .collect();
+            for election in elections.iter_mut() {
+                for (from, notification) in &sent {
+                    if *from != election.node {
+                        election.handle(*from, notification, now);
+                    }
+                }
+                election.advance(now);
+            }
+        }
+        elections.iter().map(Election::outcome).collect()
+    }
+
+    #[test]
+    fn a_peer_restarted_into_a_round_it_decided_in_is_heard_again() {
+        // Node 0 looks in round 1 and holds node 1's decision of an earlier life (following
+        // 2, which is gone). Node 1 restarts, looking in round 1 again: without incarnations
+        // its new notifications looked overtaken by its old decision, and 0 and 1 (a quorum
+        // of 3) never decided.
+        let mut node0 = Election::new(0, 3, 10, 1, LIMITS)
+            .unwrap()
+            .with_incarnation(5);
+        node0.start(0);
+        let old_decision = Notification {
+            vote: Vote {
+                leader: 2,
+                zxid: 10,
+                epoch: 1,
+            },
+            round: 1,
+            state: PeerState::Following,
+            incarnation: 1,
+        };
+        node0.handle(1, &old_decision, 0);
+        let mut node1 = Election::new(1, 3, 10, 1, LIMITS)
+            .unwrap()
+            .with_incarnation(2);
+        node1.start(0);
+        let mut pair = [node0, node1];
+        let outcomes = exchange(&mut pair, 100, 10_000);
+        assert_eq!(
+            outcomes,
+            [
+                Some(Outcome::Follow { leader: 1 }),
+                Some(Outcome::Lead { epoch_hint: 2 })
+            ]
+        );
+        // A late datagram of node 1's earlier life changes nothing.
+        let before = pair[0].stats().ignored;
+        pair[0].handle(1, &old_decision, 6_000_000);
+        assert_eq!(pair[0].stats().ignored, before + 1);
+    }
+
+    #[test]
+    fn a_round_past_the_bound_is_dropped() {
+        let mut election = Election::new(0, 3, 10, 1, LIMITS).unwrap();
+        election.start(0);
+        let far = Notification {
+            vote: Vote {
+                leader: 2,
+                zxid: 99,
+                epoch: 9,
+            },
+            round: u64::MAX,
+            state: PeerState::Looking,
+            incarnation: 0,
+        };
+        election.handle(1, &far, 0);
+        assert_eq!(election.stats().dropped, 1);
+        assert_eq!(election.round(), 1, "the round did not jump");
+    }
+
+    #[test]
+    fn a_late_decision_of_an_earlier_round_does_not_replace_a_later_one() {
+        let mut election = Election::new(0, 5, 10, 1, LIMITS).unwrap();
+        election.start(0);
+        let following = |leader, round| Notification {
+            vote: Vote {
+                leader,
+                zxid: 10,
+                epoch: 1,
+            },
+            round,
+            state: PeerState::Following,
+            incarnation: 0,
+        };
+        election.handle(1, &following(4, 3), 0);
+        let before = election.stats().ignored;
+        election.handle(1, &following(3, 2), 0);
+        assert_eq!(election.stats().ignored, before + 1);
     }
 }
