@@ -105,6 +105,43 @@ enum Queue {
     Bulk,
 }
 
+/// Writes waiting for a zxid, in arrival order: positions `head..tail` of a ring.
+#[derive(Debug)]
+struct WriteQueue {
+    ring: EntryRing,
+    head: u64,
+    tail: u64,
+}
+
+impl WriteQueue {
+    fn new(capacity: usize, slot_len: usize) -> Self {
+        WriteQueue {
+            ring: EntryRing::new(capacity, slot_len),
+            head: 0,
+            tail: 0,
+        }
+    }
+
+    /// Entries waiting.
+    fn len(&self) -> u64 {
+        self.tail - self.head
+    }
+
+    fn has_room(&self, entries: u32) -> bool {
+        self.len() + u64::from(entries) <= self.ring.capacity() as u64
+    }
+
+    /// Queues a whole transaction (room checked by the caller).
+    fn push_txn(&mut self, meta: EntryMeta, txn: &[u8]) {
+        self.tail += self.ring.put_txn(self.tail, meta, txn);
+    }
+
+    /// The entry at the head (the queue is not empty).
+    fn head_meta(&self) -> &EntryMeta {
+        self.ring.meta(self.head)
+    }
+}
+
 /// The leader's state for one pipeline.
 ///
 /// Writes wait for a zxid in two queues, so that a large transaction never holds small ones
@@ -117,15 +154,11 @@ enum Queue {
 #[derive(Debug)]
 pub struct Leader {
     config: PipelineConfig,
-    /// Writes of one entry waiting for a zxid, in arrival order.
-    incoming: EntryRing,
-    incoming_head: u64,
-    incoming_tail: u64,
+    /// Writes of one entry waiting for a zxid.
+    incoming: WriteQueue,
     /// Writes of several entries (and those behind them in their sessions) waiting for a
-    /// zxid, whole, in arrival order.
-    bulk: EntryRing,
-    bulk_head: u64,
-    bulk_tail: u64,
+    /// zxid, whole.
+    bulk: WriteQueue,
     /// Writes in `bulk` not yet begun, by origin node and session.
     bulk_waiting: Vec<u32>,
     /// Small writes below this position go before the next bulk transaction begins.
@@ -200,12 +233,8 @@ impl Leader {
             (Vec::new(), Vec::new())
         };
         Leader {
-            incoming: EntryRing::new(incoming_capacity.max(1), config.slot_len),
-            incoming_head: 0,
-            incoming_tail: 0,
-            bulk: EntryRing::new(bulk_capacity, config.slot_len),
-            bulk_head: 0,
-            bulk_tail: 0,
+            incoming: WriteQueue::new(incoming_capacity.max(1), config.slot_len),
+            bulk: WriteQueue::new(bulk_capacity, config.slot_len),
             bulk_waiting: vec![0; MAX_NODES * config.sessions.max(1)],
             small_turn_end: 0,
             pending: EntryRing::new(config.retained, config.slot_len),
@@ -296,7 +325,14 @@ impl Leader {
 
     /// Writes waiting for a zxid (entries, in both queues).
     fn incoming_len(&self) -> u64 {
-        (self.incoming_tail - self.incoming_head) + (self.bulk_tail - self.bulk_head)
+        self.incoming.len() + self.bulk.len()
+    }
+
+    fn queue(&self, queue: Queue) -> &WriteQueue {
+        match queue {
+            Queue::Small => &self.incoming,
+            Queue::Bulk => &self.bulk,
+        }
     }
 
     /// The queue a write of `fragments` entries from `node`'s `session` goes to.
@@ -313,34 +349,17 @@ impl Leader {
         }
     }
 
-    /// Whether `queue` has room for a write of `fragments` entries.
-    fn has_room(&self, queue: Queue, fragments: u32) -> bool {
-        let (len, capacity) = match queue {
-            Queue::Small => (
-                self.incoming_tail - self.incoming_head,
-                self.incoming.capacity(),
-            ),
-            Queue::Bulk => (self.bulk_tail - self.bulk_head, self.bulk.capacity()),
-        };
-        len + u64::from(fragments) <= capacity as u64
-    }
-
-    /// Queues a whole transaction (room checked by the caller) with `meta`; returns the
-    /// position of its last entry in its queue.
-    fn enqueue(&mut self, queue: Queue, meta: EntryMeta, txn: &[u8]) -> u64 {
+    /// Queues a whole transaction (room checked by the caller) with `meta`.
+    fn enqueue(&mut self, queue: Queue, meta: EntryMeta, txn: &[u8]) {
         match queue {
-            Queue::Small => {
-                self.incoming_tail += self.incoming.put_txn(self.incoming_tail, meta, txn);
-                self.incoming_tail - 1
-            }
+            Queue::Small => self.incoming.push_txn(meta, txn),
             Queue::Bulk => {
                 let index = usize::from(meta.origin_node) * self.config.sessions.max(1)
                     + usize::from(meta.session);
                 if let Some(waiting) = self.bulk_waiting.get_mut(index) {
                     *waiting += 1;
                 }
-                self.bulk_tail += self.bulk.put_txn(self.bulk_tail, meta, txn);
-                self.bulk_tail - 1
+                self.bulk.push_txn(meta, txn);
             }
         }
     }
@@ -354,7 +373,7 @@ impl Leader {
         if txn.is_empty()
             || txn.len() > self.config.max_txn_len
             || usize::from(session) >= self.config.sessions.max(1)
-            || !self.has_room(queue, fragments)
+            || !self.queue(queue).has_room(fragments)
         {
             return false;
         }
@@ -542,7 +561,7 @@ impl Leader {
             // The origin is the sender, whatever the entry says: it is whose sessions complete.
             let origin = message.header.from_node;
             let queue = self.queue_for(origin, entry.session, 1);
-            if !self.has_room(queue, 1) {
+            if !self.queue(queue).has_room(1) {
                 self.stats.dropped_unexpected += 1;
                 break;
             }
@@ -594,7 +613,7 @@ impl Leader {
         if assembly.received != fragments {
             return;
         }
-        if (self.bulk_tail - self.bulk_head) + u64::from(fragments) > self.bulk.capacity() as u64 {
+        if !self.bulk.has_room(fragments) {
             // No room to queue it: keep it whole but for this fragment, which comes again.
             assembly.have[word] &= !bit;
             assembly.received -= 1;
@@ -1014,10 +1033,12 @@ impl Leader {
                 Some(Some(buffer)) => Some(buffer),
                 None => None,
             };
-            let (source, head) = match queue {
-                Queue::Small => (&self.incoming, self.incoming_head),
-                Queue::Bulk => (&self.bulk, self.bulk_head),
+            // By field, not `self.queue()`: `self.pending` is written while this is borrowed.
+            let waiting = match queue {
+                Queue::Small => &self.incoming,
+                Queue::Bulk => &self.bulk,
             };
+            let (source, head) = (&waiting.ring, waiting.head);
             // The fragments of one transaction share its zxid, taken with the first. A batch
             // that goes on with a transaction holds nothing else (see `next_prepare_batch`),
             // so its zxids need no new ones.
@@ -1047,7 +1068,6 @@ impl Leader {
                 let prepared = EntryMeta {
                     zxid,
                     present: true,
-                    ends_message: false,
                     ..meta
                 };
                 self.pending
@@ -1055,9 +1075,9 @@ impl Leader {
             }
             let last = *source.meta(head + batch - 1);
             match queue {
-                Queue::Small => self.incoming_head += batch,
+                Queue::Small => self.incoming.head += batch,
                 Queue::Bulk => {
-                    self.bulk_head += batch;
+                    self.bulk.head += batch;
                     if !continues_txn {
                         let index = usize::from(first.origin_node) * self.config.sessions.max(1)
                             + usize::from(first.session);
@@ -1067,7 +1087,7 @@ impl Leader {
                     }
                     if last.fragment + 1 >= self.config.fragments_of(last.txn_len as usize) {
                         // A bulk transaction ended: the small writes queued by now go next.
-                        self.small_turn_end = self.incoming_tail;
+                        self.small_turn_end = self.incoming.tail;
                     }
                 }
             }
@@ -1086,11 +1106,11 @@ impl Leader {
     /// way goes on; else the small writes whose turn it is; else the next bulk transaction;
     /// else small writes.
     fn next_queue(&self) -> Queue {
-        let bulk = self.bulk_tail > self.bulk_head;
-        let small = self.incoming_tail > self.incoming_head;
-        if bulk && self.bulk.meta(self.bulk_head).fragment != 0 {
+        let bulk = self.bulk.len() > 0;
+        let small = self.incoming.len() > 0;
+        if bulk && self.bulk.head_meta().fragment != 0 {
             Queue::Bulk
-        } else if small && (!bulk || self.incoming_head < self.small_turn_end) {
+        } else if small && (!bulk || self.incoming.head < self.small_turn_end) {
             Queue::Small
         } else if bulk {
             Queue::Bulk
@@ -1105,14 +1125,8 @@ impl Leader {
     /// transactions and a PREPARE's zxids are always one run of consecutive ones. Returns
     /// (entries, transactions they start).
     fn next_prepare_batch(&self, queue: Queue, space: u64, limits: &Limits) -> (u64, u64) {
-        let (source, head, len) = match queue {
-            Queue::Small => (
-                &self.incoming,
-                self.incoming_head,
-                self.incoming_tail - self.incoming_head,
-            ),
-            Queue::Bulk => (&self.bulk, self.bulk_head, self.bulk_tail - self.bulk_head),
-        };
+        let waiting = self.queue(queue);
+        let (source, head, len) = (&waiting.ring, waiting.head, waiting.len());
         let limit = len
             .min(limits.prepare_batch.max(1) as u64)
             .min(MAX_PREPARES_PER_MSG as u64)
@@ -1572,7 +1586,7 @@ mod tests {
         }
         assert_eq!(leader.incoming_len(), 3, "the new write is queued whole");
         let mut bytes = vec![0u8; TXN_LEN];
-        leader.bulk.txn(leader.bulk_head).copy_to(&mut bytes);
+        leader.bulk.ring.txn(leader.bulk.head).copy_to(&mut bytes);
         assert!(
             bytes.iter().all(|byte| *byte == 0xbb),
             "the old process's fragments leaked into its successor's write"

@@ -704,8 +704,6 @@ pub struct EntryMeta {
     pub session: u16,
     pub origin_node: u8,
     pub present: bool,
-    /// Leader's incoming ring: the last write of a follower's WRITE message.
-    pub ends_message: bool,
 }
 
 impl EntryMeta {
@@ -720,7 +718,6 @@ impl EntryMeta {
             session,
             origin_node: node,
             present: true,
-            ends_message: false,
         }
     }
 
@@ -734,7 +731,6 @@ impl EntryMeta {
             session: entry.session,
             origin_node: entry.origin_node,
             present: true,
-            ends_message: false,
         }
     }
 }
