@@ -3,7 +3,9 @@
 # runs a short local 3-node cluster over shm and then over udp (loopback) with
 # --capture-corpus, then one over shm with injected loss in which follower 2 is killed and
 # restarted (so that NACKs, repeats, HELLO replies and SNAPSHOT chunks are captured too),
-# and keeps what the nodes recorded: received datagrams by kind
+# then one with one worker per node in which the leader is killed (so that VOTE datagrams and
+# the discovery HELLOs of an election are captured; of that run only wire_decode's vote and
+# hello files are kept, as its pipelines differ from the capture configuration's), and keeps what the nodes recorded: received datagrams by kind
 # (wire_decode), each node's received sequence (pipeline_input), the nodes' endpoint records
 # (endpoint_decode) and their knob values (knobs_parse). Files named regression-* (inputs that
 # once crashed a target) are kept; earlier captured files are replaced.
@@ -14,16 +16,17 @@
 # batched small transactions and fragmented large ones), 1024 keys, window 1024, 32 sessions, and over udp the published test secret
 # CAPTURE.secret (so that the harnesses can check the MACs). Change both together.
 #
-#   fuzz/capture-corpus.sh [--seconds 2] [--transports "shm udp"] [--no-restart]
+#   fuzz/capture-corpus.sh [--seconds 2] [--transports "shm udp"] [--no-restart] [--no-failover]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-seconds=2 transports="shm udp" restart=yes
+seconds=2 transports="shm udp" restart=yes failover=yes
 while (($#)); do
   case "$1" in
     --seconds) seconds="$2"; shift 2 ;;
     --transports) transports="$2"; shift 2 ;;
     --no-restart) restart=no; shift ;;
+    --no-failover) failover=no; shift ;;
     -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
     *) echo "unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
@@ -108,6 +111,35 @@ if [ "$restart" = yes ]; then
   done
   pids=()
   grep -h "captured\|caught up" "$work/restart-"*.log | sed 's/^/    /'
+fi
+
+if [ "$failover" = yes ]; then
+  echo "==> 3-node cluster over shm, one worker, leader 0 killed, capturing votes"
+  pids=()
+  for node in 0 1 2; do
+    "$bin" --cluster fuzzcap --run-id fuzzcap --node "$node" --nodes 3 --workers 1 \
+      --value-size 4096 --value-mix 32,4096 --keys 1024 --window 1024 --sessions 32 \
+      --write-ratio 300 --transport shm --duration $((seconds + 2)) --join-timeout 30 \
+      --shm-dir "$work" --control-block "$work/block-failover-$node" \
+      --knob stats_interval_ms=60000 --capture-corpus "$work/failover" \
+      >"$work/failover-$node.log" 2>&1 &
+    pids+=($!)
+  done
+  sleep 1
+  kill -KILL "${pids[0]}"
+  wait "${pids[0]}" 2>/dev/null || true
+  for index in 1 2; do
+    if ! wait "${pids[$index]}"; then
+      echo "node $index of the failover run failed:" >&2
+      cat "$work/failover-$index.log" >&2
+      exit 1
+    fi
+  done
+  pids=()
+  grep -h "leads epoch" "$work/failover-"*.log | sed 's/^/    /'
+  mkdir -p "$captured/wire_decode"
+  find "$work/failover/wire_decode" -type f \( -name 'vote-*' -o -name 'hello-*' \) \
+    -exec cp {} "$captured/wire_decode/" \;
 fi
 
 for target in "${targets[@]}"; do

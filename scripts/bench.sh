@@ -10,7 +10,10 @@
 #  4. how long a follower killed and restarted under load takes to catch up with 1M keys;
 #  5. transactions of 32 B, 1 KiB, 64 KiB and 1 MiB at 100% writes (those past a 64 KiB
 #     datagram travel as fragments): transactions/s, committed MB/s, write latency, and the
-#     bare shared-memory ring's byte rate at 64 KiB datagrams (the consumer copying them out) measured in the same run.
+#     bare shared-memory ring's byte rate at 64 KiB datagrams (the consumer copying them out) measured in the same run;
+#  6. leader failover: 20 leader kills (SIGKILL) in a row under a 20% write load, each old
+#     leader restarted: how long each election took, as the nodes report it, and whether the
+#     replicas end identical.
 #   scripts/bench.sh [--seconds 5] [--skip-transport]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -211,4 +214,68 @@ for name in ("c0", "c1", "c2b"):
             summaries[name] = json.loads(line[8:])
 same = len({(s["applied_zxid"], s["store_digest"]) for s in summaries.values()}) == 1 and len(summaries) == 3
 print(f"stores identical after the run: {'yes' if same else 'NO'}")
+PY
+
+# Failover: 20 leader kills in a row under load (3 nodes, shm, 20% writes, default knobs), each
+# killed leader restarted once the others lead and commit again.
+echo
+echo "Leader failover, 3 nodes, shm, 1 worker each, 20% writes, default knobs (election_timeout_ms 50, heartbeat_interval_ms 20):"
+rm -f /dev/shm/rzab-fabric-$cluster
+python3 - "$cluster" "$logs" <<'PY'
+import json, re, signal, statistics, subprocess, sys, time
+cluster, logs = sys.argv[1], sys.argv[2]
+args = lambda n: ["./target/release/rzab-dataplane", "--cluster", cluster, "--node", str(n), "--nodes", "3",
+                  "--keys", "100000", "--write-ratio", "200", "--knob", "stats_interval_ms=60000"]
+procs, files, starts = {}, {}, {}
+def start(n):
+    starts[n] = starts.get(n, -1) + 1
+    files[n] = f"{logs}/f{n}-{starts[n]}.log"
+    procs[n] = subprocess.Popen(args(n), stdout=open(files[n], "w"), stderr=subprocess.STDOUT)
+def log(n):
+    return open(files[n]).read()
+def wait(what, condition, seconds=30):
+    deadline = time.time() + seconds
+    while not condition():
+        if time.time() > deadline:
+            sys.exit(f"timed out waiting for {what}")
+        time.sleep(0.01)
+for n in range(3):
+    start(n)
+time.sleep(2)
+leader, epoch, rows = 0, 1, []
+for kill in range(20):
+    victim = leader
+    others = [n for n in range(3) if n != victim]
+    killed_at = time.time()
+    procs[victim].send_signal(signal.SIGKILL)
+    procs[victim].wait()
+    pattern = re.compile(r"node (\d+) leads epoch (\d+) \(was .*the election took ([\d.]+) ms")
+    def elected():
+        found = [pattern.findall(log(n)) for n in others]
+        return all(any(int(e) > epoch for _, e, _ in f) for f in found)
+    wait(f"an election after kill {kill}", elected)
+    seen = time.time() - killed_at
+    found = [[m for m in pattern.findall(log(n)) if int(m[1]) > epoch][0] for n in others]
+    new_leader, new_epoch = int(found[0][0]), int(found[0][1])
+    took = max(float(m[2]) for m in found)
+    start(victim)
+    wait(f"node {victim} caught up", lambda: "caught up" in log(victim), 60)
+    rows.append((kill, victim, new_leader, new_epoch, took, seen))
+    leader, epoch = new_leader, new_epoch
+    time.sleep(0.5)
+for n in range(3):
+    procs[n].send_signal(signal.SIGTERM)
+for n in range(3):
+    procs[n].wait()
+summaries = []
+for n in range(3):
+    for line in log(n).splitlines():
+        if line.startswith("summary "):
+            summaries.append(json.loads(line[8:]))
+same = len(summaries) == 3 and len({(s["applied_zxid"], s["store_digest"]) for s in summaries}) == 1
+elections = [r[4] for r in rows]
+print("| kills | new leader found every time | election, median (ms) | election, max (ms) | kill to both survivors logging the new leader, median (ms) | epochs | stores identical at the end |")
+print("|---|---|---|---|---|---|---|")
+print(f"| {len(rows)} | yes | {statistics.median(elections):.1f} | {max(elections):.1f} | {statistics.median(r[5] for r in rows) * 1000:.0f} | 1 to {rows[-1][3]} | {'yes' if same else 'NO'} |")
+print("(election: from giving up the old leader, election_timeout_ms after its last message, to following or leading the next, as each survivor reports it; the logging time adds the timeout and the reporting thread's 50 ms poll)")
 PY

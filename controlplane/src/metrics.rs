@@ -9,7 +9,8 @@
 //! `rzab_shared::counters::export_bounds`, 64 buckets per power of two from 256 ns to 4.29 s,
 //! fine enough that `histogram_quantile` lands within 1.6% of the data plane's own percentiles),
 //! `rzab_write_latency_max_seconds` (the exact maximum, per node), the per-worker gauges
-//! `rzab_applied_zxid`, `rzab_leader_zxid`, `rzab_replication_lag`, `rzab_sync_state`, and
+//! `rzab_applied_zxid`, `rzab_leader_zxid`, `rzab_replication_lag`, `rzab_sync_state`,
+//! `rzab_epoch`, `rzab_last_election_seconds`, and
 //! the per-node `rzab_knob_value`, `rzab_knob_epoch`, `rzab_dataplane_up`,
 //! `rzab_dataplane_heartbeat_age_seconds`, `rzab_registry_state`, `rzab_controlplane_up`,
 //! `rzab_peers_known`. Without an attached block only the per-node liveness families are
@@ -72,8 +73,20 @@ const FAMILIES: &[(&str, MetricType, &str, &[&str])] = &[
     (
         "rzab_sync_state",
         MetricType::GAUGE,
-        "Whether the worker's pipeline is in step with the leader: 0 starting, 1 catching_up, 2 serving; in trouble: 3 no_leader, 4 no_quorum, 5 fell_behind (also named by the state label).",
+        "Whether the worker's pipeline is in step with the leader: 0 starting, 1 catching_up, 2 serving; in trouble: 3 no_leader, 4 no_quorum, 5 fell_behind, 6 electing (also named by the state label).",
         &["node", "worker", "role", "state"],
+    ),
+    (
+        "rzab_epoch",
+        MetricType::GAUGE,
+        "The epoch the worker's pipeline speaks in (the high 32 bits of the zxids its leader gives); it rises with every elected leader.",
+        WORKER_LABELS,
+    ),
+    (
+        "rzab_last_election_seconds",
+        MetricType::GAUGE,
+        "How long the worker's last election took, from giving up its leader to following (or leading) the next, in seconds (0 before any).",
+        WORKER_LABELS,
     ),
     (
         "rzab_knob_value",
@@ -267,6 +280,8 @@ impl BlockCollector {
         let mut leader = Vec::with_capacity(workers);
         let mut lag = Vec::with_capacity(workers);
         let mut sync = Vec::with_capacity(workers);
+        let mut epochs = Vec::with_capacity(workers);
+        let mut elections = Vec::with_capacity(workers);
         for index in 0..workers {
             let worker_block = block.worker(index);
             let worker = index.to_string();
@@ -285,6 +300,11 @@ impl BlockCollector {
             let leader_zxid = gauges.leader_zxid.load(Ordering::Relaxed);
             applied.push(gauge(&base, applied_zxid as f64));
             leader.push(gauge(&base, leader_zxid as f64));
+            epochs.push(gauge(&base, gauges.epoch.load(Ordering::Relaxed) as f64));
+            elections.push(gauge(
+                &base,
+                gauges.last_election_ns.load(Ordering::Relaxed) as f64 / 1e9,
+            ));
             lag.push(gauge(
                 &base,
                 leader_zxid.saturating_sub(applied_zxid) as f64,
@@ -325,6 +345,8 @@ impl BlockCollector {
         families.push(self.gauge_family("rzab_leader_zxid", leader));
         families.push(self.gauge_family("rzab_replication_lag", lag));
         families.push(self.gauge_family("rzab_sync_state", sync));
+        families.push(self.gauge_family("rzab_epoch", epochs));
+        families.push(self.gauge_family("rzab_last_election_seconds", elections));
         families
     }
 }

@@ -170,7 +170,7 @@ pub struct Health {
     tag = "status",
     responses(
         (status = 200, description = "Attached to the control block and the data plane's heartbeat is fresh", body = Health),
-        (status = 503, description = "Not attached, the data plane is silent, or a pipeline hears nothing from its leader (no_leader), from a quorum (no_quorum) or was left behind (fell_behind); `reason` says which", body = Health),
+        (status = 503, description = "Not attached, the data plane is silent, or a pipeline hears nothing from its leader (no_leader), from a quorum (no_quorum), was left behind (fell_behind) or has no leader while an election runs (electing); `reason` says which", body = Health),
     )
 )]
 pub async fn healthz(State(state): State<AppState>) -> Response {
@@ -224,7 +224,7 @@ pub struct RegistryView {
 #[derive(Clone, Debug, Serialize, ToSchema)]
 pub struct WorkerStatus {
     pub worker: u32,
-    /// starting, catching_up or serving; in trouble: no_leader, no_quorum or fell_behind
+    /// starting, catching_up or serving; in trouble: no_leader, no_quorum, fell_behind or electing
     /// (see docs/reliability.md).
     pub sync_state: String,
     /// The highest zxid this worker's node has applied, as the worker saw it.
@@ -265,7 +265,8 @@ pub struct StatusResponse {
     pub cluster: String,
     pub generation: String,
     pub node: u32,
-    /// leader or follower, as the data plane reports its pipelines' leader; unknown until it says.
+    /// leader or follower, as the data plane reports its pipelines' leader; electing while it
+    /// has none and elects one; unknown until it says.
     pub role: String,
     pub block: String,
     pub attached: bool,

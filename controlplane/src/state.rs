@@ -4,9 +4,10 @@
 //! Touches nothing by itself; it reads the attached block on request.
 
 use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use rzab_shared::{ControlBlock, Lifecycle};
+use rzab_shared::{ControlBlock, Lifecycle, SyncState};
 
 use crate::attach::Attachment;
 use crate::options::Config;
@@ -38,8 +39,9 @@ impl Shared {
     }
 
     /// What this node is, as its data plane reports it: "leader" when its pipelines lead,
-    /// "follower" when they follow another node, "unknown" before any says (not attached, or
-    /// not joined yet). No node is the leader by its number.
+    /// "follower" when they follow another node, "electing" while they have no leader and
+    /// elect one, "unknown" before any says (not attached, or not joined yet). No node is the
+    /// leader by its number.
     pub fn role(&self) -> &'static str {
         self.attachment
             .block()
@@ -55,9 +57,15 @@ pub fn role(block: &ControlBlock, node: u32) -> &'static str {
     if block.worker_count() == 0 {
         return UNKNOWN_ROLE;
     }
-    match block.worker(0).gauges.leader_node() {
+    let gauges = &block.worker(0).gauges;
+    match gauges.leader_node() {
         Some(leader) if leader == node => "leader",
         Some(_) => "follower",
+        None if SyncState::from_code(gauges.sync_state.load(Ordering::Relaxed))
+            == SyncState::Electing =>
+        {
+            "electing"
+        }
         None => UNKNOWN_ROLE,
     }
 }

@@ -1310,6 +1310,9 @@ fn limits_from(input: &mut Unstructured<'_>) -> arbitrary::Result<Limits> {
         slow_follower_grace_ns: knob(Knob::SlowFollowerGraceUs)?.saturating_mul(1000),
         heartbeat_interval_ns: knob(Knob::HeartbeatIntervalMs)?.saturating_mul(1_000_000),
         peer_timeout_ns: knob(Knob::PeerTimeoutMs)?.saturating_mul(1_000_000),
+        election_timeout_ns: knob(Knob::ElectionTimeoutMs)?.saturating_mul(1_000_000),
+        finalize_wait_ns: knob(Knob::FinalizeWaitUs)?.saturating_mul(1000),
+        startup_grace_ns: input.int_in_range(0..=2_000_000_000)?,
     })
 }
 

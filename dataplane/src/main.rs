@@ -162,6 +162,8 @@ mod tests {
             store_digest: 0,
             retransmissions: 0,
             drain_seconds: 0.0,
+            elections: 0,
+            epoch: 1,
             history: None,
         }
     }

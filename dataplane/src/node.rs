@@ -64,6 +64,10 @@ pub struct Summary {
     /// How long the workers drained after clients stopped (they stop once nothing but
     /// heartbeats has arrived for a while, or after `worker::DRAIN_MAX`).
     pub drain_seconds: f64,
+    /// Elections this node started (its leader, or as leader its quorum, silent for the
+    /// election timeout), and the epoch it ended in.
+    pub elections: u64,
+    pub epoch: u64,
     // history hook: what --history-dir recorded (absent when off).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub history: Option<crate::history::HistoryReport>,
@@ -374,7 +378,6 @@ where
     Address: Fn(u8, u8) -> EndpointAddress,
 {
     let node = options.node;
-    let is_leader = node == LEADER_NODE;
     let capture = CaptureSink::open(options.capture_corpus.as_deref(), node, block);
     // Open every endpoint and post its receives before anyone can learn its address.
     let mut transports = Vec::with_capacity(usize::from(options.workers));
@@ -387,11 +390,10 @@ where
         })?;
         let mut transport = CapturingTransport::new(opened, capture.clone(), worker);
         transport.post_recv(transport.caps().recv_slots);
-        if !is_leader {
-            transport
-                .join_multicast(MulticastGroup(u16::from(worker)))
-                .with_context(|| format!("joining multicast group {worker}"))?;
-        }
+        // Every node is a member: whichever leads sends to the others through it.
+        transport
+            .join_multicast(MulticastGroup(u16::from(worker)))
+            .with_context(|| format!("joining multicast group {worker}"))?;
         block
             .worker(usize::from(worker))
             .local_endpoint
@@ -423,13 +425,17 @@ where
     let mut history = crate::history::NodeHistory::start(options, block, replica)?; // history hook
     let tag = cluster_tag(&options.cluster);
     let integrity = options.integrity()?;
-    // Write ids hold 32 bits of a session's sequence: a process starts its sessions in a
-    // 2^20-wide range chosen by its start time, so a restarted node's write ids are new.
-    let started_secs = std::time::SystemTime::now()
+    // A process starts its sessions' sequences at its start time in microseconds. A session
+    // has one write outstanding and a commit takes longer than a microsecond, so a restarted
+    // process's sequences are above every one its predecessor used: the leader's exactly-once
+    // table, which a new leader inherits without knowing which process of a node filled a row,
+    // takes them as new (sequences of the same second were once dropped as repeats). Write ids
+    // hold the sequence's low 32 bits, which repeat only after 71 minutes.
+    let first_sequence = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
-        .map(|elapsed| elapsed.as_secs())
-        .unwrap_or(0);
-    let first_sequence = ((started_secs & 0xfff) << 20) | 1;
+        .map(|elapsed| u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX >> 1))
+        .unwrap_or(1)
+        .max(1);
     let mut workers = Vec::with_capacity(transports.len());
     for (worker, mut transport) in (0..options.workers).zip(transports) {
         let remote = |peer: u8| {
@@ -437,23 +443,18 @@ where
                 .load()
                 .with_context(|| format!("no endpoint known for node {peer} worker {worker}"))
         };
+        // Any node may lead: every one resolves every other, and the group.
         let mut peers = Peers {
-            leader: None,
             followers: [None; MAX_NODES],
             group: None,
         };
-        if is_leader {
-            for follower in 1..options.nodes {
-                peers.followers[usize::from(follower)] =
-                    Some(transport.resolve(&remote(follower)?)?);
-            }
-            if options.nodes > 1 {
-                peers.group = transport
-                    .multicast_address(MulticastGroup(u16::from(worker)))
-                    .ok();
-            }
-        } else {
-            peers.leader = Some(transport.resolve(&remote(LEADER_NODE)?)?);
+        for peer in (0..options.nodes).filter(|peer| *peer != node) {
+            peers.followers[usize::from(peer)] = Some(transport.resolve(&remote(peer)?)?);
+        }
+        if options.nodes > 1 {
+            peers.group = transport
+                .multicast_address(MulticastGroup(u16::from(worker)))
+                .ok();
         }
         let config = PipelineConfig {
             node,
@@ -607,6 +608,38 @@ fn latency(block: &ControlBlock) -> HistogramSnapshot {
     merged
 }
 
+/// What this node is, by what its first pipeline says of the leader.
+fn role_name(options: &Options, block: &ControlBlock) -> &'static str {
+    match block.worker(0).gauges.leader_node() {
+        Some(leader) if leader == u32::from(options.node) => "leader",
+        Some(_) => "follower",
+        None => "electing",
+    }
+}
+
+/// Prints a line whenever the node's first pipeline takes another leader or epoch: who leads
+/// now, and how long the election took.
+fn report_leader_changes(options: &Options, block: &ControlBlock, last: &mut (Option<u32>, u64)) {
+    let gauges = &block.worker(0).gauges;
+    let now = (gauges.leader_node(), gauges.epoch.load(Ordering::Relaxed));
+    if now == *last || now.0.is_none() {
+        return;
+    }
+    if last.0.is_some() {
+        let took = gauges.last_election_ns.load(Ordering::Relaxed);
+        println!(
+            "node {}: node {} leads epoch {} (was node {} in epoch {}); the election took {:.1} ms",
+            options.node,
+            now.0.unwrap_or(0),
+            now.1,
+            last.0.unwrap_or(0),
+            last.1,
+            took as f64 / 1e6
+        );
+    }
+    *last = now;
+}
+
 /// Prints a line whenever a pipeline enters or leaves a state of trouble (no leader heard, no
 /// quorum heard, left behind), so that an operator sees it in the log as well as in the
 /// status, health and metrics.
@@ -617,12 +650,20 @@ fn report_state_changes(options: &Options, block: &ControlBlock, states: &mut [S
             continue;
         }
         match (last.trouble(), state.trouble()) {
-            (_, Some(trouble)) => println!(
-                "node {} pipeline {worker}: {} ({trouble}; peer_timeout_ms = {})",
-                options.node,
-                state.name(),
-                block.knob(Knob::PeerTimeoutMs)
-            ),
+            (_, Some(trouble)) => {
+                let timeout = if state == SyncState::Electing {
+                    Knob::ElectionTimeoutMs
+                } else {
+                    Knob::PeerTimeoutMs
+                };
+                println!(
+                    "node {} pipeline {worker}: {} ({trouble}; {} = {})",
+                    options.node,
+                    state.name(),
+                    timeout.spec().name,
+                    block.knob(timeout)
+                );
+            }
             (Some(_), None) => println!(
                 "node {} pipeline {worker}: {} again (was {})",
                 options.node,
@@ -643,11 +684,7 @@ fn report_until_stopped(
     started: Instant,
 ) -> Summary {
     let block = shared.block;
-    let role = if options.node == LEADER_NODE {
-        "leader"
-    } else {
-        "follower"
-    };
+    let mut leadership = (None, 0u64);
     let mut running_since: Option<Instant> = None;
     let mut last = Totals::read(block);
     let mut last_print = Instant::now();
@@ -659,6 +696,8 @@ fn report_until_stopped(
         std::thread::sleep(Duration::from_millis(50));
         block.dataplane_heartbeat();
         report_state_changes(options, block, &mut states);
+        report_leader_changes(options, block, &mut leadership);
+        let role = role_name(options, block);
         if running_since.is_none() && joined.load(Ordering::Acquire) == usize::from(options.workers)
         {
             running_since = Some(Instant::now());
@@ -758,6 +797,8 @@ fn report_until_stopped(
         .into_iter()
         .map(|counter| block.counter_total(counter))
         .sum(),
+        elections: block.counter_total(Counter::ElectionsStarted),
+        epoch: block.worker(0).gauges.epoch.load(Ordering::Relaxed),
         history: None, // history hook: filled in once the flusher is done
     }
 }

@@ -8,10 +8,10 @@
 //!
 //! Touches only the store and its own atomics.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::store::{Store, StoreConfig, StoreError};
-use crate::zab::{StateMachine, Txn, ZXID_START};
+use crate::zab::{StateMachine, Txn, ZXID_START, zxid_follows};
 
 /// The store and apply order of one node.
 #[derive(Debug)]
@@ -19,7 +19,6 @@ pub struct NodeReplica {
     store: Store,
     applied: AtomicU64,
     digest: AtomicU64,
-    base_set: AtomicBool,
 }
 
 /// Bytes of the transaction that sets a key to a `value_size`-byte value.
@@ -71,7 +70,6 @@ impl NodeReplica {
             store: Store::new(config)?,
             applied: AtomicU64::new(ZXID_START),
             digest: AtomicU64::new(0xcbf2_9ce4_8422_2325),
-            base_set: AtomicBool::new(false),
         })
     }
 
@@ -94,7 +92,7 @@ impl NodeReplica {
 
 impl StateMachine for NodeReplica {
     fn try_apply(&self, zxid: u64, txn: Txn<'_>) -> bool {
-        if self.applied.load(Ordering::Acquire) != zxid.wrapping_sub(1) {
+        if !zxid_follows(self.applied.load(Ordering::Acquire), zxid) {
             return false;
         }
         let key = kv_txn_key(txn);
@@ -124,8 +122,8 @@ impl StateMachine for NodeReplica {
     }
 
     fn set_base(&self, zxid: u64) {
-        if !self.base_set.swap(true, Ordering::AcqRel) {
-            self.applied.store(zxid, Ordering::Release);
-        }
+        // Never back: a node synchronized with a new leader may have applied past that
+        // leader's snapshot point (what it applied is in the leader's history too).
+        self.applied.fetch_max(zxid, Ordering::AcqRel);
     }
 }

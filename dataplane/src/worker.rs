@@ -36,7 +36,7 @@ use crate::history::WorkerHistory; // history hook
 use crate::replica::{KEY_BYTES, NodeReplica};
 use crate::transport::{Destination, RecvCompletion, SendRequest, Transport};
 use crate::workload::Sessions;
-use crate::zab::node::Node;
+use crate::zab::node::{ElectionCounters, Node};
 use crate::zab::wire::{self, DropReason, Integrity, Kind, Message};
 use crate::zab::{
     CatchupBoard, Completions, Limits, Outbox, PipelineConfig, PipelineStats, Target, ZxidSource,
@@ -53,10 +53,11 @@ const SPINS_BEFORE_YIELD: u32 = 32;
 /// The resolved destinations of one pipeline.
 #[derive(Clone, Copy, Debug)]
 pub struct Peers<A> {
-    pub leader: Option<A>,
-    /// By node id; `None` for the leader and for this node.
+    /// By node id, every other node of the cluster (any may lead; votes go to all);
+    /// `None` for this node.
     pub followers: [Option<A>; MAX_NODES],
-    /// The pipeline's multicast group, when this node is the leader and the transport has one.
+    /// The pipeline's multicast group, when the transport has one (every node is a member;
+    /// whichever leads sends to it).
     pub group: Option<A>,
 }
 
@@ -128,6 +129,7 @@ fn sent_counters(kind: Kind, multicast: bool) -> (Counter, Counter) {
         (Kind::Hello, _) => (Counter::SentHelloUnicast, Counter::BytesHelloUnicast),
         (Kind::Nack, _) => (Counter::SentNackUnicast, Counter::BytesNackUnicast),
         (Kind::Snapshot, _) => (Counter::SentSnapshotUnicast, Counter::BytesSnapshotUnicast),
+        (Kind::Vote, _) => (Counter::SentVoteUnicast, Counter::BytesVoteUnicast),
     }
 }
 
@@ -137,7 +139,7 @@ fn batch_counters(kind: Kind) -> Option<(Counter, Counter)> {
         Kind::Prepare => Some((Counter::BatchEntriesPrepare, Counter::BatchMessagesPrepare)),
         Kind::Ack => Some((Counter::BatchEntriesAck, Counter::BatchMessagesAck)),
         Kind::Commit => Some((Counter::BatchEntriesCommit, Counter::BatchMessagesCommit)),
-        Kind::Credit | Kind::Nack | Kind::Hello | Kind::Snapshot => None,
+        Kind::Credit | Kind::Nack | Kind::Hello | Kind::Snapshot | Kind::Vote => None,
     }
 }
 
@@ -151,6 +153,7 @@ fn received_counter(kind: Kind) -> Counter {
         Kind::Hello => Counter::ReceivedHello,
         Kind::Nack => Counter::ReceivedNack,
         Kind::Snapshot => Counter::ReceivedSnapshot,
+        Kind::Vote => Counter::ReceivedVote,
     }
 }
 
@@ -158,6 +161,8 @@ fn received_counter(kind: Kind) -> Counter {
 struct TransportOutbox<'a, T: Transport> {
     transport: &'a mut T,
     peers: &'a Peers<T::Address>,
+    /// The node `Target::Leader` names.
+    leader_node: u8,
     counters: &'a WorkerBlock,
     /// Filled by push within its fixed capacity ([`MAX_CHAIN`]) and cleared by flush, so it
     /// never reallocates.
@@ -195,16 +200,17 @@ impl<T: Transport> TransportOutbox<'_, T> {
 
     /// Queues a send to the leader or to one follower (nothing if its address is unknown).
     fn push_unicast(&mut self, target: Target, len: usize) {
-        let address = match target {
-            Target::Leader => self.peers.leader,
-            Target::Follower(node) => self
-                .peers
-                .followers
-                .get(usize::from(node))
-                .copied()
-                .flatten(),
-            Target::AllFollowers => None,
+        let node = match target {
+            Target::Leader => self.leader_node,
+            Target::Follower(node) => node,
+            Target::AllFollowers => return,
         };
+        let address = self
+            .peers
+            .followers
+            .get(usize::from(node))
+            .copied()
+            .flatten();
         if let Some(address) = address {
             self.push(Destination::Unicast(address), len);
         }
@@ -250,17 +256,20 @@ impl<T: Transport> Outbox for TransportOutbox<'_, T> {
         let mut multicast_path = false;
         match target {
             Target::Leader | Target::Follower(_) => self.push_unicast(target, len),
-            Target::AllFollowers => match (self.multicast, self.peers.group) {
-                (true, Some(group)) => {
-                    multicast_path = true;
-                    self.push(Destination::Multicast(group), len);
-                }
-                _ => {
-                    for follower in self.peers.followers.iter().flatten() {
-                        self.push(Destination::Unicast(*follower), len);
+            // Votes go to every node, leader or not: one unicast each.
+            Target::AllFollowers => {
+                match (self.multicast && kind != Kind::Vote, self.peers.group) {
+                    (true, Some(group)) => {
+                        multicast_path = true;
+                        self.push(Destination::Multicast(group), len);
+                    }
+                    _ => {
+                        for follower in self.peers.followers.iter().flatten() {
+                            self.push(Destination::Unicast(*follower), len);
+                        }
                     }
                 }
-            },
+            }
         }
         let copies = if multicast_path || !matches!(target, Target::AllFollowers) {
             1
@@ -276,32 +285,6 @@ impl<T: Transport> Outbox for TransportOutbox<'_, T> {
         }
         self.buffers_used += 1;
         self.sent += 1;
-    }
-}
-
-impl<'a, T: Transport> TransportOutbox<'a, T> {
-    /// An outbox for a few control messages, sent on their own.
-    fn single(
-        transport: &'a mut T,
-        peers: &'a Peers<T::Address>,
-        counters: &'a WorkerBlock,
-        chain: &'a mut Vec<SendRequest<T::Address>>,
-        integrity: Integrity,
-    ) -> Self {
-        let max_buffers = transport.caps().max_chain.min(MAX_CHAIN);
-        TransportOutbox {
-            transport,
-            peers,
-            counters,
-            chain,
-            buffers_used: 0,
-            max_buffers,
-            doorbell: MAX_CHAIN,
-            multicast: false,
-            fan_out: 1,
-            sent: 0,
-            integrity,
-        }
     }
 }
 
@@ -322,6 +305,19 @@ fn publish_stats(counters: &WorkerBlock, stats: &PipelineStats) {
         Counter::CatchupEntriesReceived,
         stats.snapshot_entries_installed,
     );
+    counters.set(Counter::DiffSyncs, stats.diff_syncs);
+    counters.set(Counter::TruncatedTxns, stats.truncated);
+}
+
+/// Copies what the node counts of its elections into its counters and gauges.
+fn publish_elections(counters: &WorkerBlock, elections: &ElectionCounters) {
+    counters.set(Counter::ElectionsStarted, elections.started);
+    counters.set(Counter::ElectionsWon, elections.won);
+    counters.set(Counter::LeaderlessMicros, elections.leaderless_ns / 1000);
+    counters
+        .gauges
+        .last_election_ns
+        .store(elections.last_election_ns, Ordering::Relaxed);
 }
 
 /// Completes sessions and records write latency.
@@ -339,6 +335,10 @@ impl Completions for SessionCompletions<'_> {
             self.counters.write_latency_ns.record(latency);
             self.counters.add(Counter::WritesCompleted, 1);
         }
+    }
+
+    fn write_abandoned(&mut self, session: u16, session_seq: u64) {
+        let _ = self.sessions.abandon(session, session_seq);
     }
 }
 
@@ -383,6 +383,9 @@ impl LiveSettings {
                 slow_follower_grace_ns: knob(Knob::SlowFollowerGraceUs).saturating_mul(1000),
                 heartbeat_interval_ns: knob(Knob::HeartbeatIntervalMs).saturating_mul(1_000_000),
                 peer_timeout_ns: knob(Knob::PeerTimeoutMs).saturating_mul(1_000_000),
+                election_timeout_ns: knob(Knob::ElectionTimeoutMs).saturating_mul(1_000_000),
+                finalize_wait_ns: knob(Knob::FinalizeWaitUs).saturating_mul(1000),
+                startup_grace_ns: Limits::default().startup_grace_ns,
             },
             doorbell: as_usize(knob(Knob::DoorbellBatch)).clamp(1, MAX_CHAIN),
             multicast: knob(Knob::Multicast) != 0,
@@ -463,16 +466,12 @@ impl<T: Transport> Worker<T> {
                 block.remote.get(usize::from(node))?[self.index].load()?;
             transport.resolve(&address).ok()
         };
-        if self.node.is_leader() {
-            for node in 0..self.config.nodes {
-                if node != self.config.node {
-                    if let Some(address) = resolve(&mut self.transport, node) {
-                        self.peers.followers[usize::from(node)] = Some(address);
-                    }
+        for node in 0..self.config.nodes {
+            if node != self.config.node {
+                if let Some(address) = resolve(&mut self.transport, node) {
+                    self.peers.followers[usize::from(node)] = Some(address);
                 }
             }
-        } else if let Some(address) = resolve(&mut self.transport, self.node.leader_node()) {
-            self.peers.leader = Some(address);
         }
     }
 
@@ -511,7 +510,7 @@ impl<T: Transport> Worker<T> {
             counters.add(Counter::DropsMisrouted, 1);
             return None;
         }
-        if message.header.kind != Kind::Hello && !node.knows(&message.header) {
+        if !node.knows(&message.header) {
             counters.add(Counter::DropsUnknownSender, 1);
             return None;
         }
@@ -520,20 +519,16 @@ impl<T: Transport> Worker<T> {
         Some(message)
     }
 
-    /// Runs the join handshake: returns once every peer of this pipeline has answered.
+    /// Runs the join handshake: returns once this pipeline has a place in the cluster (the
+    /// leader of the start: every follower joined; a follower: its leader answered, the one
+    /// of the start or, for a process restarted into a cluster that elected another, the one
+    /// an election finds).
     pub fn join(&mut self, shared: &NodeShared<'_>, timeout: Duration) -> Result<(), WorkerError> {
         let deadline = Instant::now() + timeout;
         let counters = shared.block.worker(self.index);
-        // The leader waits for every follower it sends to; a follower only for its leader.
-        let awaited: Vec<u8> = (0..self.config.nodes)
-            .filter(|node| {
-                if self.node.is_leader() {
-                    self.peers.followers[usize::from(*node)].is_some()
-                } else {
-                    *node == self.node.leader_node()
-                }
-            })
-            .collect();
+        let settings = LiveSettings::read(shared.block);
+        let max_buffers = self.transport.caps().max_chain.min(MAX_CHAIN);
+        let fan_out = self.peers.followers.iter().flatten().count();
         loop {
             if shared.stop.load(Ordering::Relaxed) {
                 return Err(WorkerError::Stopped(self.index));
@@ -551,14 +546,19 @@ impl<T: Transport> Worker<T> {
                     });
                 }
             }
-            if awaited.iter().all(|node| self.node.joined(*node)) {
+            let peers = &self.peers;
+            let awaited = |node: u8| peers.followers[usize::from(node)].is_some();
+            if self.node.handshake_done(awaited) {
                 self.node.set_running();
                 return Ok(());
             }
             if timed_out {
-                let waiting: Vec<String> = awaited
-                    .iter()
-                    .filter(|node| !self.node.joined(**node))
+                let waiting: Vec<String> = (0..self.config.nodes)
+                    .filter(|node| {
+                        *node != self.config.node
+                            && (self.node.is_leader() || *node == self.node.leader_node())
+                            && !self.node.joined(*node)
+                    })
                     .map(|node| format!("node {node}"))
                     .collect();
                 return Err(WorkerError::JoinTimeout {
@@ -569,16 +569,10 @@ impl<T: Transport> Worker<T> {
             }
             let now_ns = self.now_ns();
             let (received, _) = self.receive(now_ns, shared, counters);
-            let mut outbox = TransportOutbox::single(
-                &mut self.transport,
-                &self.peers,
-                counters,
-                &mut self.chain,
-                self.config.integrity,
-            );
-            self.node.advance_join(now_ns, &mut outbox);
-            outbox.flush();
-            if received == 0 {
+            // The whole step, as the loop runs it: it says hello, answers hellos and votes,
+            // and elects if the leader of the start does not answer.
+            let sent = self.advance(now_ns, &settings, shared, counters, max_buffers, fan_out);
+            if received == 0 && sent == 0 {
                 std::thread::sleep(Duration::from_micros(200));
             }
         }
@@ -623,6 +617,7 @@ impl<T: Transport> Worker<T> {
         let mut outbox = TransportOutbox {
             transport: &mut self.transport,
             peers: &self.peers,
+            leader_node: self.node.leader_node(),
             counters,
             chain: &mut self.chain,
             buffers_used: 0,
@@ -807,6 +802,7 @@ impl<T: Transport> Worker<T> {
         now_ns: u64,
         limits: &Limits,
     ) {
+        publish_elections(counters, &self.node.election_counters(now_ns));
         let applied = replica.applied_zxid();
         counters
             .gauges
@@ -826,6 +822,10 @@ impl<T: Transport> Worker<T> {
         counters.set(
             Counter::TransportDropsOversize,
             self.transport.stats().dropped_malformed,
+        );
+        counters.set(
+            Counter::TransportDropsHole,
+            self.transport.stats().holes_skipped,
         );
         counters
             .gauges

@@ -1,5 +1,5 @@
 //! The start-up memory plan (`node::memory`) against what a pipeline really allocates: a
-//! counting allocator measures `Leader::new`, `Follower::new` and `Sessions::new` for a few
+//! counting allocator measures `Node::new` (in each role a node may take) and `Sessions::new` for a few
 //! configurations, and the plan must cover each without overstating it much. A change to the
 //! pipeline's rings that the plan does not follow fails here, not on a machine out of memory.
 //!
@@ -14,8 +14,7 @@ use rzab_dataplane::config::Options;
 use rzab_dataplane::node::memory::pipeline_bytes;
 use rzab_dataplane::workload::{KeyDistribution, Sessions, Trace};
 use rzab_dataplane::zab::PipelineConfig;
-use rzab_dataplane::zab::follower::Follower;
-use rzab_dataplane::zab::leader::Leader;
+use rzab_dataplane::zab::node::Node;
 
 struct CountingAllocator;
 
@@ -120,15 +119,25 @@ fn the_plan_covers_what_a_pipeline_allocates() {
         }
         .with_retained(options.committed_ring_bytes);
         config.validate().unwrap();
-        let trace = Trace::build(options.keys, KeyDistribution::Uniform, 16, 1).unwrap();
-        let measured = measure(|| {
-            let machine = if node == 0 {
-                (Some(Leader::new(config)), None)
-            } else {
-                (None, Some(Follower::new(config)))
-            };
-            (machine, Sessions::new(node, 0, sessions, trace, value_size))
-        });
+        // A node that may change roles is planned for the larger; else for the one it has.
+        let roles: Vec<u8> = if rzab_dataplane::node::memory::may_change_roles(&options) {
+            vec![node, (node + 1) % nodes]
+        } else {
+            vec![0]
+        };
+        let measured = roles
+            .into_iter()
+            .map(|leader| {
+                let trace = Trace::build(options.keys, KeyDistribution::Uniform, 16, 1).unwrap();
+                measure(|| {
+                    (
+                        Node::new(config, leader),
+                        Sessions::new(node, 0, sessions, trace, value_size),
+                    )
+                })
+            })
+            .max()
+            .unwrap();
         let planned = pipeline_bytes(&options);
         let case = format!(
             "node {node} of {nodes}, window {window}, values of {value_size} bytes, {sessions} sessions: planned {planned}, allocated {measured}"

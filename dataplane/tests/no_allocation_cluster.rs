@@ -71,6 +71,11 @@ fn allocates_nothing(
                 dir.path().join(format!("block{node}")).to_str().unwrap(),
                 "--knob",
                 "stats_interval_ms=60000",
+                // Three unoptimized nodes in one process move 1 MiB transactions slowly enough
+                // to be silent for more than the default 50 ms: a change of leader would
+                // allocate (new roles), and this test is about the steady state.
+                "--knob",
+                "election_timeout_ms=3000",
                 "--history-dir",
                 history.to_str().unwrap(),
             ]

@@ -32,7 +32,7 @@ use crate::limits::{
 /// "RZABCTL" followed by a zero byte, little-endian.
 pub const CONTROL_BLOCK_MAGIC: u64 = u64::from_le_bytes(*b"RZABCTL\0");
 /// Bumped whenever the layout of [`ControlBlock`] changes.
-pub const LAYOUT_VERSION: u32 = 5;
+pub const LAYOUT_VERSION: u32 = 6;
 
 /// The lifecycle of the data plane that owns a block.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -244,6 +244,8 @@ pub struct WorkerGauges {
     pub leader_node_plus_one: AtomicU64,
     /// The epoch that leader leads in.
     pub epoch: AtomicU64,
+    /// Nanoseconds the last election took, from its start to a leader followed (0: none).
+    pub last_election_ns: AtomicU64,
 }
 
 impl WorkerGauges {
@@ -281,6 +283,8 @@ pub enum SyncState {
     NoQuorum = 4,
     /// A follower the leader left behind: it restarts (or exits) to catch up by snapshot.
     FellBehind = 5,
+    /// The node has no leader: it is electing one, or joining the one elected.
+    Electing = 6,
 }
 
 impl SyncState {
@@ -291,6 +295,7 @@ impl SyncState {
             3 => SyncState::NoLeader,
             4 => SyncState::NoQuorum,
             5 => SyncState::FellBehind,
+            6 => SyncState::Electing,
             _ => SyncState::Starting,
         }
     }
@@ -306,6 +311,7 @@ impl SyncState {
             SyncState::FellBehind => {
                 Some("left behind by the leader; restarting to catch up by snapshot")
             }
+            SyncState::Electing => Some("no leader: electing one, or joining the one elected"),
             SyncState::Starting | SyncState::CatchingUp | SyncState::Serving => None,
         }
     }
@@ -318,6 +324,7 @@ impl SyncState {
             SyncState::NoLeader => "no_leader",
             SyncState::NoQuorum => "no_quorum",
             SyncState::FellBehind => "fell_behind",
+            SyncState::Electing => "electing",
         }
     }
 }

@@ -97,6 +97,15 @@ counters! {
     BytesHelloUnicast { "bytes_sent_total", ["type" = "hello", "path" = "unicast"], "Bytes sent, by type and path." }
     ReceivedHello { "messages_received_total", ["type" = "hello"], "Messages received, by type." }
     TransportDropsOversize { "drops_total", ["reason" = "oversize"], "Datagrams the transport dropped because they were larger than its MTU." }
+    SentVoteUnicast { "messages_sent_total", ["type" = "vote", "path" = "unicast"], "Messages sent, by type and path (repeats are counted in retransmissions_total)." }
+    BytesVoteUnicast { "bytes_sent_total", ["type" = "vote", "path" = "unicast"], "Bytes sent, by type and path." }
+    ReceivedVote { "messages_received_total", ["type" = "vote"], "Messages received, by type." }
+    ElectionsStarted { "elections_total", ["event" = "started"], "Elections this node started (its leader, or as leader its quorum, silent for election_timeout_ms), and epochs it began to lead after one." }
+    ElectionsWon { "elections_total", ["event" = "won"], "Elections this node started (its leader, or as leader its quorum, silent for election_timeout_ms), and epochs it began to lead after one." }
+    LeaderlessMicros { "leaderless_microseconds_total", [], "Time this node spent without a leader (electing, discovering, joining the elected one), in microseconds." }
+    DiffSyncs { "follower_syncs_total", ["method" = "diff"], "Followers brought to this leader's history from its committed-transaction ring (DIFF)." }
+    TruncatedTxns { "truncated_transactions_total", [], "Transactions this node held that its new leader's history lacks, dropped (TRUNC)." }
+    TransportDropsHole { "drops_total", ["reason" = "hole"], "Receive positions a sender reserved and never wrote (over shm: a sender killed mid-send), skipped after 20 ms." }
 }
 
 const _: () = assert!(COUNTERS.len() <= MAX_COUNTERS);

@@ -115,6 +115,10 @@ knobs! {
         "How long a pipeline may send its peer nothing before it sends a heartbeat (a CREDIT), so that silence means a dead or cut-off peer, not an idle one." }
     PeerTimeoutMs { "peer_timeout_ms", KnobKind::Integer, 10, 600_000, 1_000,
         "How long a follower may hear nothing from its leader, or a leader from a quorum of its followers, before the node reports it: sync_state no_leader or no_quorum, healthz 503 with the reason, a log line." }
+    ElectionTimeoutMs { "election_timeout_ms", KnobKind::Integer, 0, 600_000, 50,
+        "How long a follower may hear nothing from its leader, or a leader from a quorum, before it gives it up and elects a new leader (also how long an elected node waits for a quorum to follow it); 0 never elects (node 0 leads for good). Only with one worker per node." }
+    FinalizeWaitUs { "finalize_wait_us", KnobKind::Integer, 10, 1_000_000, 1_000,
+        "How long an election waits, once a quorum agrees on a vote, for a better one before it decides (FastLeaderElection's finalizeWait)." }
 }
 
 const _: () = assert!(KNOBS.len() <= MAX_KNOBS);

@@ -280,6 +280,15 @@ pub enum Violation {
         next: u64,
     },
     #[error(
+        "{process}: applied zxids {first_applied:#x}..={last_applied:#x} but not {zxid:#x}, which another process applied (a committed write lost across a change of leader)"
+    )]
+    SkippedCommitted {
+        process: Process,
+        zxid: u64,
+        first_applied: u64,
+        last_applied: u64,
+    },
+    #[error(
         "{process}: the node's first process starts applying at zxid {first:#x}, not right after {initial:#x}"
     )]
     LateStart {
@@ -387,6 +396,7 @@ impl Violation {
             Violation::AppliedTwice { .. } => "applied twice",
             Violation::DuplicateWrite { .. } => "duplicate write",
             Violation::Gap { .. } => "gap",
+            Violation::SkippedCommitted { .. } => "skipped committed",
             Violation::LateStart { .. } => "late start",
             Violation::Diverged { .. } => "diverged",
             Violation::LostApplies { .. } => "lost applies",
@@ -1276,7 +1286,9 @@ fn merge_sequences(
                 }
                 // Beyond what a crashed process's files are known to hold, a missing zxid
                 // may have been in a lost buffer.
-                if last + 1 != zxid && last < known_to {
+                // A new epoch numbers from its own first zxid on: the jump to it is no gap
+                // (what an earlier epoch committed beyond it is checked across processes).
+                if !rzab_dataplane::zab::zxid_follows(last, zxid) && last < known_to {
                     report.violation(Violation::Gap {
                         process: *process,
                         after: last,
@@ -1318,10 +1330,34 @@ fn merge_sequences(
     for (zxid, (write, _)) in &sequence.writes {
         sequence.by_key.entry(write.key).or_default().push(*zxid);
     }
+    check_no_committed_skipped(&sequence, report);
     check_writes_applied_once(&sequence, &gathered.invocations, report);
     let cluster_last = sequence.range().map(|(_, last)| last);
     check_starts_and_ends(processes, files, &sequence, cluster_last, options, report);
     sequence
+}
+
+/// Every process applied every zxid any process applied within the span of its own applies
+/// (up to what its files are known to hold): with epochs, a jump in a process's sequence is
+/// allowed only where no other process applied anything (a truncated uncommitted suffix).
+fn check_no_committed_skipped(sequence: &Sequence, report: &mut Report) {
+    for (process, applied) in &sequence.applied {
+        let (Some(first), Some(last)) = (applied.zxids.first(), applied.zxids.last()) else {
+            continue;
+        };
+        let last = (*last).min(applied.known_to);
+        for zxid in sequence.writes.range(*first..=last).map(|(zxid, _)| *zxid) {
+            if applied.zxids.binary_search(&zxid).is_err() {
+                report.violation(Violation::SkippedCommitted {
+                    process: *process,
+                    zxid,
+                    first_applied: *first,
+                    last_applied: last,
+                });
+                break;
+            }
+        }
+    }
 }
 
 /// Where the apply's and its write's invocation's value lengths are both known, they agree:

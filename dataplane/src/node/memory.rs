@@ -235,9 +235,9 @@ fn ring_bytes(capacity: u64, value_size: u64) -> u64 {
 }
 
 /// What one pipeline of this node allocates for its state machine and its sessions, as
-/// `Leader::new` / `Follower::new` and `Sessions::new` do.
-/// What one pipeline of this node allocates for its state machine and its sessions, as
-/// `Leader::new` / `Follower::new` and `Sessions::new` do.
+/// `Node::new` and `Sessions::new` do. With one pipeline per node any node may lead or follow
+/// after an election: it is planned for the larger of the two roles (a change of role frees
+/// the old role's state, all but the history it hands on, before the new one is built).
 pub fn pipeline_bytes(options: &Options) -> u64 {
     let shape = super::pipeline_shape(options, super::needed_mtu(options));
     let slot = shape.slot_len as u64;
@@ -252,11 +252,14 @@ pub fn pipeline_bytes(options: &Options) -> u64 {
     let window = options.window as u64;
     let nodes = u64::from(options.nodes);
     let words = |count: u64| count.saturating_mul(8);
-    let machine = if options.node == LEADER_NODE {
+    // The history a role hands on to the next: the committed-transaction ring and the
+    // exactly-once tables (what is held, what is applied).
+    let history = ring_bytes((shape.retained as u64).max(window), slot)
+        .saturating_add(words(2 * MAX_NODES as u64 * sessions));
+    let leader = {
         // Writes of one entry waiting for a zxid: every node's sessions, or what the
         // followers' write credits allow, whichever is more; writes of several, apart; then
-        // the retained prepares, the exactly-once and bulk-waiting tables, and the fragment
-        // assemblies.
+        // the bulk-waiting table and the fragment assemblies.
         let credit_bound = nodes
             .saturating_sub(1)
             .saturating_mul(MAX_WRITE_CREDITS as u64 * MAX_WRITES_PER_MSG as u64)
@@ -282,26 +285,49 @@ pub fn pipeline_bytes(options: &Options) -> u64 {
         } else {
             0
         };
+        // The node keeps its role boxed: the leader's own fields (its follower links) too.
         ring_bytes(incoming, slot)
             .saturating_add(ring_bytes(bulk, slot))
-            .saturating_add(ring_bytes(shape.retained as u64, slot))
-            .saturating_add(words(MAX_NODES as u64 * sessions))
             .saturating_add(4 * MAX_NODES as u64 * sessions)
             .saturating_add(assemblies)
-    } else {
-        // The committed-transaction ring, the sessions' outgoing writes, their queue and timers.
-        ring_bytes((shape.retained as u64).max(window), slot)
-            .saturating_add(ring_bytes(sessions.saturating_mul(fragments), slot))
-            .saturating_add(words(sessions.next_power_of_two()))
-            .saturating_add(words(2 * sessions))
+            .saturating_add(std::mem::size_of::<crate::zab::leader::Leader>() as u64)
     };
+    // The sessions' outgoing writes, their queue, confirmations, in-flight marks and timers.
+    let follower = ring_bytes(sessions.saturating_mul(fragments), slot)
+        .saturating_add(words(sessions.next_power_of_two()))
+        .saturating_add(words(3 * sessions))
+        .saturating_add(std::mem::size_of::<crate::zab::follower::Follower>() as u64);
+    let role = if may_change_roles(options) {
+        leader.max(follower)
+    } else if options.node == LEADER_NODE {
+        leader
+    } else {
+        follower
+    };
+    // What the node keeps across an election: the local writes it carries to the next
+    // leader (a ring and their sequences), the zxids it held unapplied, a transaction's
+    // scratch.
+    let carried = ring_bytes(sessions.saturating_mul(fragments), slot)
+        .saturating_add(words(sessions))
+        .saturating_add(words(window))
+        .saturating_add(txn);
     // Per session a state and a sequence; one transaction to write, a batch of values read,
     // and the value lengths writes take.
     let value = options.value_size as u64;
     let mix = options.value_mix.len().max(1) as u64;
     let session_txn = crate::replica::kv_txn_len(options.value_size) as u64;
     let clients = sessions * 32 + session_txn + value * BATCH_MAX as u64 + words(mix);
-    machine.saturating_add(item).saturating_add(clients)
+    history
+        .saturating_add(role)
+        .saturating_add(carried)
+        .saturating_add(item)
+        .saturating_add(clients)
+}
+
+/// Whether this node's pipeline may lead or follow as elections decide: with one pipeline
+/// per node in a cluster of several (with more, node 0 leads them for good).
+pub fn may_change_roles(options: &Options) -> bool {
+    options.workers == 1 && options.nodes > 1
 }
 
 /// One worker's transport buffers outside the shm fabric file: staging for sends and, for

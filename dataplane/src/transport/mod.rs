@@ -96,6 +96,9 @@ pub struct TransportStats {
     pub dropped_no_recv: u64,
     /// Datagrams received but unusable: larger than the MTU (cut short by the kernel).
     pub dropped_malformed: u64,
+    /// Receive positions a sender reserved and never wrote, skipped (shm: a sender killed
+    /// mid-send).
+    pub holes_skipped: u64,
     /// Send requests refused (oversize, unknown group, ...).
     pub sends_refused: u64,
     /// Doorbells rung (posted chains).

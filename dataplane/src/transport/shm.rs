@@ -11,7 +11,14 @@
 //! for which no receive is posted. Sending to a multicast group copies into every member's ring
 //! but the sender's, as a switch replicates.
 //!
-//! The data path touches only the mapped fabric and this endpoint's own staging buffers. Opening
+//! A sender killed between its reservation and its publication leaves a hole that would stop
+//! the ring for good (the receiver takes positions in order): a position reserved but not
+//! published for [`HOLE_TIMEOUT`] while later ones are reserved is skipped and counted
+//! (`holes_skipped`). Should its sender have been merely descheduled, what it writes late is
+//! refused by the datagram's check or by its stale sequence number, and the protocol repeats it.
+//!
+//! The data path touches only the mapped fabric and this endpoint's own staging buffers (and
+//! the clock, while a hole is waited out). Opening
 //! and closing touch the fabric file (created on first use under an `flock`, so concurrent first
 //! opens agree) and `kill(pid, 0)` to decide whether a port's previous owner is still alive.
 
@@ -44,6 +51,9 @@ pub const MAX_FABRIC_PORTS: u32 = 64;
 pub const FABRIC_GROUPS: usize = 64;
 /// The fabric file is sized in multiples of this, so it can live on hugetlbfs.
 const HUGE_PAGE: usize = 2 << 20;
+/// How long a reserved, unpublished position holds up the ring before it is skipped: far
+/// beyond a copy of the largest datagram, even by a sender descheduled in the middle of it.
+pub const HOLE_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(20);
 
 /// How to open a fabric port. The geometry fields apply when this open creates the fabric;
 /// opening an existing fabric checks them against it.
@@ -188,6 +198,8 @@ pub struct ShmTransport {
     head: u64,
     /// Mirror of this port's `posted_limit` (this endpoint is its only writer).
     posted_limit: u64,
+    /// The position the ring waits on while later ones are reserved, and since when.
+    hole: Option<(u64, std::time::Instant)>,
     staging: Vec<u8>,
     max_chain: usize,
     joined_groups: u64,
@@ -339,6 +351,7 @@ impl ShmTransport {
             owner_token,
             head: 0,
             posted_limit: 0,
+            hole: None,
             staging: vec![0; config.max_chain * geometry.mtu],
             max_chain: config.max_chain,
             joined_groups: 0,
@@ -612,6 +625,9 @@ impl Transport for ShmTransport {
         while polled < out.len() && self.head < self.posted_limit {
             let header = self.slot_header(self.port, self.head);
             if header.sequence.load(Ordering::Acquire) != self.head + 1 {
+                if self.skip_hole() {
+                    continue;
+                }
                 break;
             }
             let len = header
@@ -651,6 +667,35 @@ impl Transport for ShmTransport {
 }
 
 impl ShmTransport {
+    /// Whether the unpublished position at `head` is a hole to skip: later positions are
+    /// reserved and it has waited for [`HOLE_TIMEOUT`]. Skipping moves `head` past it.
+    fn skip_hole(&mut self) -> bool {
+        let tail = self.control(self.port).tail.load(Ordering::Acquire);
+        if tail <= self.head + 1 {
+            // Nothing reserved after it: a sender still copying, or nothing at all.
+            self.hole = None;
+            return false;
+        }
+        let now = std::time::Instant::now();
+        match self.hole {
+            Some((position, since)) if position == self.head => {
+                if now.duration_since(since) < HOLE_TIMEOUT {
+                    return false;
+                }
+                self.hole = None;
+                self.head += 1;
+                self.stats.holes_skipped += 1;
+                // The skipped receive is posted again, as a consumed one would be.
+                self.post_recv(1);
+                true
+            }
+            _ => {
+                self.hole = Some((self.head, now));
+                false
+            }
+        }
+    }
+
     fn group_index(&self, group: super::MulticastGroup) -> Result<usize, TransportError> {
         let index = usize::from(group.0);
         if index < FABRIC_GROUPS {
@@ -682,6 +727,60 @@ impl Drop for ShmTransport {
             0,
             Ordering::AcqRel,
             Ordering::Relaxed,
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, reason = "a test fails by panicking")]
+
+    use super::*;
+    use crate::transport::{Destination, RecvCompletion, SendRequest, Transport};
+
+    fn open(dir: &Path, port: u32) -> ShmTransport {
+        ShmTransport::open(&ShmConfig {
+            fabric: "holes".into(),
+            dir: dir.to_owned(),
+            port,
+            ports: 2,
+            ring_slots: 16,
+            mtu: 256,
+            max_chain: 4,
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn a_position_a_killed_sender_reserved_is_skipped_after_the_hole_timeout() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut sender = open(dir.path(), 0);
+        let mut receiver = open(dir.path(), 1);
+        assert_eq!(receiver.post_recv(16), 16);
+        let to = sender.resolve(&receiver.local_address()).unwrap();
+        // A sender that reserved a position and died before publishing it.
+        receiver.control(1).tail.fetch_add(1, Ordering::AcqRel);
+        sender.send_buffer(0)[..5].copy_from_slice(b"after");
+        let request = SendRequest {
+            destination: Destination::Unicast(to),
+            buffer: 0,
+            len: 5,
+        };
+        assert_eq!(sender.post_send(&[request]).unwrap(), 1);
+        let mut out = [RecvCompletion::default(); 4];
+        assert_eq!(
+            receiver.poll_recv(&mut out),
+            0,
+            "the hole holds the ring up at first"
+        );
+        std::thread::sleep(HOLE_TIMEOUT + std::time::Duration::from_millis(5));
+        assert_eq!(receiver.poll_recv(&mut out), 1);
+        assert_eq!(receiver.recv_payload(&out[0]), b"after");
+        assert_eq!(receiver.stats().holes_skipped, 1);
+        assert_eq!(
+            receiver.posted_recvs(),
+            15,
+            "the skipped receive is posted again"
         );
     }
 }

@@ -326,6 +326,23 @@ impl Sessions {
     }
 }
 
+impl Sessions {
+    /// `session` gives up its write `seq`, whose fate its node cannot learn: it may go on.
+    /// Returns whether it was waiting for that write.
+    pub fn abandon(&mut self, session: u16, seq: u64) -> bool {
+        let Some(state) = self.states.get_mut(usize::from(session)) else {
+            return false;
+        };
+        match *state {
+            SessionState::Writing { seq: waiting, .. } if waiting == seq => {
+                *state = SessionState::Idle;
+                true
+            }
+            _ => false,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -662,6 +662,27 @@ impl Election {
             repeat.min(due_at(now_ns, since, self.limits.finalize_wait_ns))
         })
     }
+
+    /// An election already decided, as at a cluster's start, where `leader` leads by
+    /// configuration in `epoch` with nothing written yet: round 0, every node's vote for it.
+    /// Looking peers are answered with it, so a process restarted into the cluster joins it.
+    pub fn established(mut self, leader: u8, zxid: u64, epoch: u32) -> Election {
+        let vote = Vote {
+            leader,
+            zxid,
+            epoch,
+        };
+        self.decide(vote);
+        self.send_due = false;
+        self
+    }
+
+    /// New limits, from the next step on.
+    pub fn set_limits(&mut self, limits: ElectionLimits) {
+        if limits.retransmit_ns > 0 {
+            self.limits = limits;
+        }
+    }
 }
 
 #[cfg(test)]

@@ -7,8 +7,9 @@
 
 use super::wire::{self, FLAG_RETRANSMIT, Kind, Message};
 use super::{
-    Completions, EntryMeta, EntryRing, FollowerWords, Limits, Outbox, PipelineConfig,
-    PipelineStats, RETRANSMIT_BURST, StateMachine, Target, due_at, half, hello_words, leader_words,
+    Completions, EntryMeta, EntryRing, FollowerWords, History, Limits, Outbox, PipelineConfig,
+    PipelineStats, RETRANSMIT_BURST, StateMachine, Target, Txn, due_at, half, hello_words,
+    leader_words,
 };
 
 /// The node that leads every pipeline.
@@ -50,8 +51,14 @@ pub struct Follower {
     /// becomes leader (the election issue) can bring laggards back by DIFF. Prepares are taken
     /// only a window ahead of the applied point, so a slot is never reused under one not applied.
     pending: EntryRing,
+    /// Highest session sequence held and applied, by origin node and session: what a leader
+    /// this node becomes starts its exactly-once table from.
+    ordered_held: Vec<u64>,
+    ordered_applied: Vec<u64>,
     /// Every prepare below this pseq is held.
     received: u64,
+    /// The pseq this pipeline started at: nothing below it was ever held here.
+    start_pseq: u64,
     committed: u64,
     applied: u64,
     acked_sent: u64,
@@ -73,6 +80,10 @@ pub struct Follower {
     queue_head: u64,
     queue_tail: u64,
     unconfirmed: Vec<u64>,
+    /// Per session: the write submitted and not yet applied here (0 = none). Unlike
+    /// `unconfirmed`, a write stays in flight once prepared, until it is applied: what a
+    /// change of leader must send again to the new one.
+    in_flight: Vec<u64>,
     sent_ns: Vec<u64>,
     next_write_scan_ns: u64,
     write_msgs_sent: u64,
@@ -96,13 +107,36 @@ pub struct Follower {
 
 impl Follower {
     pub fn new(config: PipelineConfig) -> Self {
+        let history = History::empty(&config);
+        Follower::with_history(config, history)
+    }
+
+    /// A follower that reuses the memory of `history` (this node's earlier role) and keeps
+    /// what it says was applied and ordered; it joins its leader like a new one, and the
+    /// leader brings it to its history by DIFF or snapshot. What `history` held beyond its
+    /// applied point is dropped (and comes again if the new leader's history has it).
+    pub fn with_history(config: PipelineConfig, history: History) -> Self {
         let sessions = config.sessions.max(1);
+        let History {
+            mut ring,
+            marked,
+            mut ordered_held,
+            ordered_applied,
+            ..
+        } = history;
+        ring.clear_presence(marked.0, marked.1);
+        // What was held unapplied is dropped with the entries: held is what was applied.
+        ordered_held.clear();
+        ordered_held.extend_from_slice(&ordered_applied);
         Follower {
             phase: Phase::Joining,
             leader: None,
             leader_heard_ns: None,
-            pending: EntryRing::new(config.retained.max(config.window), config.slot_len),
+            pending: ring,
+            ordered_held,
+            ordered_applied,
             received: 0,
+            start_pseq: 0,
             committed: 0,
             applied: 0,
             acked_sent: 0,
@@ -120,6 +154,7 @@ impl Follower {
             queue_head: 0,
             queue_tail: 0,
             unconfirmed: vec![0; sessions],
+            in_flight: vec![0; sessions],
             sent_ns: vec![0; sessions],
             next_write_scan_ns: 0,
             write_msgs_sent: 0,
@@ -166,7 +201,10 @@ impl Follower {
     /// with a snapshot of this pipeline's share of the store to follow if it says so. From
     /// then on this follower takes messages only from the process (node, instance) that
     /// answered, in the epoch it answered in.
-    pub fn start(&mut self, answer: &wire::Header) {
+    ///
+    /// `applied_zxid` is what the node applied already: entries up to it that come again (a
+    /// new leader's DIFF starts at or before it) are skipped, not applied twice.
+    pub fn start(&mut self, answer: &wire::Header, applied_zxid: u64) {
         let start_pseq = answer.words[hello_words::START_PSEQ];
         let catch_up = answer.words[hello_words::CATCH_UP] != 0;
         self.leader = Some(LeaderIdentity {
@@ -174,7 +212,10 @@ impl Follower {
             instance: answer.instance,
             epoch: answer.epoch,
         });
+        // This follower's messages speak in its leader's epoch.
+        self.config.epoch = answer.epoch;
         self.received = start_pseq;
+        self.start_pseq = start_pseq;
         self.committed = start_pseq;
         self.applied = start_pseq;
         self.acked_sent = start_pseq;
@@ -184,7 +225,7 @@ impl Follower {
             self.snapshot_end = end;
             self.phase = Phase::CatchingUp;
         } else {
-            self.base_zxid = Some(0);
+            self.base_zxid = Some(applied_zxid);
             self.phase = Phase::Serving;
         }
     }
@@ -206,6 +247,7 @@ impl Follower {
         self.outgoing
             .put_txn(self.outgoing_position(session, 0), meta, txn);
         self.unconfirmed[index] = session_seq;
+        self.in_flight[index] = session_seq;
         self.sent_ns[index] = 0;
         let mask = self.queue.len() - 1;
         let slot = usize::try_from(self.queue_tail).unwrap_or(0) & mask;
@@ -289,7 +331,7 @@ impl Follower {
                 // A repeated answer to our hello: nothing new.
                 self.stats.duplicates_dropped += 1;
             }
-            Kind::Write | Kind::Ack | Kind::Nack => self.stats.dropped_unexpected += 1,
+            Kind::Write | Kind::Ack | Kind::Nack | Kind::Vote => self.stats.dropped_unexpected += 1,
         }
     }
 
@@ -321,6 +363,13 @@ impl Follower {
             };
             self.pending.put(pseq, meta, entry.bytes);
             stored += 1;
+            if entry.fragment == 0 {
+                let index = usize::from(entry.origin_node) * self.config.sessions.max(1)
+                    + usize::from(entry.session);
+                if let Some(seq) = self.ordered_held.get_mut(index) {
+                    *seq = (*seq).max(entry.session_seq);
+                }
+            }
             if entry.origin_node == self.config.node {
                 // Our forwarded write is ordered: no need to send it again.
                 if let Some(seq) = self.unconfirmed.get_mut(usize::from(entry.session)) {
@@ -460,6 +509,7 @@ impl Follower {
             }
             if self.serve_at.is_some_and(|point| self.applied >= point) {
                 self.phase = Phase::Serving;
+                self.abandon_carried_writes(completions);
             }
         }
         let mut sent = self.send_nack(now_ns, outbox, limits);
@@ -495,15 +545,30 @@ impl Follower {
             }
             if meta.zxid > base_zxid {
                 let txn = self.pending.txn(self.applied);
-                if !replica.try_apply(meta.zxid, txn) {
+                if replica.try_apply(meta.zxid, txn) {
+                    if meta.origin_node == self.config.node {
+                        if let Some(seq) = self.in_flight.get_mut(usize::from(meta.session)) {
+                            if *seq <= meta.session_seq {
+                                *seq = 0;
+                            }
+                        }
+                        completions.write_applied(meta.session, meta.session_seq, meta.zxid);
+                    }
+                    let index = usize::from(meta.origin_node) * self.config.sessions.max(1)
+                        + usize::from(meta.session);
+                    if let Some(seq) = self.ordered_applied.get_mut(index) {
+                        *seq = (*seq).max(meta.session_seq);
+                    }
+                    self.stats.writes_applied += 1;
+                    self.stats.last_applied_zxid = meta.zxid;
+                } else if meta.zxid <= replica.applied_zxid() {
+                    // Applied here already (zxids are one total order): a new leader's
+                    // history overlaps what this node applied under the one before.
+                    self.stats.duplicates_dropped += 1;
+                } else {
                     self.stats.ordering_stalls += 1;
                     break;
                 }
-                if meta.origin_node == self.config.node {
-                    completions.write_applied(meta.session, meta.session_seq, meta.zxid);
-                }
-                self.stats.writes_applied += 1;
-                self.stats.last_applied_zxid = meta.zxid;
             }
             for position in self.applied..self.applied + fragments {
                 self.pending.meta_mut(position).present = false;
@@ -725,10 +790,19 @@ impl Follower {
         outbox.send(Target::Leader, Kind::Credit, wire::HEADER_BYTES, 0);
     }
 
-    /// The words of a hello from this follower.
-    pub fn hello_words(&self) -> [u64; wire::WORDS] {
+    /// The words of a hello from this follower, whose node has applied up to
+    /// `applied_zxid` and accepted epochs up to `accepted_epoch`.
+    pub fn hello_words(
+        &self,
+        applied_zxid: u64,
+        accepted_epoch: u32,
+        join: u64,
+    ) -> [u64; wire::WORDS] {
         let mut words = [0u64; wire::WORDS];
         words[hello_words::FINGERPRINT] = self.config.fingerprint;
+        words[hello_words::APPLIED_ZXID] = applied_zxid;
+        words[hello_words::ACCEPTED_EPOCH] = u64::from(accepted_epoch);
+        words[hello_words::JOIN] = join;
         words
     }
 
@@ -817,6 +891,87 @@ impl Follower {
             heartbeat
         }
     }
+
+    /// What this follower holds, for the role it takes next (an election): its ring, whole
+    /// transactions from its start (or the oldest not yet overwritten) to the last held whole.
+    pub fn into_history(self) -> History {
+        let capacity = self.pending.capacity() as u64;
+        let oldest = self.start_pseq.max(self.received.saturating_sub(capacity));
+        let from = super::leader::first_whole(&self.pending, oldest, self.received);
+        // A transaction held only in part is not history yet: it ends before it.
+        let mut end = self.received;
+        if end > from {
+            let last = self.pending.meta(end - 1);
+            let fragments = u64::from(self.config.fragments_of(last.txn_len as usize));
+            if u64::from(last.fragment) + 1 != fragments {
+                end = (end - 1).saturating_sub(u64::from(last.fragment)).max(from);
+            }
+        }
+        History {
+            from,
+            applied: self.applied,
+            end: end.max(self.applied),
+            marked: (self.applied, self.applied + self.config.window as u64),
+            ring: self.pending,
+            ordered_held: self.ordered_held,
+            ordered_applied: self.ordered_applied,
+        }
+    }
+
+    /// A follower holding nothing, in rings of one slot: what a node's role is for the
+    /// instant its roles change (its memory is then handed from the old role to the new).
+    pub fn placeholder(config: &PipelineConfig) -> Follower {
+        let tiny = PipelineConfig {
+            retained: 1,
+            window: 1,
+            sessions: 1,
+            max_txn_len: config.slot_len,
+            item_len: 0,
+            ..*config
+        };
+        Follower::new(tiny)
+    }
+
+    /// At the end of a catch-up by snapshot: the writes still in flight were sent again
+    /// from an earlier role (sessions issue nothing while the node catches up), and any of
+    /// them the new leader ordered before the snapshot's base will never be seen applied
+    /// here; the leader drops their repeats as ordered. They are given up.
+    fn abandon_carried_writes(&mut self, completions: &mut impl Completions) {
+        for (session, seq) in self.in_flight.iter_mut().enumerate() {
+            if *seq == 0 {
+                continue;
+            }
+            if let Ok(session) = u16::try_from(session) {
+                completions.write_abandoned(session, *seq);
+            }
+            if let Some(unconfirmed) = self.unconfirmed.get_mut(session) {
+                *unconfirmed = 0;
+            }
+            self.stats.writes_abandoned += 1;
+            *seq = 0;
+        }
+    }
+
+    /// The zxid of the last transaction held whole, if this pipeline holds any.
+    pub fn last_zxid(&self) -> Option<u64> {
+        let capacity = self.pending.capacity() as u64;
+        let oldest = self.start_pseq.max(self.received.saturating_sub(capacity));
+        (self.received > oldest).then(|| self.pending.meta(self.received - 1).zxid)
+    }
+
+    /// Calls `each` with every write of this node's sessions submitted and not applied yet:
+    /// (session, session sequence, transaction). A change of leader sends them to the new one.
+    pub fn for_each_local_write(&self, mut each: impl FnMut(u16, u64, Txn<'_>)) {
+        for (session, seq) in self.in_flight.iter().enumerate() {
+            let Ok(session) = u16::try_from(session) else {
+                break;
+            };
+            let position = self.outgoing_position(session, 0);
+            if *seq != 0 && self.outgoing.meta(position).session_seq == *seq {
+                each(session, *seq, self.outgoing.txn(position));
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -833,7 +988,7 @@ mod tests {
         let mut answer = config.header(Kind::Hello, 0, 0, [0; wire::WORDS]);
         answer.from_node = 0;
         answer.instance = 1;
-        follower.start(&answer);
+        follower.start(&answer, 0);
         follower.report_due = true;
         let limits = Limits::default();
         follower.advance(
@@ -867,7 +1022,7 @@ mod deadline_tests {
         let mut answer = config.header(Kind::Hello, 0, 0, [0; wire::WORDS]);
         answer.from_node = 0;
         answer.instance = 1;
-        follower.start(&answer);
+        follower.start(&answer, 0);
         follower
     }
 

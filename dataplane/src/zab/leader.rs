@@ -9,10 +9,10 @@ use rzab_shared::limits::{MAX_NODES, MAX_PREPARES_PER_MSG, MAX_WRITES_PER_MSG};
 
 use super::wire::{self, FLAG_RETRANSMIT, Kind, Message};
 use super::{
-    CatchupBoard, Completions, EntryMeta, EntryRing, FollowerWords, Limits, MAX_PREPARE_CREDITS,
-    MAX_WRITE_CREDITS, Outbox, PipelineConfig, PipelineStats, RETRANSMIT_BURST,
-    SNAPSHOT_MESSAGES_IN_FLIGHT, StateMachine, Target, ZxidSource, due_at, half, hello_words,
-    leader_words,
+    CatchupBoard, Completions, EntryMeta, EntryRing, FollowerWords, History, Limits,
+    MAX_PREPARE_CREDITS, MAX_WRITE_CREDITS, Outbox, PipelineConfig, PipelineStats,
+    RETRANSMIT_BURST, SNAPSHOT_MESSAGES_IN_FLIGHT, StateMachine, Target, Txn, ZxidSource, due_at,
+    half, hello_words, leader_words,
 };
 
 /// Snapshot transfer towards one follower.
@@ -64,6 +64,8 @@ impl WriteAssembly {
 struct FollowerLink {
     /// The follower process this link serves; 0 until it said hello.
     instance: u64,
+    /// Which join of that process (its hellos count them).
+    join: u64,
     /// The pseq its pipeline started at, and whether it catches up by snapshot.
     start_pseq: u64,
     catch_up: bool,
@@ -173,8 +175,17 @@ pub struct Leader {
     prepare_msgs_sent: u64,
     commit_msgs_sent: u64,
     links: [FollowerLink; MAX_NODES],
-    /// Highest session sequence ordered, by origin node and session (exactly-once).
+    /// Highest session sequence ordered, by origin node and session (exactly-once), and the
+    /// highest applied here.
     ordered: Vec<u64>,
+    ordered_applied: Vec<u64>,
+    /// Nodes whose entries in `ordered` came with the history this leader took over (it was
+    /// elected): the first hello of each is the same process rejoining, whose repeats the
+    /// table must still recognise, so it does not clear them as a new process's.
+    ordered_inherited: u64,
+    /// The oldest pseq this leader holds (a leader that took over a history holds what it held
+    /// as a follower, from the pseq its pipeline then started at).
+    history_from: u64,
     /// Fragmented forwarded writes being gathered, by follower and session (empty unless
     /// transactions travel as fragments).
     assemblies: Vec<WriteAssembly>,
@@ -189,6 +200,14 @@ pub struct Leader {
 
 impl Leader {
     pub fn new(config: PipelineConfig) -> Self {
+        let history = History::empty(&config);
+        Leader::with_history(config, history)
+    }
+
+    /// A leader that goes on from `history` (what this node held as a follower, or as the
+    /// leader of an earlier epoch): its entries stay at their pseqs, those past its applied
+    /// point are proposed again in `config.epoch` and committed once a quorum holds them.
+    pub fn with_history(config: PipelineConfig, history: History) -> Self {
         // Each session has at most one write outstanding and repeats are dropped before they
         // are queued, so every node's sessions fit; the credit bound is kept as well.
         // A fragmented write is queued only once whole, so the sessions bound it too.
@@ -237,15 +256,22 @@ impl Leader {
             bulk: WriteQueue::new(bulk_capacity, config.slot_len),
             bulk_waiting: vec![0; MAX_NODES * config.sessions.max(1)],
             small_turn_end: 0,
-            pending: EntryRing::new(config.retained, config.slot_len),
-            next_pseq: 0,
-            committed: 0,
-            applied: 0,
+            pending: history.ring,
+            next_pseq: history.end,
+            committed: history.applied,
+            applied: history.applied,
             commit_sent: 0,
             prepare_msgs_sent: 0,
             commit_msgs_sent: 0,
             links: [FollowerLink::default(); MAX_NODES],
-            ordered: vec![0; MAX_NODES * config.sessions.max(1)],
+            ordered: history.ordered_held,
+            ordered_applied: history.ordered_applied,
+            ordered_inherited: if history.end > history.from {
+                u64::MAX
+            } else {
+                0
+            },
+            history_from: history.from,
             assemblies,
             snapshot_item,
             snapshot_cached: None,
@@ -273,6 +299,7 @@ impl Leader {
     fn retained_from(&self) -> u64 {
         self.next_pseq
             .saturating_sub(self.pending.capacity() as u64)
+            .max(self.history_from)
     }
 
     /// Whether everything ordered is committed, applied and held by every follower that is
@@ -377,6 +404,15 @@ impl Leader {
         {
             return false;
         }
+        let ordered =
+            usize::from(self.config.node) * self.config.sessions.max(1) + usize::from(session);
+        if session_seq <= self.ordered[ordered] {
+            // Sent again after a change of leader, and in this leader's history already: it
+            // completes when that entry is applied.
+            self.stats.duplicates_dropped += 1;
+            return true;
+        }
+        self.ordered[ordered] = session_seq;
         let meta = EntryMeta::local_write(self.config.node, session, session_seq);
         self.enqueue(queue, meta, txn);
         true
@@ -386,12 +422,18 @@ impl Leader {
     /// cluster is starting (`catch_up` false), or at this pipeline's applied point with a
     /// snapshot to follow. A repeated hello of the same instance is answered again. Returns the
     /// start pseq and whether a snapshot follows.
+    ///
+    /// A follower whose node has applied something (`applied_zxid` past the start) and whose
+    /// every later transaction this leader still holds starts where its applied point lies in
+    /// the ring (DIFF), with no snapshot, and skips what it applied already.
+    #[allow(clippy::too_many_arguments)]
     pub fn accept_hello(
         &mut self,
         follower: u8,
         instance: u64,
         now_ns: u64,
         catch_up: bool,
+        (applied_zxid, join): (u64, u64),
         board: &CatchupBoard,
         replica: &impl StateMachine,
     ) -> (u64, bool) {
@@ -400,14 +442,28 @@ impl Leader {
             self.stats.dropped_unexpected += 1;
             return (0, false);
         }
-        if self.links[index].instance == instance {
+        if self.links[index].instance == instance && self.links[index].join == join {
             let link = &mut self.links[index];
             link.hello_due = true;
             return (link.start_pseq, link.catch_up);
         }
-        let start_pseq = if catch_up { self.applied } else { 0 };
+        // The same process joining again (after an election of its own) keeps its sessions:
+        // the exactly-once table must still know what they sent.
+        let same_process = self.links[index].instance == instance;
+        let diff = if catch_up && applied_zxid > super::ZXID_START {
+            self.diff_start(applied_zxid, replica.applied_zxid())
+        } else {
+            None
+        };
+        let catch_up = catch_up && diff.is_none();
+        let start_pseq = match diff {
+            Some(start) => start,
+            None if catch_up => self.applied,
+            None => 0,
+        };
         self.links[index] = FollowerLink {
             instance,
+            join,
             start_pseq,
             catch_up,
             acked: start_pseq,
@@ -426,12 +482,16 @@ impl Leader {
             ..FollowerLink::default()
         };
         let sessions = self.config.sessions.max(1);
-        self.ordered[index * sessions..(index + 1) * sessions].fill(0);
+        if self.ordered_inherited & (1 << index) == 0 && !same_process {
+            self.ordered[index * sessions..(index + 1) * sessions].fill(0);
+        }
+        self.ordered_inherited &= !(1 << index);
         // What the old process had partly sent must not mix with the new one's writes (which
         // may reuse its session sequences).
         if let Some(assemblies) = self
             .assemblies
             .get_mut(index * sessions..(index + 1) * sessions)
+            .filter(|_| !same_process)
         {
             for assembly in assemblies {
                 assembly.restart(0, 0);
@@ -439,6 +499,10 @@ impl Leader {
         }
         if catch_up {
             board.register(index, instance, self.config.pipeline, replica);
+        }
+        self.stats.diff_syncs += u64::from(diff.is_some());
+        if start_pseq < self.next_pseq {
+            self.start_repair(index, start_pseq);
         }
         (start_pseq, catch_up)
     }
@@ -527,7 +591,7 @@ impl Leader {
                 }
             }
             Kind::Credit => {}
-            Kind::Prepare | Kind::Commit | Kind::Hello | Kind::Snapshot => {
+            Kind::Prepare | Kind::Commit | Kind::Hello | Kind::Snapshot | Kind::Vote => {
                 self.stats.dropped_unexpected += 1
             }
         }
@@ -700,6 +764,11 @@ impl Leader {
             }
             if meta.origin_node == self.config.node {
                 completions.write_applied(meta.session, meta.session_seq, meta.zxid);
+            }
+            let index = usize::from(meta.origin_node) * self.config.sessions.max(1)
+                + usize::from(meta.session);
+            if let Some(seq) = self.ordered_applied.get_mut(index) {
+                *seq = (*seq).max(meta.session_seq);
             }
             self.applied += fragments;
             self.stats.writes_applied += 1;
@@ -1493,6 +1562,101 @@ impl Leader {
         }
         deadline
     }
+
+    /// What this leader holds, for the role it takes next (an election): its ring, from the
+    /// oldest retained pseq to the last prepared (its proposals past the commit point
+    /// included: a leader re-elected proposes them again; one that follows another loses
+    /// what that one's history lacks).
+    pub fn into_history(mut self) -> History {
+        let from = self.retained_from();
+        // What this leader queued but never prepared is no part of its history: the table it
+        // hands on holds what it applied and what it prepared past that.
+        let sessions = self.config.sessions.max(1);
+        let mut ordered = self.ordered_applied.clone();
+        let mut position = self.applied.max(from);
+        while position < self.next_pseq {
+            let meta = *self.pending.meta(position);
+            let index = usize::from(meta.origin_node) * sessions + usize::from(meta.session);
+            if let Some(seq) = ordered.get_mut(index) {
+                *seq = (*seq).max(meta.session_seq);
+            }
+            position += u64::from(self.config.fragments_of(meta.txn_len as usize)).max(1);
+        }
+        self.ordered = ordered;
+        History {
+            from: first_whole(&self.pending, from, self.next_pseq),
+            ring: self.pending,
+            applied: self.applied,
+            end: self.next_pseq,
+            marked: (from, self.next_pseq),
+            ordered_held: self.ordered,
+            ordered_applied: self.ordered_applied,
+        }
+    }
+
+    /// The zxid of the last transaction prepared, if any is retained.
+    pub fn last_zxid(&self) -> Option<u64> {
+        (self.next_pseq > self.retained_from()).then(|| self.pending.meta(self.next_pseq - 1).zxid)
+    }
+
+    /// Calls `each` with every write of this node's sessions that is not applied yet (queued
+    /// or prepared): (session, session sequence, transaction). A change of leader sends them
+    /// to the new one, which orders each at most once.
+    pub fn for_each_local_write(&self, mut each: impl FnMut(u16, u64, Txn<'_>)) {
+        let own = self.config.node;
+        for queue in [&self.incoming, &self.bulk] {
+            let mut position = queue.head;
+            while position < queue.tail {
+                let meta = *queue.ring.meta(position);
+                if meta.origin_node == own && meta.fragment == 0 {
+                    each(meta.session, meta.session_seq, queue.ring.txn(position));
+                }
+                position += u64::from(self.config.fragments_of(meta.txn_len as usize));
+            }
+        }
+        let mut position = self.applied.max(self.retained_from());
+        while position < self.next_pseq {
+            let meta = *self.pending.meta(position);
+            if meta.origin_node == own && meta.fragment == 0 {
+                each(meta.session, meta.session_seq, self.pending.txn(position));
+            }
+            position += u64::from(self.config.fragments_of(meta.txn_len as usize)).max(1);
+        }
+    }
+
+    /// Where a follower that has applied up to `applied_zxid` can start from this leader's
+    /// ring (DIFF): the first retained pseq past that zxid, when the ring holds everything
+    /// after it; `None` when it does not (the follower needs a snapshot).
+    fn diff_start(&self, applied_zxid: u64, leader_applied_zxid: u64) -> Option<u64> {
+        let (low, high) = (self.retained_from(), self.next_pseq);
+        if low >= high {
+            return (applied_zxid >= leader_applied_zxid).then_some(high);
+        }
+        // Zxids do not decrease along the pseqs (the fragments of one share it).
+        let (mut first, mut last) = (low, high);
+        while first < last {
+            let middle = first + (last - first) / 2;
+            if self.pending.meta(middle).zxid > applied_zxid {
+                last = middle;
+            } else {
+                first = middle + 1;
+            }
+        }
+        if first > low || low == 0 {
+            return Some(first);
+        }
+        let meta = self.pending.meta(low);
+        (meta.fragment == 0 && super::zxid_follows(applied_zxid, meta.zxid)).then_some(low)
+    }
+}
+
+/// The first position in `from..to` that begins a transaction (`to` if none does).
+pub(crate) fn first_whole(ring: &EntryRing, from: u64, to: u64) -> u64 {
+    let mut position = from;
+    while position < to && ring.meta(position).fragment != 0 {
+        position += 1;
+    }
+    position
 }
 
 fn follower_target(follower: usize) -> Target {
@@ -1575,12 +1739,12 @@ mod tests {
         let deliver = |leader: &mut Leader, datagram: &[u8]| {
             leader.handle(&context.decode(datagram).unwrap(), 1_000);
         };
-        leader.accept_hello(1, 7, 0, false, &board, &replica);
+        leader.accept_hello(1, 7, 0, false, (0, 0), &board, &replica);
         // The old process sent the first two fragments of its write 5, then died.
         deliver(&mut leader, &fragment(7, 5, 0, 0xaa));
         deliver(&mut leader, &fragment(7, 5, 1, 0xaa));
         // Its successor reuses sequence 5 (a restart within the same second).
-        leader.accept_hello(1, 8, 0, false, &board, &replica);
+        leader.accept_hello(1, 8, 0, false, (0, 0), &board, &replica);
         for index in 0..3 {
             deliver(&mut leader, &fragment(8, 5, index, 0xbb));
         }
@@ -1693,8 +1857,8 @@ mod deadline_tests {
             );
             std::mem::take(&mut outbox.1)
         };
-        leader.accept_hello(1, 11, 0, false, &board, &replica);
-        leader.accept_hello(2, 12, 0, false, &board, &replica);
+        leader.accept_hello(1, 11, 0, false, (0, 0), &board, &replica);
+        leader.accept_hello(2, 12, 0, false, (0, 0), &board, &replica);
         assert_eq!(
             leader.next_deadline(1_000, &limits),
             1_000,

@@ -211,6 +211,11 @@ pub trait StateMachine {
 /// Reports writes of local origin that became applied here.
 pub trait Completions {
     fn write_applied(&mut self, session: u16, session_seq: u64, zxid: u64);
+    /// A write whose fate this node cannot learn (it was sent again across a change of
+    /// leader, and this node then caught up by snapshot, which holds no sessions): it was
+    /// ordered at most once, but it may never be reported applied here. The session gives it
+    /// up, as a ZooKeeper client does a request whose connection was lost.
+    fn write_abandoned(&mut self, _session: u16, _session_seq: u64) {}
 }
 
 /// Live limits, read from the knobs by the worker (or set by the simulator).
@@ -232,6 +237,18 @@ pub struct Limits {
     /// Longest a follower may hear nothing from its leader (a leader from a quorum) before
     /// it reports so.
     pub peer_timeout_ns: u64,
+    /// Longest a follower may hear nothing from its leader, or a leader from a quorum, before
+    /// it gives it up and starts an election (0: never; the leader of the start leads for
+    /// good). Also how long an elected leader waits for a quorum to follow it.
+    pub election_timeout_ns: u64,
+    /// How long an election waits, once a quorum agrees, for a better vote before deciding.
+    pub finalize_wait_ns: u64,
+    /// How long a process that has not joined a cluster yet waits for the cluster of the
+    /// start (node 0 leading) before it looks for another leader by election: a follower for
+    /// its hello's answer, node 0 for a quorum to join it (twice as long). Long enough for
+    /// every node of a cluster starting together; what a process restarted into a cluster that
+    /// elected another leader waits before it finds that leader.
+    pub startup_grace_ns: u64,
 }
 
 impl Limits {
@@ -263,6 +280,9 @@ impl Default for Limits {
             slow_follower_grace_ns: 1_000_000,
             heartbeat_interval_ns: 20_000_000,
             peer_timeout_ns: 1_000_000_000,
+            election_timeout_ns: 0,
+            finalize_wait_ns: 1_000_000,
+            startup_grace_ns: 1_000_000_000,
         }
     }
 }
@@ -621,6 +641,31 @@ pub mod hello_words {
     pub const START_PSEQ: usize = 1;
     /// Leader's answer: 1 if a snapshot follows (a follower joining a running cluster).
     pub const CATCH_UP: usize = 2;
+    /// Leader's answer: the last zxid of its history (what a follower held beyond it is
+    /// truncated).
+    pub const HISTORY_END: usize = 3;
+    /// Follower's hello: the last zxid its node applied (the leader chooses DIFF or SNAP by it).
+    pub const APPLIED_ZXID: usize = 1;
+    /// Follower's hello: the highest epoch its node accepted (discovery: the new leader's
+    /// epoch is above every one a quorum accepted).
+    pub const ACCEPTED_EPOCH: usize = 2;
+    /// Follower's hello: how many times this process has begun to join a leader (a hello
+    /// with a new count is a new join of the same process, not a repeat).
+    pub const JOIN: usize = 4;
+}
+
+/// Header words of VOTE messages (election notifications; the sender's node and process
+/// instance are in the header).
+pub mod vote_words {
+    /// The proposed leader (bits 0..8), the sender's state (8..16: 0 looking, 1 following,
+    /// 2 leading) and the proposed leader's epoch (32..64).
+    pub const LEADER_STATE_EPOCH: usize = 0;
+    /// The proposed leader's last zxid.
+    pub const ZXID: usize = 1;
+    /// The election round the sender votes in.
+    pub const ROUND: usize = 2;
+    /// The sender's configuration fingerprint (votes of another configuration are refused).
+    pub const FINGERPRINT: usize = 3;
 }
 
 /// How the leader's workers agree on the base zxid of a restarted follower's snapshot: each
@@ -762,6 +807,14 @@ impl EntryRing {
         self.mask + 1
     }
 
+    /// Marks the entries at positions `from..to` (at most the whole ring) as not held.
+    pub fn clear_presence(&mut self, from: u64, to: u64) {
+        let count = to.saturating_sub(from).min(self.capacity() as u64);
+        for position in from..from + count {
+            self.meta_mut(position).present = false;
+        }
+    }
+
     fn index(&self, position: u64) -> usize {
         // Only the low bits select the slot; truncation is the point.
         #[allow(clippy::cast_possible_truncation)]
@@ -864,6 +917,48 @@ impl EntryRing {
     }
 }
 
+/// What a node holds of a pipeline's history when its role changes (an election): the ring
+/// of transactions by pseq and how far it is held and applied, and which session writes it
+/// saw ordered. A leader goes on from it; a follower keeps the ring's memory and what was
+/// applied, and is brought to the new leader's history by DIFF or snapshot.
+#[derive(Debug)]
+pub struct History {
+    pub ring: EntryRing,
+    /// Positions from here to `end` hold whole transactions (below, nothing or overwritten).
+    pub from: u64,
+    /// Positions below this are applied on this node.
+    pub applied: u64,
+    /// Positions below this are held.
+    pub end: u64,
+    /// Positions whose entries may still be marked as held (cleared by a follower that
+    /// reuses the ring).
+    pub marked: (u64, u64),
+    /// Highest session sequence held and applied, by origin node and session.
+    pub ordered_held: Vec<u64>,
+    pub ordered_applied: Vec<u64>,
+}
+
+impl History {
+    /// Nothing held: a pipeline's start.
+    pub fn empty(config: &PipelineConfig) -> History {
+        let sessions = config.sessions.max(1);
+        History {
+            ring: EntryRing::new(config.retained.max(config.window), config.slot_len),
+            from: 0,
+            applied: 0,
+            end: 0,
+            marked: (0, 0),
+            ordered_held: vec![0; MAX_NODES * sessions],
+            ordered_applied: vec![0; MAX_NODES * sessions],
+        }
+    }
+
+    /// The zxid of the last transaction held, if any.
+    pub fn last_zxid(&self) -> Option<u64> {
+        (self.end > self.from).then(|| self.ring.meta(self.end - 1).zxid)
+    }
+}
+
 /// Statistics a pipeline keeps about its own stalls.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PipelineStats {
@@ -886,6 +981,12 @@ pub struct PipelineStats {
     pub duplicates_dropped: u64,
     pub snapshot_entries_sent: u64,
     pub snapshot_entries_installed: u64,
+    /// Followers a leader brought to its history from its ring (DIFF), not by snapshot.
+    pub diff_syncs: u64,
+    /// Transactions a follower held that its new leader's history lacks, dropped (TRUNC).
+    pub truncated: u64,
+    /// Writes given up after a catch-up by snapshot ([`Completions::write_abandoned`]).
+    pub writes_abandoned: u64,
     /// The highest zxid known to be committed by the leader.
     pub leader_zxid: u64,
 }
@@ -902,6 +1003,12 @@ impl ZxidSource {
     /// Takes `count` consecutive zxids; returns the first.
     pub fn take(&self, count: u64) -> u64 {
         self.0.fetch_add(count, Ordering::AcqRel) + 1
+    }
+
+    /// Starts numbering epoch `epoch`'s transactions: the next zxid taken is its first
+    /// (`epoch << 32 | 1`). Never moves back.
+    pub fn begin_epoch(&self, epoch: u32) {
+        self.0.fetch_max(u64::from(epoch) << 32, Ordering::AcqRel);
     }
 
     pub fn last_issued(&self) -> u64 {
@@ -923,6 +1030,13 @@ pub(crate) fn half(budget: u64) -> u64 {
 /// When a timer that `advance` tests as `now_ns - since >= after` fires: `now_ns` if it
 /// already has. The same saturating test as `advance`'s, so a deadline is never later than
 /// the step that would act on it (a `since` in the future counts as fired once `after` is 0).
+/// Whether `zxid` is the one applied right after `applied` in the total order: the next
+/// counter value of the same epoch, or the first transaction of a later epoch (a new leader
+/// numbers from `epoch << 32 | 1`, after whatever the epoch before it reached).
+pub fn zxid_follows(applied: u64, zxid: u64) -> bool {
+    zxid == applied.wrapping_add(1) || (zxid & 0xffff_ffff == 1 && zxid >> 32 > applied >> 32)
+}
+
 pub(crate) fn due_at(now_ns: u64, since: u64, after: u64) -> u64 {
     if now_ns.saturating_sub(since) >= after {
         now_ns

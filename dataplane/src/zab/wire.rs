@@ -34,7 +34,7 @@ use std::fmt;
 
 /// "ZB", little-endian.
 pub const MAGIC: u16 = 0x425A;
-pub const VERSION: u8 = 5;
+pub const VERSION: u8 = 6;
 pub const HEADER_BYTES: usize = 96;
 /// Words in the header.
 pub const WORDS: usize = 5;
@@ -85,10 +85,12 @@ pub enum Kind {
     Hello = 7,
     /// Leader to a catching-up follower: store entries.
     Snapshot = 8,
+    /// Any node to any: an election notification (a vote, its round and the sender's state).
+    Vote = 9,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 8] = [
+    pub const ALL: [Kind; 9] = [
         Kind::Write,
         Kind::Prepare,
         Kind::Ack,
@@ -97,6 +99,7 @@ impl Kind {
         Kind::Nack,
         Kind::Hello,
         Kind::Snapshot,
+        Kind::Vote,
     ];
 
     pub fn from_code(code: u8) -> Option<Kind> {
@@ -113,6 +116,7 @@ impl Kind {
             Kind::Nack => "nack",
             Kind::Hello => "hello",
             Kind::Snapshot => "snapshot",
+            Kind::Vote => "vote",
         }
     }
 
@@ -649,7 +653,7 @@ impl<'a> Message<'a> {
         let expected = match kind {
             Kind::Snapshot => SNAPSHOT_PREFIX + count * (SNAPSHOT_ENTRY_FIXED + slot_len),
             Kind::Ack | Kind::Nack | Kind::Commit => RANGE_BODY,
-            Kind::Credit | Kind::Hello | Kind::Write | Kind::Prepare => 0,
+            Kind::Credit | Kind::Hello | Kind::Vote | Kind::Write | Kind::Prepare => 0,
         };
         if body.len() != expected {
             return Err(WireError::BodyLength {
