@@ -894,7 +894,7 @@ impl Follower {
 
     /// What this follower holds, for the role it takes next (an election): its ring, whole
     /// transactions from its start (or the oldest not yet overwritten) to the last held whole.
-    pub fn into_history(self) -> History {
+    pub fn into_history(mut self) -> History {
         let capacity = self.pending.capacity() as u64;
         let oldest = self.start_pseq.max(self.received.saturating_sub(capacity));
         let from = super::leader::first_whole(&self.pending, oldest, self.received);
@@ -907,10 +907,25 @@ impl Follower {
                 end = (end - 1).saturating_sub(u64::from(last.fragment)).max(from);
             }
         }
+        let end = end.max(self.applied);
+        // The table handed on holds what was applied and what the history holds past that,
+        // not prepares taken beyond a gap or a transaction's first fragments, which it drops.
+        let sessions = self.config.sessions.max(1);
+        self.ordered_held.clear();
+        self.ordered_held.extend_from_slice(&self.ordered_applied);
+        let mut position = self.applied.max(from);
+        while position < end {
+            let meta = *self.pending.meta(position);
+            let index = usize::from(meta.origin_node) * sessions + usize::from(meta.session);
+            if let Some(seq) = self.ordered_held.get_mut(index) {
+                *seq = (*seq).max(meta.session_seq);
+            }
+            position += u64::from(self.config.fragments_of(meta.txn_len as usize)).max(1);
+        }
         History {
             from,
             applied: self.applied,
-            end: end.max(self.applied),
+            end,
             marked: (self.applied, self.applied + self.config.window as u64),
             ring: self.pending,
             ordered_held: self.ordered_held,

@@ -195,6 +195,11 @@ pub struct Leader {
     snapshot_cached: Option<(u64, u64)>,
     /// When the last PREPARE or COMMIT went to every follower.
     broadcast_ns: u64,
+    /// The followers (and this node) heard from in this leader's epoch, by bit: a message
+    /// passes [`Leader::knows`] only once its sender accepted the epoch. An elected leader
+    /// orders no new write before a quorum has (Zab's ACKEPOCH): two nodes that each gathered
+    /// a quorum of hellos for the same epoch (one answer lost) cannot both give its zxids.
+    epoch_backers: u64,
     stats: PipelineStats,
 }
 
@@ -251,12 +256,18 @@ impl Leader {
         } else {
             (Vec::new(), Vec::new())
         };
+        // A follower's history may hold prepares it took beyond a gap, past its end: they
+        // are no part of it, and must not pass for entries this leader prepares there.
+        let mut ring = history.ring;
+        if history.marked.1 > history.end {
+            ring.clear_presence(history.end, history.marked.1);
+        }
         Leader {
             incoming: WriteQueue::new(incoming_capacity.max(1), config.slot_len),
             bulk: WriteQueue::new(bulk_capacity, config.slot_len),
             bulk_waiting: vec![0; MAX_NODES * config.sessions.max(1)],
             small_turn_end: 0,
-            pending: history.ring,
+            pending: ring,
             next_pseq: history.end,
             committed: history.applied,
             applied: history.applied,
@@ -276,6 +287,9 @@ impl Leader {
             snapshot_item,
             snapshot_cached: None,
             broadcast_ns: 0,
+            // The leader of the start is backed by the start-up handshake, which every node
+            // joins before it orders a write.
+            epoch_backers: u64::MAX,
             stats: PipelineStats::default(),
             config,
         }
@@ -523,6 +537,17 @@ impl Leader {
     /// Whether a message comes from a follower process that joined this pipeline (said
     /// hello), in this leader's epoch. Hellos are how instances become known: check them with
     /// [`Leader::accept_hello`] instead.
+    /// Makes this an elected leader that waits for a quorum to accept its epoch before it
+    /// orders a new write.
+    pub fn await_epoch_backers(&mut self) {
+        self.epoch_backers = 1u64 << u32::from(self.config.node).min(63);
+    }
+
+    /// Whether a quorum (this node included) has accepted this leader's epoch.
+    pub fn epoch_backed(&self) -> bool {
+        self.epoch_backers.count_ones() as usize > usize::from(self.config.nodes) / 2
+    }
+
     pub fn knows(&self, header: &wire::Header) -> bool {
         let from = usize::from(header.from_node);
         from != usize::from(self.config.node)
@@ -549,6 +574,7 @@ impl Leader {
             self.stats.dropped_unexpected += 1;
             return;
         }
+        self.epoch_backers |= 1u64 << from.min(63);
         let link = &mut self.links[from];
         link.heard_ns = now_ns;
         link.prepare_seen = link.prepare_seen.max(words.prepare_seen.min(prepares_sent));
@@ -1070,6 +1096,9 @@ impl Leader {
         zxids: &ZxidSource,
         limits: &Limits,
     ) {
+        if !self.epoch_backed() {
+            return;
+        }
         let has_followers = self.config.followers() > 0;
         while self.incoming_len() > 0 {
             let in_window = self.next_pseq - self.window_base();
@@ -1569,12 +1598,22 @@ impl Leader {
     /// what that one's history lacks).
     pub fn into_history(mut self) -> History {
         let from = self.retained_from();
+        // A transaction prepared only in part is no part of the history: it ends before it.
+        let mut end = self.next_pseq;
+        if end > from {
+            let last = self.pending.meta(end - 1);
+            let fragments = u64::from(self.config.fragments_of(last.txn_len as usize));
+            if u64::from(last.fragment) + 1 != fragments {
+                end = (end - 1).saturating_sub(u64::from(last.fragment)).max(from);
+            }
+        }
+        let end = end.max(self.applied);
         // What this leader queued but never prepared is no part of its history: the table it
         // hands on holds what it applied and what it prepared past that.
         let sessions = self.config.sessions.max(1);
         let mut ordered = self.ordered_applied.clone();
         let mut position = self.applied.max(from);
-        while position < self.next_pseq {
+        while position < end {
             let meta = *self.pending.meta(position);
             let index = usize::from(meta.origin_node) * sessions + usize::from(meta.session);
             if let Some(seq) = ordered.get_mut(index) {
@@ -1584,10 +1623,10 @@ impl Leader {
         }
         self.ordered = ordered;
         History {
-            from: first_whole(&self.pending, from, self.next_pseq),
+            from: first_whole(&self.pending, from, end),
             ring: self.pending,
             applied: self.applied,
-            end: self.next_pseq,
+            end,
             marked: (from, self.next_pseq),
             ordered_held: self.ordered,
             ordered_applied: self.ordered_applied,
@@ -1630,7 +1669,7 @@ impl Leader {
     fn diff_start(&self, applied_zxid: u64, leader_applied_zxid: u64) -> Option<u64> {
         let (low, high) = (self.retained_from(), self.next_pseq);
         if low >= high {
-            return (applied_zxid >= leader_applied_zxid).then_some(high);
+            return (applied_zxid == leader_applied_zxid).then_some(high);
         }
         // Zxids do not decrease along the pseqs (the fragments of one share it).
         let (mut first, mut last) = (low, high);
@@ -1642,7 +1681,12 @@ impl Leader {
                 first = middle + 1;
             }
         }
-        if first > low || low == 0 {
+        // The follower's last applied transaction must be one this leader holds: a follower
+        // ahead of it, or with another transaction at that zxid, is no prefix of its history.
+        if first > low {
+            return (self.pending.meta(first - 1).zxid == applied_zxid).then_some(first);
+        }
+        if low == 0 {
             return Some(first);
         }
         let meta = self.pending.meta(low);

@@ -139,6 +139,9 @@ pub struct Node {
     /// When the last election began.
     election_began_ns: u64,
     truncated: u64,
+    /// The leader of the start heard a hello from a follower that had applied transactions:
+    /// it was restarted into a running cluster and elects (see [`Node::handle`]).
+    history_seen: bool,
 }
 
 fn bit(node: u8) -> u64 {
@@ -251,6 +254,7 @@ impl Node {
             counters: ElectionCounters::default(),
             election_began_ns: 0,
             truncated: 0,
+            history_seen: false,
         }
     }
 
@@ -402,9 +406,20 @@ impl Node {
             }
             return;
         }
+        if self.bootstrapping() && header.words[hello_words::APPLIED_ZXID] > ZXID_START {
+            // A follower that has applied transactions: the cluster ran before this process
+            // started, so this is node 0 restarted, and it has no log. It must not lead epoch
+            // 1 again (it would give zxids the cluster committed): it elects instead.
+            self.history_seen = true;
+            self.refused_hellos += 1;
+            return;
+        }
         if self.stage == Stage::Discovering {
-            let accepted_epoch =
-                u32::try_from(header.words[hello_words::ACCEPTED_EPOCH]).unwrap_or(u32::MAX);
+            let Ok(accepted_epoch) = u32::try_from(header.words[hello_words::ACCEPTED_EPOCH])
+            else {
+                self.refused_hellos += 1;
+                return;
+            };
             self.hellos[usize::from(header.from_node)] = Some(PeerHello {
                 header: *header,
                 applied_zxid: header.words[hello_words::APPLIED_ZXID],
@@ -570,7 +585,10 @@ impl Node {
         }
         match &mut self.role {
             Role::Leader(leader) => {
-                leader.advance(now_ns, outbox, replica, zxids, board, completions, limits)
+                leader.advance(now_ns, outbox, replica, zxids, board, completions, limits);
+                if leader.epoch_backed() {
+                    self.current_epoch = self.current_epoch.max(self.config.epoch);
+                }
             }
             Role::Follower(follower) => {
                 if follower.phase() == Phase::Joining {
@@ -829,8 +847,9 @@ impl Node {
             // The leader of the start that not every node joins: most likely node 0 restarted
             // into a cluster that elected another leader, which no follower's hello names.
             Role::Leader(_) => {
-                now_ns.saturating_sub(since) >= self.startup_wait(limits).saturating_mul(2)
-                    && self.joined.count_ones() < u32::from(self.config.nodes)
+                self.history_seen
+                    || (now_ns.saturating_sub(since) >= self.startup_wait(limits).saturating_mul(2)
+                        && self.joined.count_ones() < u32::from(self.config.nodes))
             }
             Role::Follower(follower) => match follower.phase() {
                 Phase::Joining => now_ns.saturating_sub(since) >= self.startup_wait(limits),
@@ -950,13 +969,18 @@ impl Node {
                     .max(self.config.epoch),
                 u32::max,
             );
-        let epoch = highest.saturating_add(1);
+        let Some(epoch) = highest.checked_add(1) else {
+            // Epochs are spent (only a corrupt or hostile hello claims one so high): leading
+            // one again would share it with another leader.
+            return;
+        };
         self.accepted_epoch = epoch;
         self.accepted_from = Some(self.config.node);
-        self.current_epoch = epoch;
         self.config.epoch = epoch;
         let history = self.take_history();
         let mut leader = Leader::with_history(self.config, history);
+        // Its current epoch once a quorum has accepted the epoch (see `advance`).
+        leader.await_epoch_backers();
         zxids.begin_epoch(epoch);
         self.joined = bit(self.config.node);
         for hello in self.hellos.iter().flatten() {
