@@ -899,29 +899,18 @@ impl Follower {
         let oldest = self.start_pseq.max(self.received.saturating_sub(capacity));
         let from = super::leader::first_whole(&self.pending, oldest, self.received);
         // A transaction held only in part is not history yet: it ends before it.
-        let mut end = self.received;
-        if end > from {
-            let last = self.pending.meta(end - 1);
-            let fragments = u64::from(self.config.fragments_of(last.txn_len as usize));
-            if u64::from(last.fragment) + 1 != fragments {
-                end = (end - 1).saturating_sub(u64::from(last.fragment)).max(from);
-            }
-        }
-        let end = end.max(self.applied);
+        let end =
+            super::whole_end(&self.pending, &self.config, from, self.received).max(self.applied);
         // The table handed on holds what was applied and what the history holds past that,
         // not prepares taken beyond a gap or a transaction's first fragments, which it drops.
-        let sessions = self.config.sessions.max(1);
-        self.ordered_held.clear();
-        self.ordered_held.extend_from_slice(&self.ordered_applied);
-        let mut position = self.applied.max(from);
-        while position < end {
-            let meta = *self.pending.meta(position);
-            let index = usize::from(meta.origin_node) * sessions + usize::from(meta.session);
-            if let Some(seq) = self.ordered_held.get_mut(index) {
-                *seq = (*seq).max(meta.session_seq);
-            }
-            position += u64::from(self.config.fragments_of(meta.txn_len as usize)).max(1);
-        }
+        super::ordered_through(
+            &mut self.ordered_held,
+            &self.ordered_applied,
+            &self.pending,
+            &self.config,
+            self.applied.max(from),
+            end,
+        );
         History {
             from,
             applied: self.applied,

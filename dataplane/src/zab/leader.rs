@@ -1599,29 +1599,18 @@ impl Leader {
     pub fn into_history(mut self) -> History {
         let from = self.retained_from();
         // A transaction prepared only in part is no part of the history: it ends before it.
-        let mut end = self.next_pseq;
-        if end > from {
-            let last = self.pending.meta(end - 1);
-            let fragments = u64::from(self.config.fragments_of(last.txn_len as usize));
-            if u64::from(last.fragment) + 1 != fragments {
-                end = (end - 1).saturating_sub(u64::from(last.fragment)).max(from);
-            }
-        }
-        let end = end.max(self.applied);
+        let end =
+            super::whole_end(&self.pending, &self.config, from, self.next_pseq).max(self.applied);
         // What this leader queued but never prepared is no part of its history: the table it
         // hands on holds what it applied and what it prepared past that.
-        let sessions = self.config.sessions.max(1);
-        let mut ordered = self.ordered_applied.clone();
-        let mut position = self.applied.max(from);
-        while position < end {
-            let meta = *self.pending.meta(position);
-            let index = usize::from(meta.origin_node) * sessions + usize::from(meta.session);
-            if let Some(seq) = ordered.get_mut(index) {
-                *seq = (*seq).max(meta.session_seq);
-            }
-            position += u64::from(self.config.fragments_of(meta.txn_len as usize)).max(1);
-        }
-        self.ordered = ordered;
+        super::ordered_through(
+            &mut self.ordered,
+            &self.ordered_applied,
+            &self.pending,
+            &self.config,
+            self.applied.max(from),
+            end,
+        );
         History {
             from: first_whole(&self.pending, from, end),
             ring: self.pending,

@@ -959,6 +959,46 @@ impl History {
     }
 }
 
+/// Where the whole transactions of `ring` in `from..end` end: `end`, or the first fragment
+/// of a transaction held only in part at the end (which is no part of a history yet).
+pub(crate) fn whole_end(ring: &EntryRing, config: &PipelineConfig, from: u64, end: u64) -> u64 {
+    if end <= from {
+        return end;
+    }
+    let last = ring.meta(end - 1);
+    let fragments = u64::from(config.fragments_of(last.txn_len as usize));
+    if u64::from(last.fragment) + 1 == fragments {
+        end
+    } else {
+        (end - 1).saturating_sub(u64::from(last.fragment)).max(from)
+    }
+}
+
+/// Fills `held`, the exactly-once table a history hands on, with `applied` raised by the
+/// writes of the transactions of `ring` in `from..end`: what the history holds, not what a
+/// role queued or took beyond it.
+pub(crate) fn ordered_through(
+    held: &mut Vec<u64>,
+    applied: &[u64],
+    ring: &EntryRing,
+    config: &PipelineConfig,
+    from: u64,
+    end: u64,
+) {
+    let sessions = config.sessions.max(1);
+    held.clear();
+    held.extend_from_slice(applied);
+    let mut position = from;
+    while position < end {
+        let meta = *ring.meta(position);
+        let index = usize::from(meta.origin_node) * sessions + usize::from(meta.session);
+        if let Some(seq) = held.get_mut(index) {
+            *seq = (*seq).max(meta.session_seq);
+        }
+        position += u64::from(config.fragments_of(meta.txn_len as usize)).max(1);
+    }
+}
+
 /// Statistics a pipeline keeps about its own stalls.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PipelineStats {
