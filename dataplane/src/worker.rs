@@ -815,18 +815,10 @@ impl<T: Transport> Worker<T> {
             self.node.sync_state(now_ns, limits) as u64,
             Ordering::Relaxed,
         );
-        counters.set(
-            Counter::TransportDropsNoReceive,
-            self.transport.stats().dropped_no_recv,
-        );
-        counters.set(
-            Counter::TransportDropsOversize,
-            self.transport.stats().dropped_malformed,
-        );
-        counters.set(
-            Counter::TransportDropsHole,
-            self.transport.stats().holes_skipped,
-        );
+        let transport = self.transport.stats();
+        counters.set(Counter::TransportDropsNoReceive, transport.dropped_no_recv);
+        counters.set(Counter::TransportDropsOversize, transport.dropped_malformed);
+        counters.set(Counter::TransportDropsHole, transport.holes_skipped);
         counters
             .gauges
             .applied_zxid

@@ -127,6 +127,41 @@ fn recorded(label: &str, nodes: u8, extra: &[String]) -> (String, tempfile::Temp
     (cluster, history, args)
 }
 
+/// Asks every process still held to stop (SIGTERM) and collects their outputs.
+fn stop_all(processes: Vec<Option<NodeProcess>>) -> Vec<NodeOutput> {
+    for process in processes.iter().flatten() {
+        process.terminate();
+    }
+    processes
+        .into_iter()
+        .flatten()
+        .map(NodeProcess::finish)
+        .collect()
+}
+
+/// Starts `nodes` processes (behind their command prefixes), attaches to their control
+/// blocks and waits until each serves and completes writes.
+fn start_serving(
+    cluster: &str,
+    nodes: u8,
+    prefixes: &[Vec<String>],
+    args: &[String],
+) -> (Vec<Option<NodeProcess>>, Vec<AttachedControlBlock>) {
+    let processes: Vec<Option<NodeProcess>> = (0..nodes)
+        .map(|node| {
+            let prefix = prefixes.get(usize::from(node)).cloned().unwrap_or_default();
+            Some(NodeProcess::start_with_prefix(&prefix, node, args))
+        })
+        .collect();
+    let blocks: Vec<AttachedControlBlock> = (0..nodes)
+        .map(|node| rzab_tests::attach_running(&block_path(cluster, node)))
+        .collect();
+    for (node, block) in blocks.iter().enumerate() {
+        wait_serving_with_writes(block, &format!("node {node}"));
+    }
+    (processes, blocks)
+}
+
 /// Every process that ended did so cleanly at the same applied zxid with the same store, and
 /// those that ran from the start to the end applied the same sequence.
 fn assert_converged(outputs: &[NodeOutput], from_start: &[u8]) {
@@ -201,21 +236,7 @@ fn check(
 fn leader_killed(label: &str, prefixes: &[Vec<String>], extra: &[String]) {
     let _serial = rzab_tests::serial();
     let (cluster, history, args) = recorded(label, 3, extra);
-    let mut processes: Vec<Option<NodeProcess>> = (0..3u8)
-        .map(|node| {
-            Some(NodeProcess::start_with_prefix(
-                &prefixes[usize::from(node)],
-                node,
-                &args,
-            ))
-        })
-        .collect();
-    let blocks: Vec<AttachedControlBlock> = (0..3u8)
-        .map(|node| rzab_tests::attach_running(&block_path(&cluster, node)))
-        .collect();
-    for (node, block) in blocks.iter().enumerate() {
-        wait_serving_with_writes(block, &format!("node {node}"));
-    }
+    let (mut processes, blocks) = start_serving(&cluster, 3, prefixes, &args);
     std::thread::sleep(Duration::from_millis(1000));
     let old_instance = rzab_tests::instance_of(&blocks[0]);
     let writes = [1, 2].map(|node| blocks[node].counter_total(Counter::WritesCompleted));
@@ -238,14 +259,7 @@ fn leader_killed(label: &str, prefixes: &[Vec<String>], extra: &[String]) {
         "the restarted node 0 follows another leader"
     );
     std::thread::sleep(Duration::from_millis(1000));
-    for process in processes.iter().flatten() {
-        process.terminate();
-    }
-    let outputs: Vec<NodeOutput> = processes
-        .into_iter()
-        .flatten()
-        .map(NodeProcess::finish)
-        .collect();
+    let outputs = stop_all(processes);
     drop((blocks, restarted));
     cleanup(&cluster, 3);
     assert_converged(&outputs, &[1, 2]);
@@ -294,15 +308,7 @@ fn the_leader_killed_under_load_on_udp_between_namespaces_is_replaced() {
 /// identical to the others, in the same process.
 fn leader_cut_off(label: &str, cut: impl Fn(bool), prefixes: &[Vec<String>], extra: &[String]) {
     let (cluster, history, args) = recorded(label, 3, extra);
-    let processes: Vec<NodeProcess> = (0..3u8)
-        .map(|node| NodeProcess::start_with_prefix(&prefixes[usize::from(node)], node, &args))
-        .collect();
-    let blocks: Vec<AttachedControlBlock> = (0..3u8)
-        .map(|node| rzab_tests::attach_running(&block_path(&cluster, node)))
-        .collect();
-    for (node, block) in blocks.iter().enumerate() {
-        wait_serving_with_writes(block, &format!("node {node}"));
-    }
+    let (processes, blocks) = start_serving(&cluster, 3, prefixes, &args);
     std::thread::sleep(Duration::from_millis(1000));
     let writes = blocks[1].counter_total(Counter::WritesCompleted);
     cut(true);
@@ -320,10 +326,7 @@ fn leader_cut_off(label: &str, cut: impl Fn(bool), prefixes: &[Vec<String>], ext
     let before = blocks[0].counter_total(Counter::WritesCompleted);
     wait_more_writes(&blocks[0], before, "node 0, back");
     std::thread::sleep(Duration::from_millis(500));
-    for process in &processes {
-        process.terminate();
-    }
-    let outputs: Vec<NodeOutput> = processes.into_iter().map(NodeProcess::finish).collect();
+    let outputs = stop_all(processes);
     drop(blocks);
     cleanup(&cluster, 3);
     assert_converged(&outputs, &[1, 2]);
@@ -371,15 +374,7 @@ fn a_leader_whose_link_went_down_comes_back_as_a_follower() {
 fn kills_in_a_row(label: &str, nodes: u8, kills: usize, followers_too: u8) {
     let _serial = rzab_tests::serial();
     let (cluster, history, args) = recorded(label, nodes, &[]);
-    let mut processes: Vec<Option<NodeProcess>> = (0..nodes)
-        .map(|node| Some(NodeProcess::start(node, &args)))
-        .collect();
-    let mut blocks: Vec<AttachedControlBlock> = (0..nodes)
-        .map(|node| rzab_tests::attach_running(&block_path(&cluster, node)))
-        .collect();
-    for (node, block) in blocks.iter().enumerate() {
-        wait_serving_with_writes(block, &format!("node {node}"));
-    }
+    let (mut processes, mut blocks) = start_serving(&cluster, nodes, &[], &args);
     let (mut leader, mut epoch) = (0u8, 1u64);
     let mut ever_killed: Vec<u8> = Vec::new();
     for kill in 0..kills {
@@ -442,14 +437,7 @@ fn kills_in_a_row(label: &str, nodes: u8, kills: usize, followers_too: u8) {
         epoch = next_epoch;
     }
     std::thread::sleep(Duration::from_millis(500));
-    for process in processes.iter().flatten() {
-        process.terminate();
-    }
-    let outputs: Vec<NodeOutput> = processes
-        .into_iter()
-        .flatten()
-        .map(NodeProcess::finish)
-        .collect();
+    let outputs = stop_all(processes);
     drop(blocks);
     cleanup(&cluster, nodes);
     let throughout: Vec<u8> = (0..nodes)
